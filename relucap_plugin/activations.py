@@ -10,8 +10,6 @@ and ``z == cap``. At 0 this is what ``torch.relu`` does; at the cap it is what
 ``torch.nn.functional.hardtanh`` does (``torch.clamp`` would give 1 there).
 """
 
-from __future__ import annotations
-
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -83,8 +81,8 @@ def _channel_view(cap: Tensor, x: Tensor) -> Tensor:
     """Reshape per-channel ``cap`` of shape (C,) to broadcast over ``x`` of shape (N, C, *)."""
     if x.dim() < 2 or x.shape[1] != cap.shape[0]:
         raise ValueError(
-            f"per-channel cap has {cap.shape[0]} entries but the input has shape "
-            f"{tuple(x.shape)}; channels must be dim 1 of an (N, C, *) input"
+            "per-channel cap has " + str(cap.shape[0]) + " entries but the input has shape "
+            + str(list(x.shape)) + "; channels must be dim 1 of an (N, C, *) input"
         )
     shape = [1] * x.dim()
     shape[1] = cap.shape[0]
@@ -100,6 +98,44 @@ def _cap_where(x: Tensor, cap: Tensor) -> Tensor:
     return torch.where(x >= cap, cap, F.relu(x))
 
 
+class _KeepOutputHardtanh(torch.autograd.Function):
+    """``hardtanh(x, 0, cap)`` that keeps its *output* for backward, as ReLU does.
+
+    ``F.hardtanh`` keeps its input; in a Linear -> act -> Linear chain the next layer keeps the
+    output anyway, so keeping the output shares that tensor and the cap costs no memory beyond
+    ReLU's (see ``benchmarks/bench_activations.py``). The backward is ATen's single
+    ``hardtanh_backward`` kernel fed with the output: ``0 < y < cap`` iff ``0 < x < cap``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cap: float, inplace: bool) -> Tensor:
+        if inplace:
+            ctx.mark_dirty(x)
+            y = F.hardtanh_(x, 0.0, cap)
+        else:
+            y = F.hardtanh(x, 0.0, cap)
+        ctx.save_for_backward(y)
+        ctx.cap = cap
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, y, 0.0, ctx.cap), None, None
+
+
+def _hardtanh_cap(x: Tensor, cap: float, inplace: bool) -> Tensor:
+    if torch.jit.is_scripting():
+        return F.hardtanh(x, 0.0, cap, inplace)
+    if (
+        not (torch.is_grad_enabled() and x.requires_grad)
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+    ):
+        return F.hardtanh(x, 0.0, cap, inplace)
+    return _KeepOutputHardtanh.apply(x, cap, inplace)
+
+
 def capped_relu(x: Tensor, cap: float | Tensor, inplace: bool = False) -> Tensor:
     """Functional capped ReLU ``min(max(x, 0), cap)``; ``cap`` as in :class:`CappedReLU`."""
     if isinstance(cap, Tensor) and cap.dim() > 0:
@@ -107,7 +143,7 @@ def capped_relu(x: Tensor, cap: float | Tensor, inplace: bool = False) -> Tensor
     cap = float(cap)
     if math.isinf(cap):
         return F.relu(x, inplace=inplace)
-    return F.hardtanh(x, 0.0, cap, inplace)
+    return _hardtanh_cap(x, cap, inplace)
 
 
 def _format_cap(cap: float | Tensor) -> str:
@@ -120,14 +156,16 @@ class CappedReLU(nn.Module):
     """Capped ReLU a(z) = min(max(z, 0), cap) of Sooksatra et al. (arXiv 2405.03777).
 
     ``cap`` is a positive float, ``math.inf`` (then the module is ``torch.relu`` bit for bit),
-    or a 1-D tensor of per-channel caps broadcast over an (N, C, *) input. A scalar cap runs
-    ``F.hardtanh(x, 0, cap)``, which keeps one input-sized tensor for backward like ReLU does
-    and exports to ONNX as ``Clip``. Per-channel caps are always computed out of place.
+    or a 1-D tensor of per-channel caps broadcast over an (N, C, *) input. A scalar cap computes
+    ``hardtanh(x, 0, cap)`` and keeps its output for backward exactly like ReLU (no extra
+    memory in a network); it scripts, compiles, and exports to ONNX as ``Clip``. Per-channel
+    caps are always computed out of place.
 
     The cap is configuration, not learned state: it is a non-persistent buffer, so a model's
     ``state_dict`` keys are the same with and without caps.
     """
 
+    __jit_unused_properties__ = ["cap", "spec"]
     per_channel: bool
     cap_value: float
     inplace: bool
@@ -152,7 +190,7 @@ class CappedReLU(nn.Module):
             return _cap_where(x, _channel_view(self.cap_tensor, x))
         if math.isinf(self.cap_value):
             return F.relu(x, inplace=self.inplace)
-        return F.hardtanh(x, 0.0, self.cap_value, self.inplace)
+        return _hardtanh_cap(x, self.cap_value, self.inplace)
 
     @property
     def spec(self) -> str:
@@ -176,6 +214,7 @@ class LearnableCappedReLU(nn.Module):
     one scalar cap; an int gives one cap per channel of an (N, C, *) input.
     """
 
+    __jit_unused_properties__ = ["cap", "spec"]
     min_cap: float
 
     def __init__(self, cap: float = 6.0, num_channels: int | None = None, min_cap: float = 1e-3):
@@ -213,7 +252,7 @@ class LearnableCappedReLU(nn.Module):
         return F.softplus(self.raw_cap) + self.min_cap
 
     def forward(self, x: Tensor) -> Tensor:
-        cap = self.cap.to(x.dtype)
+        cap = (F.softplus(self.raw_cap) + self.min_cap).to(x.dtype)
         if cap.dim() > 0:
             cap = _channel_view(cap, x)
         return _cap_where(x, cap)
@@ -244,6 +283,7 @@ class DynamicCappedReLU(nn.Module):
     ``num_channels`` gives one running cap per channel of an (N, C, *) input.
     """
 
+    __jit_unused_properties__ = ["spec"]
     quantile: float
     momentum: float
     scale: float
@@ -326,6 +366,7 @@ class _ParametricActivation(nn.Module):
     modules for the paper's network-wide setting.
     """
 
+    __jit_unused_properties__ = ["spec"]
     name: str = ""
     defaults: dict[str, float] = {}
 
@@ -430,6 +471,8 @@ class SpatialAttentionReLU(nn.Module):
     at zero, so an untrained module is exactly ReLU and training moves it away from it.
     """
 
+    __jit_unused_properties__ = ["spec"]
+
     def __init__(self, kernel_size: int = 7):
         super().__init__()
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -441,8 +484,8 @@ class SpatialAttentionReLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(
-                f"SpatialAttentionReLU needs a 4-D (N, C, H, W) feature map, got shape "
-                f"{tuple(x.shape)}; use it on convolutional layers only"
+                "SpatialAttentionReLU needs a 4-D (N, C, H, W) feature map, got shape "
+                + str(list(x.shape)) + "; use it on convolutional layers only"
             )
         r = F.relu(x)
         stats = torch.cat([r.mean(dim=1, keepdim=True), r.amax(dim=1, keepdim=True)], dim=1)
