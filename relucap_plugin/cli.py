@@ -38,6 +38,262 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(spec: str):
+    """Build the model named by ``spec`` (weights not loaded).
+
+    ``mlp:256,32,256`` (optionally ``mlp:256,32,256:capped_relu(cap=0.1)``) is
+    :func:`relucap_plugin.models.mlp`; ``package.module:factory`` imports exactly that module and
+    calls ``factory()``; any other name is a torchvision model built with ``weights=None``.
+    """
+    import importlib
+    import inspect
+
+    from torch import nn
+
+    if spec.startswith("mlp:"):
+        from .models import mlp
+
+        _, widths, *activation = spec.split(":", 2)
+        try:
+            sizes = tuple(int(w) for w in widths.split(","))
+        except ValueError:
+            raise ValueError(f"model {spec!r}: widths must be integers like mlp:256,32,256") from None
+        return mlp(sizes, activation[0]) if activation else mlp(sizes)
+    if ":" in spec:
+        module_name, _, factory_name = spec.partition(":")
+        if not module_name or not factory_name.isidentifier():
+            raise ValueError(f"model {spec!r}: write package.module:factory, e.g. mypkg.nets:small_cnn")
+        factory = getattr(importlib.import_module(module_name), factory_name, None)
+        if not callable(factory):
+            raise ValueError(f"model {spec!r}: {module_name} has no callable {factory_name!r}")
+        model = factory()
+    else:
+        try:
+            import torchvision
+        except ImportError:
+            raise ImportError(f"model {spec!r} is read as a torchvision model name, but torchvision is "
+                              "not installed (pip install torchvision); or use mlp:... or "
+                              "package.module:factory") from None
+        try:
+            builder = torchvision.models.get_model_builder(spec)
+            accepted = inspect.signature(builder).parameters
+            extra = {"weights_backbone": None} if "weights_backbone" in accepted else {}  # no download
+            model = builder(weights=None, **extra)
+        except ValueError:
+            raise ValueError(f"unknown model {spec!r}: not a torchvision model name; use mlp:256,32,256, "
+                             "package.module:factory or one of torchvision.models.list_models()") from None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {spec!r} built a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_eval_data(spec: str):
+    """``mnist5k`` (its 1000-sample test split), a folder of MNIST IDX files or CIFAR-10 python
+    batches (test split), a ``.npz`` with arrays ``x``, ``y``, or a ``.pt`` holding ``(x, y)``."""
+    import os
+
+    import numpy as np
+    import torch
+
+    from . import data
+
+    if spec == "mnist5k":
+        return data.load_mnist5k()[1]
+    if os.path.isdir(spec):
+        try:
+            return data.load_mnist(spec)[1]
+        except FileNotFoundError:
+            return data.load_cifar10(spec)[1]
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--data {spec!r}: no such file or folder; use mnist5k, a folder of "
+                                "MNIST/CIFAR-10 files, a .npz with x and y, or a .pt holding (x, y)")
+    if spec.endswith(".npz"):
+        with np.load(spec, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise ValueError(f"--data {spec!r} must hold arrays named 'x' and 'y' (has {list(f)})")
+            return data.as_dataset((f["x"], f["y"]))
+    loaded = torch.load(spec, map_location="cpu", weights_only=True)
+    if isinstance(loaded, dict) and {"x", "y"} <= set(loaded):
+        loaded = (loaded["x"], loaded["y"])
+    if not isinstance(loaded, (tuple, list)) or len(loaded) != 2:
+        raise ValueError(f"--data {spec!r} must hold an (x, y) pair or a dict with 'x' and 'y'")
+    return data.as_dataset(tuple(loaded))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Attack a model with one or more attacks; write results.jsonl, tables and a plot to --out."""
+    import os
+
+    import torch
+
+    from .evaluation import evaluate
+    from .threat import EvalConfig, ThreatModel
+    from .training import load_checkpoint
+
+    try:
+        torch.manual_seed(args.seed)
+        model = _load_model(args.model)
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
+        else:
+            print("relucap evaluate: no --checkpoint given: the model has random weights", file=sys.stderr)
+        tm = ThreatModel(norm=args.norm, eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
+                         restarts=args.restarts)
+        cfg = EvalConfig(batch_size=args.batch_size, device=args.device, seed=args.seed,
+                         n_samples=args.n_samples)
+        dataset = _load_eval_data(args.data)
+        os.makedirs(args.out, exist_ok=True)
+        output = int(args.output) if args.output and args.output.lstrip("-").isdigit() else args.output
+        results = evaluate(model, dataset, args.attack, tm, cfg, out=os.path.join(args.out, "results.jsonl"),
+                           resume=not args.no_resume, output=output, progress=not args.quiet,
+                           model_name=args.model)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"relucap evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "results.txt"), "w", encoding="utf-8") as f:
+        f.write(results.table())
+    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(results.table(markdown=True))
+    results.plot(os.path.join(args.out, "robust_accuracy.png"))
+    results.print()
+    print(f"results written to {args.out}/ (results.jsonl, results.txt, results.md, robust_accuracy.png)")
+    return 0
+
+
+def _add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="attack a model through ART/Foolbox/torchattacks and verify",
+                       description="Attack MODEL with every --attack at every --eps, verify each "
+                       "adversarial example, and write the per-sample results to --out.")
+    p.add_argument("model", metavar="MODEL",
+                   help="mlp:256,32,256[:activation], package.module:factory, or a torchvision name")
+    p.add_argument("--checkpoint", help="weights: safetensors or a weights-only torch state dict")
+    p.add_argument("--data", default="mnist5k",
+                   help="mnist5k (default), a folder of MNIST/CIFAR-10 files, a .npz or a .pt")
+    p.add_argument("--attack", action="append", required=True, metavar="SPEC",
+                   help="attack spec, e.g. torchattacks:PGD or art:ProjectedGradientDescent; repeatable")
+    p.add_argument("--eps", type=float, nargs="+", required=True, help="budgets, e.g. 0.1 0.3")
+    p.add_argument("--norm", default="Linf", help="Linf (default) or L2")
+    p.add_argument("--steps", type=int, default=40, help="attack iterations (default 40)")
+    p.add_argument("--step-size", type=float, default=None, help="default: 2.5 * eps / steps")
+    p.add_argument("--restarts", type=int, default=1, help="runs per attack (default 1)")
+    p.add_argument("--n-samples", type=int, default=None, help="evaluate the first N samples")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--output", default=None,
+                   help="index or key of the logits when the model returns a tuple or dict")
+    p.add_argument("--out", default="relucap-results", metavar="DIR",
+                   help="results folder (default relucap-results); an existing run there is resumed")
+    p.add_argument("--no-resume", action="store_true", help="start results.jsonl over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """Run the standard suite and every gradient-masking check; print flags and the verdict."""
+    import json
+    import os
+
+    from .diagnostics import audit
+    from .threat import EvalConfig, ThreatModel
+    from .training import load_checkpoint
+
+    try:
+        model = _load_model(args.model)
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
+        else:
+            print("relucap audit: no --checkpoint given: the model has random weights", file=sys.stderr)
+        tm = ThreatModel(norm=args.norm, eps=tuple(args.eps), steps=args.steps)
+        cfg = EvalConfig(batch_size=args.batch_size, device=args.device, seed=args.seed,
+                         n_samples=args.n_samples)
+        dataset = _load_eval_data(args.data)
+        os.makedirs(args.out, exist_ok=True)
+        from .adaptive import evaluate_suite
+        from .data import as_tensors
+
+        data = as_tensors(dataset, limit=args.n_samples)
+        results = evaluate_suite(model, data, tm, args.suite, cfg, extra_attacks=["torch:FGSM"],
+                                 suite_kwargs={"square_queries": args.square_queries},
+                                 out=os.path.join(args.out, "results.jsonl"), resume=False,
+                                 progress=not args.quiet, model_name=args.model)
+        report = audit(model, data, tm, cfg, results=results, model_name=args.model)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"relucap audit: error: {exc}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "audit.txt"), "w", encoding="utf-8") as f:
+        f.write(report.table())
+    with open(os.path.join(args.out, "audit.md"), "w", encoding="utf-8") as f:
+        f.write(report.table(markdown=True))
+    with open(os.path.join(args.out, "flags.json"), "w", encoding="utf-8") as f:
+        json.dump(report.to_dict(), f, indent=1, default=str)
+    report.print()
+    print(f"audit written to {args.out}/ (results.jsonl, audit.txt, audit.md, flags.json)")
+    return 0
+
+
+def _add_audit_parser(sub) -> None:
+    p = sub.add_parser("audit", help="standard attack suite + gradient-masking checks and a verdict",
+                       description="Attack MODEL with the standard suite (PGD CE/margin, their BPDA "
+                       "versions, Square, transfer from the uncapped twin), run every gradient-masking "
+                       "check and print the flags, the per-sample worst case and a verdict.")
+    p.add_argument("model", metavar="MODEL",
+                   help="mlp:256,32,256[:activation], package.module:factory, or a torchvision name")
+    p.add_argument("--checkpoint", help="weights: safetensors or a weights-only torch state dict")
+    p.add_argument("--data", default="mnist5k",
+                   help="mnist5k (default), a folder of MNIST/CIFAR-10 files, a .npz or a .pt")
+    p.add_argument("--eps", type=float, nargs="+", required=True, help="budgets, e.g. 0.1 0.3")
+    p.add_argument("--norm", default="Linf", help="Linf (default) or L2")
+    p.add_argument("--steps", type=int, default=40, help="PGD iterations (default 40)")
+    p.add_argument("--suite", default="standard", help="attack suite (default: standard)")
+    p.add_argument("--square-queries", type=int, default=5000, help="Square query budget (default 5000)")
+    p.add_argument("--n-samples", type=int, default=200, help="first N samples (default 200)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--out", default="relucap-audit", metavar="DIR", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_audit)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the ReLU site table of a model (see relucap_plugin.surgery)."""
+    import torch
+
+    from .surgery import find_relus, print_sites
+
+    try:
+        model = _load_model(args.model).eval()
+        shape = None
+        if args.input_shape:
+            try:
+                shape = tuple(int(v) for v in args.input_shape.split(","))
+            except ValueError:
+                raise ValueError(f"--input-shape {args.input_shape!r}: write sizes like 1,3,224,224") from None
+            if not shape or min(shape) < 1:
+                raise ValueError(f"--input-shape {args.input_shape!r}: sizes must be positive")
+        sites = find_relus(model, None if shape is None else torch.zeros(shape), mode=args.mode)
+    except (ValueError, TypeError, ImportError) as exc:
+        print(f"relucap inspect: error: {exc}", file=sys.stderr)
+        return 2
+    shared = sum(s.shared for s in sites)
+    print_sites(sites, title=f"{args.model}: {len(sites)} ReLU sites ({shared} on shared modules)")
+    return 0
+
+
+def _add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="list the ReLU sites of a model (what cap_relus can change)",
+                       description="List every ReLU application of MODEL's forward pass: module, "
+                       "function and method calls, shared modules, and with --input-shape the "
+                       "activation shape and width.")
+    p.add_argument("model", metavar="MODEL",
+                   help="a torchvision model name (weights=None), package.module:factory, or mlp:256,32,256")
+    p.add_argument("--input-shape", metavar="N,C,H,W", help="e.g. 1,3,224,224: adds shapes and widths")
+    p.add_argument("--mode", choices=("auto", "modules"), default="auto",
+                   help="auto (fx tracing, default) or modules (nn.ReLU/nn.ReLU6 modules only)")
+    p.set_defaults(func=_cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relucap",
@@ -47,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, device and registered activations")
     p.set_defaults(func=_cmd_info)
+    _add_evaluate_parser(sub)
+    _add_audit_parser(sub)
+    _add_inspect_parser(sub)
     return parser
 
 

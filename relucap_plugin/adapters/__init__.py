@@ -1,0 +1,181 @@
+"""One adapter module per attack library; the only places that import ART, Foolbox or torchattacks.
+
+Each adapter module defines ``LIBRARY``, ``ATTACKS`` (canonical name -> :class:`Attack` subclass),
+``ALIASES`` (extra names, see :func:`build_attack`) and ``build(name, threat_model, overrides,
+batch_size)``. Importing an adapter module does not import its library: attacks import it when
+they run or build native objects, through :meth:`LibraryInfo.require`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass, fields
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..threat import ThreatModel
+
+__all__ = ["LIBRARIES", "LibraryInfo", "ModelView", "build_attack", "load_adapter"]
+
+
+@dataclass(frozen=True)
+class LibraryInfo:
+    """An attack library: its import name, distribution, and the extra that installs it."""
+
+    name: str
+    module: str
+    distribution: str | None
+    extra: str | None
+    adapter: str
+
+    def installed(self) -> bool:
+        """Whether the library can be imported (checked without importing it)."""
+        return importlib.util.find_spec(self.module) is not None
+
+    def install_hint(self) -> str:
+        return f'pip install "relucap-plugin[{self.extra}]"' if self.extra else "it ships with torch"
+
+    def status(self) -> str:
+        if not self.installed():
+            return f"missing: {self.install_hint()}"
+        if self.distribution is None:
+            return "built in"
+        try:
+            return f"installed {importlib.metadata.version(self.distribution)}"
+        except importlib.metadata.PackageNotFoundError:
+            return "installed"
+
+    def require(self) -> ModuleType:
+        """Import the library, or raise ImportError naming the extra to install."""
+        try:
+            return importlib.import_module(self.module)
+        except ImportError as exc:
+            raise ImportError(
+                f"attacks from {self.name!r} need the {self.distribution or self.module} package: "
+                f"{self.install_hint()} ({exc})"
+            ) from exc
+
+
+LIBRARIES: dict[str, LibraryInfo] = {
+    # the torch backend's module is not called ``torch``: it would shadow torch in this package
+    "torch": LibraryInfo("torch", "torch", None, None, "plain_torch"),
+    "torchattacks": LibraryInfo("torchattacks", "torchattacks", "torchattacks", "torchattacks", "torchattacks"),
+    "foolbox": LibraryInfo("foolbox", "foolbox", "foolbox", "foolbox", "foolbox"),
+    "art": LibraryInfo("art", "art", "adversarial-robustness-toolbox", "art", "art"),
+}
+
+
+def load_adapter(library: str) -> ModuleType:
+    """The adapter module of ``library`` (``"art"``, ``"foolbox"``, ``"torchattacks"``, ``"torch"``:
+    :mod:`~relucap_plugin.adapters.plain_torch`)."""
+    key = library.strip().lower() if isinstance(library, str) else library
+    if key not in LIBRARIES:
+        raise ValueError(f"unknown attack library {library!r}; valid: {', '.join(LIBRARIES)}")
+    return importlib.import_module(f"{__name__}.{LIBRARIES[key].adapter}")
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+_TM_FIELDS = {f.name for f in fields(ThreatModel)}
+
+
+def build_attack(
+    library: str,
+    attacks: dict[str, type],
+    aliases: dict[str, tuple[str | dict[str, str], dict[str, Any]]],
+    name: str,
+    threat_model: ThreatModel,
+    overrides: dict[str, Any],
+    batch_size: int | None = None,
+) -> Any:
+    """Resolve ``name`` in an adapter's tables and build the attack (the library is imported).
+
+    ``aliases`` maps a name to ``(target, changes)``: ``target`` is a canonical name or a dict
+    ``{"Linf": name, "L2": name}`` chosen by the threat model's norm; ``changes`` are threat-model
+    fields the alias sets (``"APGD-DLR"`` -> ``{"loss": "dlr"}``). Overrides that name ThreatModel
+    fields join ``changes``; the rest are the library's own parameters.
+    """
+    info = LIBRARIES[library]
+    canonical = {_key(k): k for k in attacks}
+    alias_table = {_key(k): v for k, v in aliases.items()}
+    key = _key(name)
+    changes: dict[str, Any] = {}
+    if key in alias_table:
+        target_spec, changes = alias_table[key]
+        changes = dict(changes)
+        norm = ThreatModel(**{**threat_model.to_dict(), **changes, **{k: v for k, v in overrides.items() if k in _TM_FIELDS}}).norm
+        if isinstance(target_spec, dict):
+            if norm not in target_spec:
+                raise ValueError(
+                    f"{library}:{name} has no {norm} variant; it exists for {', '.join(target_spec)}"
+                )
+            target = target_spec[norm]
+        else:
+            target = target_spec
+    elif key in canonical:
+        target = canonical[key]
+    else:
+        names = sorted(attacks, key=str.lower)
+        extra = sorted(aliases, key=str.lower)
+        raise ValueError(
+            f"unknown {library} attack {name!r}; valid: {', '.join(names)}"
+            + (f" (aliases: {', '.join(extra)})" if extra else "")
+        )
+    info.require()
+    changes.update({k: v for k, v in overrides.items() if k in _TM_FIELDS})
+    native = {k: v for k, v in overrides.items() if k not in _TM_FIELDS}
+    cls = attacks[target]
+    return cls(threat_model, native, changes=changes, name=f"{library}:{target}", batch_size=batch_size)
+
+
+class ModelView(nn.Module):
+    """The caller's model as a library sees it: inputs ``u`` in the library's space.
+
+    ``x = low + (high - low) * u`` (for libraries that hard-code [0, 1]), reshaped to
+    ``sample_shape`` (for libraries that need 4-D input) and cast to the model's dtype (ART
+    works in float32 and HopSkipJump promotes to float64 under numpy 2). The empty ``anchor``
+    parameter gives libraries that read the device from ``model.parameters()`` a device even
+    for a model without parameters (torchattacks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        sample_shape: tuple[int, ...] | None = None,
+        bounds: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(0, device=device, dtype=dtype), requires_grad=False)
+        self.model = model
+        self.dtype = dtype
+        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
+        self.low, self.scale = float(bounds[0]), float(bounds[1] - bounds[0])
+
+    @property
+    def identity(self) -> bool:
+        return self.low == 0.0 and self.scale == 1.0
+
+    def to_model_space(self, u: torch.Tensor) -> torch.Tensor:
+        x = u if self.identity else self.low + self.scale * u
+        if self.sample_shape is not None:
+            x = x.reshape(x.shape[0], *self.sample_shape)
+        return x.to(self.dtype)
+
+    def from_model_space(self, x: torch.Tensor, library_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        u = x if self.identity else (x - self.low) / self.scale
+        if library_shape is not None:
+            u = u.reshape(u.shape[0], *library_shape)
+        return u
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.model(self.to_model_space(u))

@@ -1,0 +1,315 @@
+"""ART (adversarial-robustness-toolbox) adapter: the threat model mapped onto ART's parameters.
+
+Quirks handled here: ART works on numpy float32 arrays and HopSkipJump promotes to float64 under
+numpy 2 (the model is wrapped in a view that casts inputs to its own dtype); ART's batch size
+defaults to 32 (about 8x slower than a torch loop: the harness batch size, or the whole input,
+is passed); ``PyTorchClassifier`` moves the model to ``cuda:<current device>`` (it is built
+under the model's own CUDA device); ART leaves the model in eval mode and zeroes weight
+gradients (restored by the base class); ``SquareAttack`` needs ``clip_values`` (always passed);
+``BoundaryAttack`` is targeted by default and ``AutoAttack``'s default set is not Croce and
+Hein's (both configured explicitly); ART attacks the model's own prediction when no label is
+given (labels are always passed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..attacks import Attack, CallContext, Native, _float_dtype, model_device
+from . import LIBRARIES, ModelView, build_attack
+
+__all__ = ["ALIASES", "ATTACKS", "LIBRARY", "build"]
+
+LIBRARY = "art"
+_INFO = LIBRARIES[LIBRARY]
+_ART_NORM = {"Linf": np.inf, "L2": 2}
+
+
+def _evasion(name: str) -> Any:
+    _INFO.require()
+    import art.attacks.evasion as evasion
+
+    return getattr(evasion, name)
+
+
+def _cuda_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """ART puts models on ``cuda:<current device>``: make that the model's device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def classifier(
+    model: torch.nn.Module, *, input_shape: tuple[int, ...], num_classes: int,
+    bounds: tuple[float, float], device: torch.device, dtype: torch.dtype = torch.float32,
+) -> Any:
+    """An ART ``PyTorchClassifier`` for ``model`` (logits out, normalisation inside the model).
+
+    Every argument ART would otherwise default is given: cross-entropy loss, ``clip_values`` =
+    the bounds, no preprocessing, the model's device and class count.
+    """
+    _INFO.require()
+    from art.estimators.classification import PyTorchClassifier
+
+    view = ModelView(model, device=device, dtype=dtype)
+    with _cuda_context(device):
+        return PyTorchClassifier(
+            model=view, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
+            nb_classes=int(num_classes), clip_values=tuple(bounds), preprocessing=None,
+            channels_first=True, device_type="gpu" if device.type == "cuda" else "cpu",
+        )
+
+
+class ARTAttack(Attack):
+    """Base of the ART attacks: a ``PyTorchClassifier`` on the model's device, numpy in and out."""
+
+    library = LIBRARY
+    cls_name: ClassVar[str] = ""
+    has_verbose: ClassVar[bool] = True
+
+    def _kwargs(self, eps: float, num_classes: int, batch_size: int) -> dict[str, Any]:
+        """Constructor arguments from the threat model (the estimator excluded)."""
+        raise NotImplementedError
+
+    def _full_kwargs(self, eps: float, num_classes: int, batch_size: int) -> dict[str, Any]:
+        extra = {"verbose": False} if self.has_verbose else {}
+        return {**self._kwargs(eps, num_classes, batch_size), **extra}
+
+    def _mapped_parameters(self) -> dict[str, Any]:
+        return self._full_kwargs(self.threat_model.eps[0], 10, self.batch_size or 256)
+
+    def _accepted_overrides(self) -> list[str]:
+        params = inspect.signature(_evasion(self.cls_name)).parameters
+        skip = ("self", "estimator", "classifier", *self._mapped_parameters())
+        return [p for p in params if p not in skip]
+
+    def _make(self, estimator: Any, eps: float, num_classes: int, batch_size: int) -> Any:
+        kwargs = {**self._full_kwargs(eps, num_classes, batch_size), **self._library_defaults(num_classes),
+                  **self.overrides}
+        return _evasion(self.cls_name)(estimator, **kwargs)
+
+    def _run(self, model, x, y, eps, target, ctx: CallContext):
+        tm = self.threat_model
+        est = classifier(model, input_shape=tuple(x.shape[1:]), num_classes=ctx.num_classes,
+                         bounds=tm.bounds, device=ctx.device, dtype=x.dtype)
+        batch_size = ctx.batch_size or len(x)
+        with _cuda_context(ctx.device):
+            attack = self._make(est, eps, ctx.num_classes, batch_size)
+            labels = target if target is not None else y
+            x_adv = attack.generate(
+                x=x.detach().cpu().numpy().astype(np.float32), y=labels.cpu().numpy(), **self._generate_kwargs(x)
+            )
+        return torch.from_numpy(np.asarray(x_adv)).to(device=ctx.device, dtype=x.dtype)
+
+    def _generate_kwargs(self, x: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+    def _native(self, model, eps, *, input_shape, num_classes):
+        if input_shape is None or num_classes is None:
+            raise ValueError(f"{self.name}.native needs input_shape= (one sample, e.g. (1, 28, 28)) and num_classes=")
+        device, dtype = model_device(model), _float_dtype(model, torch.float32)
+        est = classifier(model, input_shape=tuple(input_shape), num_classes=num_classes,
+                         bounds=self.threat_model.bounds, device=device, dtype=dtype)
+        batch_size = self.batch_size or 256
+        with _cuda_context(device):
+            return Native(est, self._make(est, eps, num_classes, batch_size), {})
+
+
+class FastGradientMethod(ARTAttack):
+    """FGSM (Linf) / FGM (L2): one step of size eps from the clean input."""
+
+    family = "FGSM"
+    native_name = cls_name = "FastGradientMethod"
+    losses = ("ce",)
+    has_verbose = False
+
+    def _kwargs(self, eps, num_classes, batch_size):
+        tm = self.threat_model
+        return {"norm": _ART_NORM[tm.norm], "eps": eps, "eps_step": eps, "targeted": tm.targeted,
+                "num_random_init": 0, "batch_size": batch_size, "minimal": False}
+
+
+class ProjectedGradientDescent(ARTAttack):
+    """PGD; ``random_start`` + ``restarts`` become ``num_random_init`` (0 = start at x)."""
+
+    family = "PGD"
+    native_name = cls_name = "ProjectedGradientDescent"
+    losses = ("ce",)
+    native_restarts = True
+
+    def _kwargs(self, eps, num_classes, batch_size):
+        tm = self.threat_model
+        step = tm.step_size_for(eps)
+        if tm.norm == "Linf":
+            # float32 arrays (ART accepts them; its L2 random start does not): ART broadcasts eps
+            # to the batch's shape at every projection, in float64 for a Python float (~20% of
+            # ART's PGD time)
+            eps, step = np.asarray(eps, dtype=np.float32), np.asarray(step, dtype=np.float32)
+        return {
+            "norm": _ART_NORM[tm.norm], "eps": eps, "eps_step": step, "decay": None,
+            "max_iter": tm.steps, "targeted": tm.targeted,
+            "num_random_init": tm.restarts if tm.random_start else 0, "batch_size": batch_size,
+            "random_eps": False,
+        }
+
+
+class CarliniL2Method(ARTAttack):
+    family = "CW"
+    native_name = cls_name = "CarliniL2Method"
+    norms = ("L2",)
+    minimum_norm = True
+
+    def _kwargs(self, eps, num_classes, batch_size):
+        tm = self.threat_model
+        return {"targeted": tm.targeted, "max_iter": tm.steps, "batch_size": batch_size}
+
+    def _library_defaults(self, num_classes):
+        return {"confidence": 0.0, "learning_rate": 0.01, "binary_search_steps": 10, "initial_const": 0.01,
+                "max_halving": 5, "max_doubling": 5}
+
+
+class DeepFool(ARTAttack):
+    """DeepFool (L2) over the ``min(10, classes)`` most likely classes (``nb_grads``), overshoot
+    ``epsilon=0.02`` like torchattacks and Foolbox (ART's default is 1e-6)."""
+
+    family = "DeepFool"
+    native_name = cls_name = "DeepFool"
+    norms = ("L2",)
+    minimum_norm = True
+    supports_targeted = False
+
+    def _kwargs(self, eps, num_classes, batch_size):
+        return {"max_iter": self.threat_model.steps, "batch_size": batch_size}
+
+    def _library_defaults(self, num_classes):
+        return {"nb_grads": min(10, num_classes), "epsilon": 0.02}
+
+
+class AutoProjectedGradientDescent(ARTAttack):
+    """APGD; its first step is 2 * eps as in Croce and Hein (``step_size`` is not used)."""
+
+    family = "APGD"
+    native_name = cls_name = "AutoProjectedGradientDescent"
+    losses = ("ce", "dlr")
+    native_restarts = True
+    _LOSS = {"ce": "cross_entropy", "dlr": "difference_logits_ratio"}
+
+    def _kwargs(self, eps, num_classes, batch_size):
+        tm = self.threat_model
+        return {
+            "norm": _ART_NORM[tm.norm], "eps": eps, "eps_step": 2 * eps, "max_iter": tm.steps,
+            "targeted": tm.targeted, "nb_random_init": tm.restarts, "batch_size": batch_size,
+            "loss_type": self._LOSS[tm.loss],
+        }
+
+
+class SquareAttack(ARTAttack):
+    """Square: ``steps`` is the query budget per restart; ART's margin loss."""
+
+    family = "Square"
+    native_name = cls_name = "SquareAttack"
+    native_restarts = True
+    supports_targeted = False
+
+    def _kwargs(self, eps, num_classes, batch_size):
+        tm = self.threat_model
+        return {"norm": _ART_NORM[tm.norm], "eps": eps, "max_iter": tm.steps, "nb_restarts": tm.restarts,
+                "batch_size": batch_size}
+
+    def _library_defaults(self, num_classes):
+        return {"p_init": 0.8}
+
+
+class AutoAttack(ARTAttack):
+    """APGD-CE, APGD-DLR and Square, configured explicitly (ART's default set adds DeepFool and
+    differs from Croce and Hein's; ART has no FAB). APGD runs ``steps`` iterations with
+    ``restarts`` random starts; Square 5000 queries unless ``n_queries`` is overridden."""
+
+    family = "AutoAttack"
+    native_name = cls_name = "AutoAttack"
+    supports_targeted = False
+    native_restarts = True
+    has_verbose = False
+    min_classes = 3
+
+    def _kwargs(self, eps, num_classes, batch_size):
+        tm = self.threat_model
+        return {"norm": _ART_NORM[tm.norm], "eps": eps, "eps_step": 2 * eps, "batch_size": batch_size,
+                "targeted": False, "attacks": "APGD-CE, APGD-DLR, Square (built from the threat model)"}
+
+    def _accepted_overrides(self):
+        return ["n_queries"]
+
+    def _make(self, estimator, eps, num_classes, batch_size):
+        tm = self.threat_model
+        members = [
+            AutoProjectedGradientDescent(tm.replace(loss=loss, targeted=False))._make(estimator, eps, num_classes, batch_size)
+            for loss in ("ce", "dlr")
+        ]
+        square = SquareAttack(tm.replace(steps=int(self.overrides.get("n_queries", 5000)), targeted=False))
+        members.append(square._make(estimator, eps, num_classes, batch_size))
+        kwargs = {k: v for k, v in self._kwargs(eps, num_classes, batch_size).items() if k != "attacks"}
+        return _evasion("AutoAttack")(estimator, attacks=members, **kwargs)
+
+
+class BoundaryAttack(ARTAttack):
+    """Decision-based (L2); ``steps`` is ``max_iter``; ``targeted`` passed (ART defaults to True)."""
+
+    family = "Boundary"
+    native_name = cls_name = "BoundaryAttack"
+    norms = ("L2",)
+    minimum_norm = True
+    supports_targeted = False
+
+    def _kwargs(self, eps, num_classes, batch_size):
+        return {"targeted": False, "max_iter": self.threat_model.steps, "batch_size": batch_size}
+
+    def _library_defaults(self, num_classes):
+        return {"delta": 0.01, "epsilon": 0.01, "step_adapt": 0.667, "num_trial": 25, "sample_size": 20,
+                "init_size": 100}
+
+
+class HopSkipJump(ARTAttack):
+    """Decision-based; ``steps`` is ``max_iter``, the norm ART's ``norm`` (2 or inf)."""
+
+    family = "HopSkipJump"
+    native_name = cls_name = "HopSkipJump"
+    minimum_norm = True
+    supports_targeted = False
+
+    def _kwargs(self, eps, num_classes, batch_size):
+        tm = self.threat_model
+        return {"targeted": False, "norm": _ART_NORM[tm.norm], "max_iter": tm.steps, "batch_size": batch_size}
+
+    def _library_defaults(self, num_classes):
+        return {"max_eval": 10000, "init_eval": 100, "init_size": 100}
+
+
+ATTACKS: dict[str, type[Attack]] = {
+    cls.native_name: cls
+    for cls in (
+        FastGradientMethod, ProjectedGradientDescent, CarliniL2Method, DeepFool,
+        AutoProjectedGradientDescent, SquareAttack, AutoAttack, BoundaryAttack, HopSkipJump,
+    )
+}
+ALIASES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "FGSM": ("FastGradientMethod", {}),
+    "FGM": ("FastGradientMethod", {}),
+    "PGD": ("ProjectedGradientDescent", {}),
+    "CW": ("CarliniL2Method", {}),
+    "CW-L2": ("CarliniL2Method", {}),
+    "APGD": ("AutoProjectedGradientDescent", {}),
+    "APGD-CE": ("AutoProjectedGradientDescent", {"loss": "ce"}),
+    "APGD-DLR": ("AutoProjectedGradientDescent", {"loss": "dlr"}),
+    "Square": ("SquareAttack", {}),
+    "Boundary": ("BoundaryAttack", {}),
+    "HSJ": ("HopSkipJump", {}),
+    "HopSkipJumpAttack": ("HopSkipJump", {}),
+}
+
+
+def build(name, threat_model, overrides, batch_size=None):
+    return build_attack(LIBRARY, ATTACKS, ALIASES, name, threat_model, overrides, batch_size)

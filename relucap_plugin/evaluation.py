@@ -1,0 +1,445 @@
+"""Run attacks from any library on a model and check every adversarial example it gets back.
+
+:func:`evaluate` attacks each batch with each attack at each budget, re-verifies the examples
+(norm within the budget, inside the bounds, finite; prediction recomputed with its own forward
+pass) and returns a :class:`~relucap_plugin.results.Results` table, one row per
+(sample, attack, eps). With ``out=`` the rows stream to a JSONL file as they are computed, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._console import progress as _progress
+from .attacks import Attack, _float_dtype, caller_state, get_attack, make_attack, perturbation_norm
+from .data import DataLike, as_dataset, as_loader, unpack_batch
+from .results import Results, ResultsWriter, open_results_file
+from .threat import EvalConfig, ThreatModel
+
+__all__ = ["RTOL", "evaluate", "norm_tolerance", "verify"]
+
+#: Relative slack on the budget: an example passes if ``norm <= eps * (1 + RTOL) + atol``.
+RTOL = 1e-5
+
+AttackLike = str | Attack | Callable[..., Tensor]
+OutputSelector = int | str | Callable[[Any], Tensor]
+
+
+# ------------------------------------------------------------------------------ verification
+def norm_tolerance(eps: float, threat_model: ThreatModel, x: Tensor) -> float:
+    """Largest norm accepted at budget ``eps`` for inputs like ``x`` (N, ...).
+
+    ``eps * RTOL`` plus the rounding of one step of the input's dtype at the bounds' scale
+    (``finfo(dtype).eps * max(1, |low|, |high|)``), times ``sqrt(d)`` for L2 over ``d`` values
+    per sample: float32 pixels in [0, 1] can round ``x + delta`` by that much.
+    """
+    lo, hi = threat_model.bounds
+    atol = torch.finfo(x.dtype).eps * max(1.0, abs(lo), abs(hi))
+    if threat_model.norm == "L2":
+        atol *= math.sqrt(x[0].numel())
+    return float(eps) * (1.0 + RTOL) + atol
+
+
+def verify(x: Tensor, x_adv: Tensor, eps: float, threat_model: ThreatModel) -> tuple[Tensor, list[str | None]]:
+    """Check adversarial examples ``x_adv`` against clean ``x`` (both (N, ...)).
+
+    Returns the per-sample perturbation norm in the threat model's norm (computed in the
+    inputs' dtype, returned as float64; NaN where ``x_adv`` is not finite) and per sample ``None`` (valid) or the reasons it is not: norm over
+    :func:`norm_tolerance`, values outside the bounds (beyond ``finfo(dtype).eps`` of slack),
+    non-finite values.
+    """
+    lo, hi = threat_model.bounds
+    finite = torch.isfinite(x_adv).flatten(1).all(1)
+    clean_adv = x_adv if bool(finite.all()) else torch.where(torch.isfinite(x_adv), x_adv, x)
+    norms = perturbation_norm(x.detach(), clean_adv.detach(), threat_model.norm).double()
+    norms = norms.masked_fill(~finite, math.nan)
+    tol = norm_tolerance(eps, threat_model, x)
+    slack = torch.finfo(x.dtype).eps * max(1.0, abs(lo), abs(hi))
+    flat = clean_adv.flatten(1)
+    mins, maxs = flat.amin(1), flat.amax(1)
+    over = norms > tol
+    outside = (mins < lo - slack) | (maxs > hi + slack)
+    reasons: list[str | None] = [None] * len(x)
+    for i in (~finite | over | outside).nonzero().flatten().tolist():
+        why = []
+        if not bool(finite[i]):
+            why.append("non-finite values (NaN/inf)")
+        elif bool(over[i]):
+            why.append(f"{threat_model.norm} norm {float(norms[i]):.6g} > eps {eps:g} "
+                       f"(tolerance {tol - eps:.2g})")
+        if bool(outside[i]):
+            why.append(f"outside bounds [{lo:g}, {hi:g}] (min {float(mins[i]):.4g}, "
+                       f"max {float(maxs[i]):.4g})")
+        reasons[i] = "; ".join(why)
+    return norms, reasons
+
+
+# ------------------------------------------------------------------------------ inputs
+class _SelectOutput(nn.Module):
+    """Wraps a model whose forward returns a tuple/dict so that it returns the logits."""
+
+    def __init__(self, model: nn.Module, output: OutputSelector):
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        try:
+            return self.output(out) if callable(self.output) else out[self.output]
+        except (IndexError, KeyError, TypeError) as exc:
+            raise TypeError(
+                f"output={self.output!r} cannot select the logits from the model's "
+                f"{type(out).__name__} output ({exc}); pass an index, a key or a function "
+                "that returns the (N, classes) logits") from None
+
+
+def _as_threat_model(threat_model: ThreatModel | Mapping[str, Any]) -> ThreatModel:
+    if isinstance(threat_model, ThreatModel):
+        return threat_model
+    if isinstance(threat_model, Mapping):
+        return ThreatModel.from_dict(dict(threat_model))
+    raise TypeError(f"threat_model must be a ThreatModel (or its to_dict()), got "
+                    f"{type(threat_model).__name__}; e.g. ThreatModel('Linf', eps=(0.1, 0.3))")
+
+
+def _as_config(config: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
+    if config is None:
+        return EvalConfig()
+    if isinstance(config, EvalConfig):
+        return config
+    if isinstance(config, Mapping):
+        return EvalConfig.from_dict(dict(config))
+    raise TypeError(f"config must be an EvalConfig, a dict of its fields or None, got "
+                    f"{type(config).__name__}")
+
+
+def _as_attacks(attacks: AttackLike | Sequence[AttackLike], tm: ThreatModel, cfg: EvalConfig) -> list[Attack]:
+    if isinstance(attacks, (str, Attack)) or callable(attacks):
+        attacks = [attacks]
+    if not isinstance(attacks, Sequence) or not attacks:
+        raise ValueError("attacks must be a non-empty list of specs ('torchattacks:PGD'), Attack "
+                         "objects or functions fn(model, x, y, eps) -> x_adv")
+    out = []
+    for a in attacks:
+        if isinstance(a, str):
+            out.append(get_attack(a, tm, batch_size=cfg.batch_size))
+        elif isinstance(a, Attack):
+            out.append(get_attack(a, tm))
+        elif callable(a):
+            out.append(make_attack(a, threat_model=tm))
+        else:
+            raise TypeError(f"cannot use {a!r} as an attack: pass a spec string, an Attack or a "
+                            "function fn(model, x, y, eps) -> x_adv")
+    specs = [a.spec for a in out]
+    dupes = sorted({s for s in specs if specs.count(s) > 1})
+    if dupes:
+        raise ValueError(f"attack(s) {dupes} given twice; each attack is a column of the results, "
+                         "so give them distinct names (make_attack(fn, name=...)) or overrides")
+    return out
+
+
+def _expected_samples(data: DataLike, cfg: EvalConfig) -> int | None:
+    """How many samples the run covers, if the data says so without being iterated."""
+    try:
+        if isinstance(data, torch.utils.data.DataLoader):
+            n = len(data.sampler) if data.batch_size is not None else None
+        else:
+            n = len(as_dataset(data))
+    except TypeError:
+        n = None
+    if n is None:
+        return cfg.n_samples
+    return n if cfg.n_samples is None else min(n, cfg.n_samples)
+
+
+def _batches(loader: Any, limit: int | None) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(index of the first sample, x, y) per batch, stopping after ``limit`` samples."""
+    start = 0
+    for batch in loader:
+        x, y = unpack_batch(batch)
+        x, y = torch.as_tensor(x), torch.as_tensor(y).reshape(-1)
+        if limit is not None and start + len(x) > limit:
+            x, y = x[: limit - start], y[: limit - start]
+        if len(x):
+            yield start, x, y
+        start += len(x)
+        if limit is not None and start >= limit:
+            return
+
+
+def _call_seed(seed: int, attack: str, eps: float, start: int) -> int:
+    """Seed of one attack call, from (seed, attack, eps, first sample index of the batch)."""
+    digest = hashlib.sha256(f"{seed}|{attack}|{eps!r}|{start}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _versions(attacks: Sequence[Attack]) -> dict[str, str]:
+    from . import __version__
+    from .adapters import LIBRARIES
+
+    out = {"relucap-plugin": __version__, "torch": torch.__version__}
+    for lib in sorted({a.library for a in attacks}):
+        info = LIBRARIES.get(lib)
+        if info is not None and info.distribution:
+            try:
+                out[info.distribution] = importlib.metadata.version(info.distribution)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+    return out
+
+
+# ------------------------------------------------------------------------------ the loop
+@dataclass
+class _Batch:
+    start: int
+    x: Tensor  # (B, ...) on the device, in the model's dtype
+    y: Tensor  # (B,) int64 on the device
+    labels: list[int]
+    clean_pred: list[int]
+
+    @property
+    def index(self) -> range:
+        return range(self.start, self.start + len(self.labels))
+
+
+class _Runner:
+    """The state of one evaluation: validates and predicts batches, attacks them, records rows."""
+
+    def __init__(self, net: nn.Module, tm: ThreatModel, cfg: EvalConfig, device: torch.device,
+                 results: Results, writer: ResultsWriter | None):
+        self.net, self.tm, self.cfg, self.device = net, tm, cfg, device
+        self.results, self.writer = results, writer
+        rows = results.rows
+        self.done = {(r["sample"], r["attack"], r["eps"]) for r in rows if r["status"] != "failed"}
+        self.labels = {r["sample"]: r["label"] for r in rows}
+        self.dtype: torch.dtype | None = None
+        self.warned: set[str] = set()
+
+    def complete(self, start: int, y: Tensor, keys: Sequence[tuple[str, float]]) -> bool:
+        """Whether every (attack, eps) row of the batch exists (checking that labels match)."""
+        ys = y.tolist()
+        clash = [start + k for k, lab in enumerate(ys) if self.labels.get(start + k, lab) != lab]
+        if clash:
+            raise ValueError(f"samples {clash[:5]} have other labels than in the results file being "
+                             "resumed: the data differ (order or content); evaluate the same data "
+                             "in the same order, or write to another out= path")
+        return all((start + k, a, e) in self.done for k in range(len(ys)) for a, e in keys)
+
+    def prepare(self, start: int, x: Tensor, y: Tensor) -> _Batch:
+        """Validate a batch, move it to the device and predict it once (clean)."""
+        if not x.is_floating_point():
+            raise TypeError(f"data x must be floating point in {self.tm.bounds} (got {x.dtype}); "
+                            "convert uint8 images with x.float() / 255")
+        lo, hi = self.tm.bounds
+        x_min, x_max = float(x.min()), float(x.max())
+        if not (lo <= x_min and x_max <= hi):
+            raise ValueError(
+                f"data samples {start}..{start + len(x) - 1} have values in [{x_min:.4g}, "
+                f"{x_max:.4g}], outside the threat model's bounds {self.tm.bounds}; feed inputs in "
+                "bounds (put normalisation inside the model) or set ThreatModel(bounds=...)")
+        if self.dtype is None:
+            self.dtype = _float_dtype(self.net, x.dtype)
+        xd = x.to(device=self.device, dtype=self.dtype)
+        yd = y.to(device=self.device, dtype=torch.long)
+        logits = self._logits(xd)
+        labels = yd.tolist()
+        if min(labels) < 0 or max(labels) >= logits.shape[1]:
+            raise ValueError(f"labels must be in [0, {logits.shape[1] - 1}] (the model has "
+                             f"{logits.shape[1]} outputs); got labels in [{min(labels)}, {max(labels)}]")
+        return _Batch(start, xd, yd, labels, logits.argmax(1).tolist())
+
+    @torch.no_grad()
+    def _logits(self, x: Tensor) -> Tensor:
+        out = self.net(x)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"the model must return logits of shape (N, classes), got {what}; "
+                            "for a model returning a tuple or dict pass output=<index, key or function>")
+        return out
+
+    def _attack(self, attack: Attack, eps: float, batch: _Batch, attacked: list[int]) -> tuple[dict, float]:
+        """Attack the batch's ``attacked`` positions; per position (status, reason, adv_pred, norm)."""
+        sel = torch.tensor(attacked, device=self.device)
+        x, y = batch.x[sel], batch.y[sel]
+        seed = _call_seed(self.cfg.seed, attack.spec, eps, batch.start)
+        t0 = time.perf_counter()
+        try:
+            x_adv = attack(self.net, x, y, eps, seed=seed)
+            x_adv = torch.as_tensor(x_adv).to(device=self.device, dtype=x.dtype)
+            if x_adv.shape != x.shape:
+                raise RuntimeError(f"returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
+        except Exception as exc:
+            elapsed = time.perf_counter() - t0
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            if attack.spec not in self.warned:
+                self.warned.add(attack.spec)
+                warnings.warn(f"{attack.spec} failed at eps={eps:g} on samples {batch.index[0]}.."
+                              f"{batch.index[-1]}: {error} (recorded as failed rows; further "
+                              "failures of this attack are recorded without a warning)",
+                              RuntimeWarning, stacklevel=4)
+            return {k: ("failed", error, None, None) for k in attacked}, elapsed
+        elapsed = time.perf_counter() - t0
+        norms, reasons = verify(x, x_adv, eps, self.tm)
+        pred = self._logits(torch.where(torch.isfinite(x_adv), x_adv, x)).argmax(1).tolist()
+        out = {}
+        for j, (k, n, why) in enumerate(zip(attacked, norms.tolist(), reasons)):
+            finite = math.isfinite(n)
+            out[k] = ("ok" if why is None else "violation", why, pred[j] if finite else None,
+                      n if finite else None)
+        return out, elapsed
+
+    def run(self, batch: _Batch, attack: Attack, eps: float) -> None:
+        """Rows of ``attack`` at ``eps`` for the batch's samples that have none yet.
+
+        The attack runs on all correctly classified samples of the batch even if only some rows
+        are missing, so a resumed run reproduces the uninterrupted one; only missing rows are
+        written.
+        """
+        todo = [k for k, i in enumerate(batch.index) if (i, attack.spec, eps) not in self.done]
+        if not todo:
+            return
+        correct = [p == lab for p, lab in zip(batch.clean_pred, batch.labels)]
+        attacked = [k for k, c in enumerate(correct) if c]
+        outcome: dict[int, tuple] = {}
+        per_sample = 0.0
+        if any(correct[k] for k in todo):
+            outcome, elapsed = self._attack(attack, eps, batch, attacked)
+            per_sample = elapsed / len(attacked)
+        family = _family(attack)
+        rows = []
+        for k in todo:
+            label, clean = batch.labels[k], batch.clean_pred[k]
+            if correct[k]:
+                status, reason, adv_pred, norm = outcome[k]
+                robust = None if status == "failed" else status == "ok" and adv_pred == label
+                time_k = per_sample
+            else:
+                status, reason, adv_pred, norm, robust, time_k = "ok", None, clean, 0.0, False, 0.0
+            rows.append({
+                "sample": batch.start + k, "attack": attack.spec, "library": attack.library,
+                "family": family, "eps": eps, "label": label, "clean_pred": clean,
+                "adv_pred": adv_pred, "clean_correct": correct[k], "adv_correct": robust,
+                "norm": norm, "status": status, "reason": reason, "skipped": not correct[k],
+                "time": time_k,
+            })
+        if self.writer is not None:
+            self.writer.write(rows)
+        self.results._add(rows)
+        self.done.update((r["sample"], r["attack"], r["eps"]) for r in rows if r["status"] != "failed")
+        self.labels.update((r["sample"], r["label"]) for r in rows)
+
+
+def _family(attack: Attack) -> str:
+    """Agreement key: the attack family plus any threat-model fields the attack changes."""
+    changes = getattr(attack, "changes", None) or {}
+    if not changes:
+        return attack.family
+    return f"{attack.family}(" + ", ".join(f"{k}={v!r}" for k, v in sorted(changes.items())) + ")"
+
+
+def evaluate(
+    model: nn.Module,
+    data: DataLike,
+    attacks: AttackLike | Sequence[AttackLike],
+    threat_model: ThreatModel | Mapping[str, Any],
+    config: EvalConfig | Mapping[str, Any] | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = True,
+    output: OutputSelector | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> Results:
+    """Attack ``model`` on ``data`` with every attack at every budget of ``threat_model``.
+
+    ``data``: an ``(x, y)`` pair, a ``Dataset`` or any ``DataLoader`` (kept as given; a sample's
+    index is its position in iteration order). ``attacks``: spec strings (``"art:PGD"``),
+    :class:`~relucap_plugin.attacks.Attack` objects or functions ``fn(model, x, y, eps)``.
+    ``config``: batch size, device (``"auto"``), seed, ``n_samples`` (the first N).
+    ``output``: index, key or function selecting the logits of a model returning a tuple/dict.
+
+    Each batch is predicted once clean; samples misclassified clean are not attacked (their rows
+    say ``skipped`` and count as not robust). Every returned example is verified by
+    :func:`verify` and predicted again by the harness (eval mode, ``no_grad``): a violation is
+    recorded and never counts as robust; an attack that raises gives ``"failed"`` rows with its
+    error and the run goes on. Each attack call is seeded from (seed, attack, eps, first sample
+    of the batch), so the same seed, data order and batch size give the same table.
+
+    ``out``: a JSONL file (or a folder, for ``folder/results.jsonl``) the rows are appended to
+    as they are computed. With ``resume=True`` the rows already there are kept and only missing
+    or failed (sample, attack, eps) rows are computed, re-running the whole batch of a missing
+    row so that the result equals an uninterrupted run; ``resume=False`` starts the file over.
+    The model's modes, device, ``requires_grad`` flags and torch's global RNG are restored.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if output is not None and not isinstance(output, (int, str)) and not callable(output):
+        raise TypeError(f"output must be an int index, a str key or a function, got {output!r}")
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    tm = _as_threat_model(threat_model)
+    cfg = _as_config(config)
+    device = cfg.resolve_device()
+    net = model if output is None else _SelectOutput(model, output)
+    attack_list = _as_attacks(attacks, tm, cfg)
+    loader = as_loader(data, batch_size=cfg.batch_size)
+    n_expected = _expected_samples(data, cfg)
+    if n_expected == 0:
+        raise ValueError("the data set is empty; pass at least one (x, y) sample")
+    versions = _versions(attack_list)
+    metadata = {
+        "model": model_name or type(model).__name__,
+        "threat_model": tm.to_dict(),
+        "config": cfg.to_dict(),
+        "device": str(device),
+        "attacks": [a.spec for a in attack_list],
+        "n_samples": n_expected,
+        "versions": versions,
+        "package_version": versions["relucap-plugin"],
+        "rtol": RTOL,
+    }
+    writer = None
+    if out is not None:
+        path = os.fspath(out)
+        if os.path.isdir(path):
+            path = os.path.join(path, "results.jsonl")
+        results, writer = open_results_file(path, metadata, resume)
+    else:
+        results = Results(metadata=metadata)
+
+    bs = loader.batch_size if isinstance(data, torch.utils.data.DataLoader) else cfg.batch_size
+    total = None if n_expected is None or bs is None else (
+        math.ceil(n_expected / bs) * len(attack_list) * len(tm.eps))
+    keys = [(a.spec, e) for a in attack_list for e in tm.eps]
+    try:
+        with caller_state(net), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            net.to(device)
+            runner = _Runner(net, tm, cfg, device, results, writer)
+
+            def units() -> Iterator[tuple[_Batch | None, Attack, float]]:
+                for start, x, y in _batches(loader, cfg.n_samples):
+                    batch = None if runner.complete(start, y, keys) else runner.prepare(start, x, y)
+                    for attack in attack_list:
+                        for eps in tm.eps:
+                            yield batch, attack, eps
+
+            description = f"{len(attack_list)} attack(s) x {len(tm.eps)} eps"
+            for batch, attack, eps in _progress(units(), description, total=total, enabled=progress):
+                if batch is not None:
+                    runner.run(batch, attack, eps)
+    finally:
+        if writer is not None:
+            writer.close()
+    return results

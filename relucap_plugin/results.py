@@ -1,0 +1,612 @@
+"""The per-sample results table of an evaluation: aggregates, save/load/merge, print and plot.
+
+One row per (sample index, attack, eps) says whether the sample was classified correctly clean
+and on the verified adversarial example, how large the perturbation was and how verification
+went. Everything else (accuracies, the per-sample worst case, cross-library agreement) is a
+reduction of these rows, so tables from interrupted runs, several files or several processes
+merge by key and give the same numbers as one run.
+
+File format (JSON Lines): the first line is ``{"format": "relucap-results", "version": 1,
+"metadata": {...}}``, every further line is one row. Rows are appended line-atomically while an
+evaluation runs (:class:`ResultsWriter`); :meth:`Results.load` drops a torn last line with a
+warning and keeps every complete row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from ._console import format_table, print_table
+
+__all__ = [
+    "ROW_FIELDS",
+    "STATUSES",
+    "Results",
+    "ResultsFileWarning",
+    "ResultsWriter",
+    "open_results_file",
+]
+
+FORMAT = "relucap-results"
+FORMAT_VERSION = 1
+
+#: Columns of a row, in file and DataFrame order.
+ROW_FIELDS = (
+    "sample",  # index of the sample in the evaluated data (iteration order)
+    "attack",  # unique attack name, "library:Name"
+    "library",  # "torchattacks", "foolbox", "art", or the library of a user attack
+    "family",  # the attack across libraries (e.g. "PGD"): rows of one family are compared
+    "eps",  # budget in the threat model's norm
+    "label",  # true label
+    "clean_pred",  # prediction on the clean input
+    "adv_pred",  # prediction on the returned example (None: failed)
+    "clean_correct",
+    "adv_correct",  # counts as robust: clean correct AND correct on a verified example
+    "norm",  # perturbation norm in the threat model's norm (None: failed or non-finite)
+    "status",  # "ok" | "violation" | "failed"
+    "reason",  # why a row is a violation (norm, bounds, non-finite) or the error of a failure
+    "skipped",  # True: misclassified clean, so not attacked (the example is the clean input)
+    "time",  # wall seconds of the attack call that produced the row / samples in that call
+)
+STATUSES = ("ok", "violation", "failed")
+_KEY = ("sample", "attack", "eps")
+_REQUIRED = ("sample", "attack", "eps", "clean_correct", "adv_correct", "status")
+#: Metadata fields that must agree for two tables to describe the same evaluation.
+_IDENTITY = ("model",)
+_THREAT_IDENTITY_SKIP = ("eps",)
+
+
+class ResultsFileWarning(UserWarning):
+    """A results file had a torn last line (an interrupted write); that line was dropped."""
+
+
+Key = tuple[int, str, float]
+
+
+def _key(row: Mapping[str, Any]) -> Key:
+    return (row["sample"], row["attack"], row["eps"])
+
+
+def _normalise_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with every field of :data:`ROW_FIELDS`, plain Python types and a valid status."""
+    missing = [f for f in _REQUIRED if f not in row]
+    if missing:
+        raise ValueError(f"results row {dict(row)!r} lacks field(s) {missing}; rows need {list(_REQUIRED)}")
+    if row["status"] not in STATUSES:
+        raise ValueError(f"results row status must be one of {STATUSES}, got {row['status']!r}")
+    out = {f: row.get(f) for f in ROW_FIELDS}
+    out["sample"] = int(out["sample"])
+    out["attack"] = str(out["attack"])
+    out["eps"] = float(out["eps"])
+    if out["library"] is None:
+        out["library"] = out["attack"].split(":", 1)[0] if ":" in out["attack"] else "custom"
+    if out["family"] is None:
+        out["family"] = out["attack"].split(":", 1)[-1]
+    out["clean_correct"] = bool(out["clean_correct"])
+    out["adv_correct"] = None if out["status"] == "failed" else bool(out["adv_correct"])
+    if out["status"] == "violation":
+        out["adv_correct"] = False
+    out["skipped"] = bool(out["skipped"])
+    out["time"] = float(out["time"] or 0.0)
+    for f in ("label", "clean_pred", "adv_pred"):
+        if out[f] is not None:
+            out[f] = int(out[f])
+    if out["norm"] is not None:
+        out["norm"] = float(out["norm"]) if math.isfinite(float(out["norm"])) else None
+    return out
+
+
+def _json_line(obj: Mapping[str, Any]) -> str:
+    return json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100.0 * value:.1f}%"
+
+
+def _fmt_eps(eps: float) -> str:
+    return f"{eps:g}"
+
+
+def _markdown(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    esc = [[("" if v is None else str(v)).replace("|", "\\|") for v in r] for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines)
+
+
+def _ordered_union(*lists: Iterable[Any]) -> list[Any]:
+    seen: dict[Any, None] = {}
+    for items in lists:
+        for item in items:
+            seen.setdefault(item, None)
+    return list(seen)
+
+
+class Results:
+    """Per-sample table of an evaluation plus its metadata (threat model, config, model, versions).
+
+    Rows are dicts with the fields of :data:`ROW_FIELDS`, unique by (sample, attack, eps). A row
+    whose verification failed (``status="violation"``) is never robust; a ``"failed"`` row (the
+    attack raised) has no outcome and is left out of accuracies and listed by :meth:`missing`.
+    """
+
+    def __init__(self, rows: Iterable[Mapping[str, Any]] = (), metadata: Mapping[str, Any] | None = None):
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self._rows: dict[Key, dict[str, Any]] = {}
+        self.extend(rows)
+
+    # ------------------------------------------------------------------ rows
+    def extend(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Add rows; a key already present is kept, except that a completed row replaces a
+        ``"failed"`` one (a resumed run retried it). Returns how many rows were added or replaced."""
+        return self._add(_normalise_row(row) for row in rows)
+
+    def _add(self, rows: Iterable[dict[str, Any]]) -> int:
+        """:meth:`extend` for rows that already have every field in its plain type."""
+        changed = 0
+        for row in rows:
+            key = _key(row)
+            old = self._rows.get(key)
+            if old is None or (old["status"] == "failed" and row["status"] != "failed"):
+                self._rows[key] = row
+                changed += 1
+        return changed
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows (copies), in the order they were added."""
+        return [dict(r) for r in self._rows.values()]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+    def keys(self) -> set[Key]:
+        """The (sample, attack, eps) keys present."""
+        return set(self._rows)
+
+    def __repr__(self) -> str:
+        return (f"Results({len(self.samples)} samples x {len(self.attacks)} attacks x "
+                f"{len(self.eps)} eps, {len(self)} rows, model={self.metadata.get('model')!r})")
+
+    @property
+    def attacks(self) -> list[str]:
+        """Attack names: the metadata's order, then any others in order of appearance."""
+        return _ordered_union(self.metadata.get("attacks", []), (r["attack"] for r in self._rows.values()))
+
+    @property
+    def eps(self) -> list[float]:
+        """Budgets present (sorted)."""
+        return sorted({r["eps"] for r in self._rows.values()})
+
+    @property
+    def samples(self) -> list[int]:
+        """Sample indices present (sorted)."""
+        return sorted({r["sample"] for r in self._rows.values()})
+
+    def outcomes(self) -> list[tuple[Any, ...]]:
+        """Every field except ``time``, sorted by key: equal for two runs with the same seed."""
+        fields = [f for f in ROW_FIELDS if f != "time"]
+        return [tuple(r[f] for f in fields) for _, r in sorted(self._rows.items())]
+
+    # ------------------------------------------------------------ aggregates
+    def _completed(self, attack: str | None = None, eps: float | None = None) -> list[dict[str, Any]]:
+        return [
+            r for r in self._rows.values()
+            if r["status"] != "failed"
+            and (attack is None or r["attack"] == attack)
+            and (eps is None or r["eps"] == eps)
+        ]
+
+    def clean_accuracy(self) -> float | None:
+        """Fraction of samples classified correctly without attack (None: no rows)."""
+        clean = {r["sample"]: r["clean_correct"] for r in self._rows.values()}
+        return sum(clean.values()) / len(clean) if clean else None
+
+    def robust_accuracy(self, attack: str, eps: float) -> float | None:
+        """Fraction of completed rows of ``attack`` at ``eps`` that count as robust."""
+        rows = self._completed(attack, float(eps))
+        return sum(r["adv_correct"] for r in rows) / len(rows) if rows else None
+
+    def per_sample_worst_case(self, eps: float, attacks: Sequence[str] | None = None) -> dict[int, bool]:
+        """sample -> robust against every completed attack at ``eps`` (min over attacks)."""
+        chosen = None if attacks is None else set(attacks)
+        worst: dict[int, bool] = {}
+        for r in self._completed(eps=float(eps)):
+            if chosen is None or r["attack"] in chosen:
+                worst[r["sample"]] = worst.get(r["sample"], True) and r["adv_correct"]
+        return worst
+
+    def worst_case(self, eps: float, attacks: Sequence[str] | None = None) -> float | None:
+        """Mean over samples of the minimum over attacks at ``eps`` (not the minimum of means).
+
+        Failed rows are left out, so a sample that some attack failed on is judged by the
+        others (an upper bound for it; :meth:`missing` lists such rows).
+        """
+        worst = self.per_sample_worst_case(eps, attacks)
+        return sum(worst.values()) / len(worst) if worst else None
+
+    def violations(self) -> list[dict[str, Any]]:
+        """Rows whose adversarial example failed verification (never counted as robust)."""
+        return [dict(r) for r in self._rows.values() if r["status"] == "violation"]
+
+    def failed(self) -> list[dict[str, Any]]:
+        """Rows whose attack raised; ``reason`` holds the error."""
+        return [dict(r) for r in self._rows.values() if r["status"] == "failed"]
+
+    def missing(self) -> list[Key]:
+        """Keys without an outcome: failed rows, and (sample, attack, eps) combinations expected
+        from the metadata (``n_samples``, ``attacks``, threat-model ``eps``) or from the samples
+        seen, that have no row (e.g. an interrupted run)."""
+        n = self.metadata.get("n_samples")
+        samples = range(int(n)) if n is not None else self.samples
+        eps_list = _ordered_union(self.metadata.get("threat_model", {}).get("eps", []), self.eps)
+        out = [k for k, r in self._rows.items() if r["status"] == "failed"]
+        out += [
+            (s, a, float(e)) for s in samples for a in self.attacks for e in eps_list
+            if (s, a, float(e)) not in self._rows
+        ]
+        return sorted(out)
+
+    def agreement(self) -> list[dict[str, Any]]:
+        """The same attack family run through several libraries, side by side per eps.
+
+        Each entry: ``family``, ``eps``, ``accuracy`` (library -> robust accuracy over the
+        ``n_common`` samples completed by all of them, so that failed rows of one library do not
+        skew the comparison), ``attacks`` (library -> attack name),
+        ``disagreements`` (common samples whose robust verdict differs between libraries) and
+        ``max_gap`` (largest accuracy difference, in points).
+        """
+        by_family: dict[str, dict[str, str]] = {}
+        for r in self._rows.values():
+            by_family.setdefault(r["family"], {}).setdefault(r["library"], r["attack"])
+        out = []
+        for family, libs in by_family.items():
+            if len(libs) < 2:
+                continue
+            for eps in self.eps:
+                verdicts = {
+                    lib: {r["sample"]: r["adv_correct"] for r in self._completed(name, eps)}
+                    for lib, name in sorted(libs.items())
+                }
+                common = set.intersection(*(set(v) for v in verdicts.values()))
+                if not common:
+                    continue
+                acc = {lib: sum(v[s] for s in common) / len(common) for lib, v in verdicts.items()}
+                disagree = sum(len({v[s] for v in verdicts.values()}) > 1 for s in common)
+                out.append({
+                    "family": family, "eps": eps, "accuracy": acc, "attacks": dict(sorted(libs.items())),
+                    "n_common": len(common), "disagreements": disagree,
+                    "max_gap": 100.0 * (max(acc.values()) - min(acc.values())),
+                })
+        return out
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One aggregate per (attack, eps), then the worst case over all attacks per eps."""
+        out = []
+        for attack in self.attacks:
+            for eps in self.eps:
+                rows = [r for r in self._rows.values() if r["attack"] == attack and r["eps"] == eps]
+                if not rows:
+                    continue
+                done = [r for r in rows if r["status"] != "failed"]
+                attacked = [r for r in done if not r["skipped"] and r["norm"] is not None]
+                out.append({
+                    "attack": attack, "library": rows[0]["library"], "eps": eps,
+                    "robust_accuracy": self.robust_accuracy(attack, eps), "n": len(done),
+                    "violations": sum(r["status"] == "violation" for r in rows),
+                    "failed": len(rows) - len(done),
+                    "mean_norm": sum(r["norm"] for r in attacked) / len(attacked) if attacked else None,
+                    "time": sum(r["time"] for r in rows),
+                })
+        if len(self.attacks) > 1:
+            for eps in self.eps:
+                worst = self.per_sample_worst_case(eps)
+                out.append({
+                    "attack": f"worst case ({len(self.attacks)} attacks)", "library": "", "eps": eps,
+                    "robust_accuracy": sum(worst.values()) / len(worst) if worst else None,
+                    "n": len(worst), "violations": None, "failed": None, "mean_norm": None,
+                    "time": None,
+                })
+        return out
+
+    # -------------------------------------------------------------- display
+    _COLUMNS = ("attack", "eps", "robust acc", "n", "violations", "failed", "mean norm", "time (s)")
+
+    def _summary_cells(self) -> list[list[str]]:
+        cells = [["clean", "-", _pct(self.clean_accuracy()), str(len(self.samples)), "", "", "", ""]]
+        for s in self.summary():
+            cells.append([
+                s["attack"], _fmt_eps(s["eps"]), _pct(s["robust_accuracy"]), str(s["n"]),
+                "" if s["violations"] is None else str(s["violations"]),
+                "" if s["failed"] is None else str(s["failed"]),
+                "" if s["mean_norm"] is None else f"{s['mean_norm']:.4g}",
+                "" if s["time"] is None else f"{s['time']:.2f}",
+            ])
+        return cells
+
+    def _agreement_cells(self) -> tuple[list[str], list[list[str]]]:
+        entries = self.agreement()
+        libs = sorted({lib for e in entries for lib in e["accuracy"]})
+        columns = ["attack family", "eps", *libs, "max gap (pts)", "disagreements"]
+        cells = [
+            [e["family"], _fmt_eps(e["eps"]), *(_pct(e["accuracy"].get(lib)) for lib in libs),
+             f"{e['max_gap']:.1f}", f"{e['disagreements']}/{e['n_common']}"]
+            for e in entries
+        ]
+        return columns, cells
+
+    def _title(self) -> str:
+        tm = self.metadata.get("threat_model") or {}
+        norm = f", {tm['norm']}" if tm.get("norm") else ""
+        return f"{self.metadata.get('model') or 'model'}{norm}: {len(self.samples)} samples"
+
+    def _notes(self) -> list[str]:
+        notes = []
+        v, f, m = self.violations(), self.failed(), self.missing()
+        if v:
+            notes.append(f"{len(v)} row(s) failed verification and count as not robust, e.g. "
+                         f"{v[0]['attack']} sample {v[0]['sample']}: {v[0]['reason']}")
+        if f:
+            notes.append(f"{len(f)} row(s) failed (the attack raised), e.g. {f[0]['attack']} "
+                         f"sample {f[0]['sample']}: {f[0]['reason']}")
+        if m:
+            notes.append(f"{len(m)} (sample, attack, eps) row(s) have no outcome; Results.missing() "
+                         "lists them (resume the run to fill them)")
+        return notes
+
+    def table(self, markdown: bool = False) -> str:
+        """The summary (and agreement) tables and notes as text, or as Markdown."""
+        fmt = _markdown if markdown else format_table
+        parts = [self._title(), fmt(self._COLUMNS, self._summary_cells())]
+        columns, cells = self._agreement_cells()
+        if cells:
+            parts += ["Agreement across libraries", fmt(columns, cells)]
+        parts += self._notes()
+        return "\n\n".join(parts) + "\n"
+
+    def print(self, file=None) -> None:
+        """Print the summary and agreement tables (rich if installed) and the notes."""
+        print_table(self._COLUMNS, self._summary_cells(), title=self._title(), file=file)
+        columns, cells = self._agreement_cells()
+        if cells:
+            print_table(columns, cells, title="Agreement across libraries", file=file)
+        for note in self._notes():
+            print(note, file=file)
+
+    def to_pandas(self):
+        """The rows as a ``pandas.DataFrame`` (columns :data:`ROW_FIELDS`)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Results.to_pandas() needs pandas: pip install pandas") from None
+        return pd.DataFrame(self.rows, columns=list(ROW_FIELDS))
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """Robust accuracy vs eps, one line per attack plus the worst case; saved as PNG to
+        ``path`` if given. Returns the matplotlib ``Figure`` (drawn with Agg; pyplot untouched)."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("Results.plot() needs matplotlib: pip install matplotlib") from None
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.add_subplot()
+        eps = self.eps
+        for attack in self.attacks:
+            pts = [(e, self.robust_accuracy(attack, e)) for e in eps]
+            pts = [(e, 100 * a) for e, a in pts if a is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=attack)
+        if len(self.attacks) > 1:
+            pts = [(e, self.worst_case(e)) for e in eps]
+            pts = [(e, 100 * a) for e, a in pts if a is not None]
+            if pts:
+                ax.plot(*zip(*pts), "k--", marker="s", label="worst case")
+        clean = self.clean_accuracy()
+        if clean is not None:
+            ax.axhline(100 * clean, color="grey", linestyle=":", label="clean")
+        tm = self.metadata.get("threat_model") or {}
+        ax.set_xlabel(f"eps ({tm.get('norm', 'norm')})")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(self._title())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        if path is not None:
+            fig.savefig(os.fspath(path), dpi=120)
+        return fig
+
+    # ------------------------------------------------------- files, merging
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSONL file atomically (temporary file, then rename)."""
+        lines = [_header(self.metadata)] + [_json_line(r) for r in self._rows.values()]
+        _atomic_write(os.fspath(path), "".join(lines))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Results:
+        """Read a JSONL results file. A torn last line (interrupted write) is dropped with a
+        :class:`ResultsFileWarning`; a damaged line elsewhere is a ``ValueError``."""
+        metadata, rows = _read(os.fspath(path))
+        return cls(rows, metadata)
+
+    def merge(self, *others: Results) -> Results:
+        """A new table with the rows of all tables; duplicate keys are dropped (idempotent).
+
+        Tables must describe the same evaluation (same model and threat model apart from eps);
+        attacks and eps of all of them are united in the metadata.
+        """
+        metadata = dict(self.metadata)
+        for other in others:
+            if not isinstance(other, Results):
+                raise TypeError(f"can only merge Results, got {type(other).__name__}")
+            metadata = _merged_metadata(metadata, other.metadata)
+        merged = Results(self._rows.values(), metadata)
+        for other in others:
+            merged.extend(other._rows.values())
+        return merged
+
+
+# ------------------------------------------------------------------ files
+def _header(metadata: Mapping[str, Any]) -> str:
+    return _json_line({"format": FORMAT, "version": FORMAT_VERSION, "metadata": dict(metadata)})
+
+
+def _atomic_write(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{path} is empty: not a relucap results file (expected a metadata line)")
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a relucap results file: its first line must be the "
+                         f"metadata line {{\"format\": \"{FORMAT}\", ...}}")
+    if header.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has results format version {header.get('version')!r}; this "
+                         f"relucap-plugin reads version {FORMAT_VERSION}: upgrade relucap-plugin")
+    rows = []
+    for i, line in enumerate(lines[1:], start=2):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+            rows.append(_normalise_row(row))
+        except ValueError as exc:
+            if i == len(lines):
+                warnings.warn(f"{path}: dropped a torn last line {i} (an interrupted write); every "
+                              "complete row was kept and a resumed run recomputes the lost one",
+                              ResultsFileWarning, stacklevel=3)
+                break
+            raise ValueError(f"{path} line {i} is damaged ({exc}); only a torn last line can be "
+                             "dropped. Remove the line or re-run the evaluation") from None
+    return dict(header.get("metadata") or {}), rows
+
+
+def _identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata fields that must agree for two tables to be parts of one evaluation."""
+    tm = {k: v for k, v in (metadata.get("threat_model") or {}).items() if k not in _THREAT_IDENTITY_SKIP}
+    cfg = metadata.get("config") or {}
+    ident = {f"threat_model.{k}": v for k, v in tm.items()}
+    ident.update({f"config.{k}": cfg.get(k) for k in ("seed", "batch_size", "n_samples") if k in cfg})
+    ident.update({k: metadata.get(k) for k in _IDENTITY if k in metadata})
+    return ident
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    ia, ib = _identity(a), _identity(b)
+    return [f"{k}: {ia[k]!r} vs {ib[k]!r}" for k in sorted(set(ia) & set(ib)) if ia[k] != ib[k]]
+
+
+def _merged_metadata(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    diff = _differences(a, b)
+    if diff:
+        raise ValueError("cannot merge results of different evaluations (" + "; ".join(diff) +
+                         "); merge only tables of the same model, threat model and config")
+    out = {**b, **a}
+    out["attacks"] = _ordered_union(a.get("attacks", []), b.get("attacks", []))
+    if a.get("threat_model") or b.get("threat_model"):
+        tm = dict(a.get("threat_model") or b.get("threat_model"))
+        tm["eps"] = _ordered_union((a.get("threat_model") or {}).get("eps", []),
+                                   (b.get("threat_model") or {}).get("eps", []))
+        out["threat_model"] = tm
+    return out
+
+
+class ResultsWriter:
+    """Appends rows to a JSONL results file: whole lines, flushed and fsynced per call, so an
+    interrupted run leaves at most a torn last line."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "ab")
+
+    def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        data = "".join(_json_line(r) for r in rows).encode("utf-8")
+        if data:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _drop_torn_tail(path: str) -> None:
+    """Truncate ``path`` after its last newline, so appended rows start on a line of their own."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            warnings.warn(f"{path}: dropped a torn last line (an interrupted write) before resuming",
+                          ResultsFileWarning, stacklevel=3)
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def open_results_file(
+    path: str | os.PathLike, metadata: Mapping[str, Any], resume: bool
+) -> tuple[Results, ResultsWriter]:
+    """Prepare ``path`` for streaming rows: the rows already there (when resuming) and a writer.
+
+    ``resume=False`` (or no file yet) starts a new file with ``metadata``. ``resume=True`` keeps
+    the complete rows of an existing file; its evaluation must match ``metadata`` (model, threat
+    model apart from eps, seed, batch size, sample count), and new attacks or eps are added to
+    its metadata line (rewritten atomically).
+    """
+    path = os.fspath(path)
+    if resume and os.path.exists(path):
+        _drop_torn_tail(path)
+        existing = Results.load(path)
+        diff = _differences(existing.metadata, metadata)
+        if diff:
+            raise ValueError(
+                f"{path} holds results of a different evaluation (" + "; ".join(diff) + "); "
+                "resume with the same settings, write to another out= path, or pass resume=False "
+                "to start the file over")
+        merged = _merged_metadata(existing.metadata, metadata)
+        merged = {**merged, **{k: v for k, v in metadata.items() if k not in ("attacks", "threat_model")}}
+        if merged != existing.metadata:
+            existing = Results(existing._rows.values(), merged)
+            existing.save(path)
+    else:
+        existing = Results(metadata=metadata)
+        existing.save(path)
+    return existing, ResultsWriter(path)

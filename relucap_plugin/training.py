@@ -1,0 +1,420 @@
+"""Training: standard, FGSM adversarial training, fast AT (FGSM + random start) and PGD-AT.
+
+:func:`train` trains a model in place and returns a :class:`TrainHistory`; the model ends in
+eval mode (the mode every attack and evaluation expects). :func:`save_checkpoint` and
+:func:`load_checkpoint` store weights as safetensors or as a weights-only torch state dict.
+
+Adversarial examples are made inside the L-inf ball of radius ``eps`` and clipped to ``bounds``
+(default (0, 1), the pixel range of every data set here), with the model in train mode like
+Madry et al. and Wong et al. do; their gradients never reach the parameters' ``.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._console import progress as _progress
+from .data import DataLike, as_loader, unpack_batch
+
+__all__ = [
+    "TRAIN_METHODS",
+    "TrainHistory",
+    "accuracy",
+    "load_checkpoint",
+    "resolve_device",
+    "save_checkpoint",
+    "train",
+]
+
+TRAIN_METHODS = ("standard", "fgsm", "fgsm_rs", "pgd")
+"""``standard``: clean examples. ``fgsm``: one signed-gradient step of size eps from the clean
+point (Goodfellow et al. 2015; the adversarial training of arXiv 2405.03777). ``fgsm_rs``: a
+uniform random start in the eps-ball, then one step of 1.25 * eps, projected back ("fast AT",
+Wong, Rice, Kolter 2020). ``pgd``: random start and ``pgd_steps`` projected steps of
+2.5 * eps / pgd_steps (Madry et al. 2018)."""
+
+_OPTIMIZERS = ("adam", "sgd")
+_DEFAULT_LR = {"adam": 1e-3, "sgd": 0.01}
+
+
+@dataclass
+class TrainHistory:
+    """What :func:`train` did: one loss and accuracy per epoch, on the inputs trained on.
+
+    For adversarial methods ``accuracy`` is measured on the adversarial examples of each batch
+    (with ``clean_weight`` > 0, on the clean and adversarial inputs together), before the step.
+    ``config`` holds every hyperparameter, with defaults resolved (e.g. the step size used).
+    """
+
+    method: str
+    config: dict[str, Any]
+    loss: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of everything above."""
+        return asdict(self)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; anything else through ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device (got {device!r})"
+                         ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available; use 'auto' or "
+                         "'cpu'")
+    return resolved
+
+
+def _positive(value: Any, name: str, integer: bool = False, allow_zero: bool = False) -> Any:
+    kind = int if integer else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        what = "int" if integer else "number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite {what} {bound} (got {value!r})")
+    return value
+
+
+def _check_bounds(bounds: Sequence[float] | None) -> tuple[float, float] | None:
+    if bounds is None:
+        return None
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"bounds must be a (low, high) pair or None (got {bounds!r})") from None
+    if not lo < hi:
+        raise ValueError(f"bounds must satisfy low < high (got {bounds!r}); pixels are (0, 1)")
+    return lo, hi
+
+
+def _adversarial(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    random_start: bool,
+    bounds: tuple[float, float] | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """L-inf attack for training: optional uniform start, ``steps`` signed steps of ``alpha``.
+
+    Each step is projected onto the eps-ball around ``x`` and into ``bounds``. Returns detached
+    adversarial inputs of the shape of ``x``; parameter gradients are left untouched.
+    """
+    x = x.detach()
+    delta = torch.zeros_like(x)
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+        delta = ((2 * noise - 1) * eps).to(x.device)
+    for _ in range(steps):
+        x_adv = x + delta
+        if bounds is not None:
+            x_adv = x_adv.clamp(*bounds)
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        delta = (x_adv.detach() + alpha * grad.sign() - x).clamp(-eps, eps)
+    x_adv = x + delta
+    return (x_adv.clamp(*bounds) if bounds is not None else x_adv).detach()
+
+
+def _check_in_bounds(x: Tensor, bounds: tuple[float, float] | None) -> None:
+    if bounds is not None and (x.min() < bounds[0] - 1e-6 or x.max() > bounds[1] + 1e-6):
+        raise ValueError(
+            f"inputs range over [{x.min().item():.3g}, {x.max().item():.3g}] but bounds are "
+            f"{bounds}; keep pixels in [0, 1] and normalise inside the model, or pass the "
+            "data's bounds (bounds=None for unbounded data)"
+        )
+
+
+def _make_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _batches(loader: Any, epochs: int):
+    for epoch in range(epochs):
+        for batch in loader:
+            yield epoch, batch
+
+
+def train(
+    model: nn.Module,
+    data: DataLike,
+    method: str = "standard",
+    *,
+    epochs: int = 5,
+    lr: float | None = None,
+    batch_size: int = 64,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    eps: float = 0.1,
+    alpha: float | None = None,
+    pgd_steps: int = 10,
+    clean_weight: float | None = None,
+    bounds: Sequence[float] | None = (0.0, 1.0),
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place on ``data`` with cross-entropy; return a :class:`TrainHistory`.
+
+    ``method`` is one of :data:`TRAIN_METHODS`. Adversarial methods attack each batch in the
+    L-inf ball of radius ``eps`` (step ``alpha``; default eps for ``fgsm``, 1.25 * eps for
+    ``fgsm_rs``, 2.5 * eps / pgd_steps for ``pgd``) and minimise
+    ``clean_weight * loss(clean) + (1 - clean_weight) * loss(adversarial)``. Its default follows
+    each method's source: 0.5 for ``fgsm`` (the mixture of Goodfellow et al. 2015, which also
+    keeps short runs from collapsing), 0 (adversarial examples only) for ``fgsm_rs`` and ``pgd``.
+    ``optimizer`` is ``"adam"`` (default lr 1e-3) or ``"sgd"`` (default lr 0.01, ``momentum``);
+    ``weight_decay`` is an L2 penalty on every trainable parameter, learnable caps included.
+
+    ``data`` is an ``(x, y)`` pair, a ``Dataset`` (shuffled with ``seed``, ``batch_size``) or a
+    ``DataLoader`` (used as is). The run is seeded inside a forked RNG (the caller's global RNG
+    state is untouched), so on CPU the same seed and model give bit-identical weights. The model
+    is moved to ``device`` and left there, in eval mode; if ``checkpoint`` is a path, the
+    weights are saved there after every epoch (see :func:`save_checkpoint`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(TRAIN_METHODS)}")
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+    _positive(epochs, "epochs", integer=True)
+    _positive(batch_size, "batch_size", integer=True)
+    lr = _DEFAULT_LR[optimizer] if lr is None else _positive(lr, "lr")
+    _positive(weight_decay, "weight_decay", allow_zero=True)
+    _positive(momentum, "momentum", allow_zero=True)
+    _positive(seed, "seed", integer=True, allow_zero=True)
+    if clean_weight is None:
+        clean_weight = 0.5 if method == "fgsm" else 0.0
+    if isinstance(clean_weight, bool) or not (
+            isinstance(clean_weight, (int, float)) and 0.0 <= clean_weight <= 1.0):
+        raise ValueError(f"clean_weight must be in [0, 1] (got {clean_weight!r}); 0 trains on "
+                         "adversarial examples only")
+    bounds = _check_bounds(bounds)
+    dev = resolve_device(device)
+    adversarial = method != "standard"
+    steps, random_start = 0, False
+    if adversarial:
+        _positive(eps, "eps")
+        if method == "pgd":
+            _positive(pgd_steps, "pgd_steps", integer=True)
+        steps, random_start, factor = {
+            "fgsm": (1, False, 1.0),
+            "fgsm_rs": (1, True, 1.25),
+            "pgd": (pgd_steps, True, 2.5 / pgd_steps),
+        }[method]
+        alpha = factor * eps if alpha is None else _positive(alpha, "alpha")
+    if checkpoint is not None:
+        _checkpoint_format(checkpoint)
+        folder = os.path.dirname(os.fspath(checkpoint))
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist; create it "
+                                    "first")
+    loader = as_loader(data, batch_size=batch_size, shuffle=True, seed=seed)
+
+    history = TrainHistory(method=method, config={
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
+        "momentum": momentum if optimizer == "sgd" else None, "weight_decay": weight_decay,
+        "eps": eps if adversarial else None, "alpha": alpha if adversarial else None,
+        "steps": steps if adversarial else None, "random_start": random_start,
+        "clean_weight": clean_weight if adversarial else None, "bounds": bounds, "seed": seed,
+        "device": str(dev),
+    })
+    was_training = model.training
+    start = time.perf_counter()
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    finished = False
+    try:
+        with torch.random.fork_rng(devices=fork_devices), torch.enable_grad():
+            torch.manual_seed(seed)
+            attack_rng = torch.Generator().manual_seed(seed + 1)
+            model.to(dev)
+            model.train()
+            opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
+            total = len(loader) * epochs if hasattr(loader, "__len__") else None
+            sums = [0.0, 0, 0]  # loss * n, correct, n
+            current = 0
+            for epoch, batch in _progress(_batches(loader, epochs), f"train ({method})",
+                                          total=total, enabled=progress):
+                if epoch != current:
+                    _end_epoch(history, sums, model, checkpoint)
+                    current = epoch
+                x, y = unpack_batch(batch)
+                x, y = x.to(dev), torch.as_tensor(y).to(dev).long()
+                inputs, targets = x, y
+                if adversarial:
+                    _check_in_bounds(x, bounds)
+                    x_adv = _adversarial(model, x, y, eps, alpha, steps, random_start, bounds,
+                                         attack_rng)
+                    inputs, targets = (torch.cat([x, x_adv]), torch.cat([y, y])) if (
+                        clean_weight > 0) else (x_adv, y)
+                logits = model(inputs)
+                losses = F.cross_entropy(logits, targets, reduction="none")
+                if adversarial and clean_weight > 0:
+                    n = len(x)
+                    loss = clean_weight * losses[:n].mean() + (1 - clean_weight) * losses[n:].mean()
+                else:
+                    loss = losses.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sums[0] += losses.detach().sum().item()
+                sums[1] += (logits.detach().argmax(1) == targets).sum().item()
+                sums[2] += len(targets)
+            if sums[2] == 0:
+                raise ValueError("the data gave no batches; pass a non-empty data set")
+            _end_epoch(history, sums, model, checkpoint)
+            opt.zero_grad(set_to_none=True)
+        finished = True
+    finally:
+        model.train(was_training if not finished else False)
+        history.seconds = time.perf_counter() - start
+    return history
+
+
+def _end_epoch(history: TrainHistory, sums: list, model: nn.Module, checkpoint: Any) -> None:
+    history.loss.append(sums[0] / max(sums[2], 1))
+    history.accuracy.append(sums[1] / max(sums[2], 1))
+    sums[:] = [0.0, 0, 0]
+    if checkpoint is not None:
+        save_checkpoint(model, checkpoint)
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module, data: DataLike, batch_size: int = 512, device: str | torch.device = "auto"
+) -> float:
+    """Clean top-1 accuracy of ``model`` on ``data``, in eval mode; the caller's mode is kept.
+
+    The model is evaluated where its parameters are (``device`` is used for a parameterless
+    model only).
+    """
+    param = next(model.parameters(), None)
+    dev = param.device if param is not None else resolve_device(device)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for batch in as_loader(data, batch_size=batch_size):
+            x, y = unpack_batch(batch)
+            pred = model(x.to(dev)).argmax(1).cpu()
+            correct += (pred == torch.as_tensor(y).reshape(-1)).sum().item()
+            total += len(pred)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("the data set is empty; pass at least one (x, y) sample")
+    return correct / total
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_format(path: str | os.PathLike) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
+    if os.fspath(path).endswith(".safetensors"):
+        _safetensors()
+        return "safetensors"
+    return "torch"
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError(
+            "saving/loading .safetensors checkpoints needs the 'safetensors' package: "
+            "pip install safetensors (or use a path not ending in .safetensors for a torch "
+            "state dict)"
+        ) from None
+    return safetensors.torch
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
+    """Save ``model.state_dict()`` to ``path``; returns the path as a string.
+
+    A path ending in ``.safetensors`` gives a safetensors file (needs ``safetensors``); any
+    other path a torch state dict of CPU tensors that :func:`load_checkpoint` reads with
+    ``torch.load(weights_only=True)``. Non-persistent buffers (e.g. fixed caps) are not saved:
+    they belong to the architecture.
+    """
+    fmt = _checkpoint_format(path)
+    path = os.fspath(path)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        _safetensors().save_file(state, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights saved by :func:`save_checkpoint` into ``model``; returns ``model``.
+
+    The keys and shapes are checked first: on a mismatch a ``ValueError`` names the missing,
+    unexpected and mis-shaped entries and ``model`` is left unchanged.
+    """
+    fmt = _checkpoint_format(path)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if fmt == "safetensors":
+        state = _safetensors().load_file(path, device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"{path!r} is not a weights-only torch state dict ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); save it with save_checkpoint"
+            ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path!r} does not hold a state dict of tensors; save it with "
+                         "save_checkpoint")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state) if state[k].shape != own[k].shape
+    )
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(items)}" for label, items in (
+            ("missing keys", missing), ("unexpected keys", unexpected),
+            ("shape mismatches", shapes)) if items]
+        raise ValueError(
+            f"checkpoint {path!r} does not fit this model ({'; '.join(parts)}); build the "
+            "model with the same architecture (layers, widths, activations with parameters) "
+            "as the one that was saved"
+        )
+    model.load_state_dict(state)
+    return model

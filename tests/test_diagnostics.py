@@ -1,0 +1,178 @@
+"""Gradient-masking checks, the verdict and perturbation growth (issue 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from relucap_plugin import EvalConfig, Results, ThreatModel, get_attack
+from relucap_plugin.diagnostics import (
+    CHECKS,
+    Flag,
+    audit,
+    determinism_check,
+    eps_check,
+    gradient_check,
+    other_attacks_check,
+    perturbation_growth,
+    saturation_check,
+    verdict,
+)
+
+TM = ThreatModel("Linf", eps=(0.3,))
+CFG = EvalConfig(batch_size=200, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def test_batch(mnist5k):
+    _, test = mnist5k
+    return test.tensors[0][:200], test.tensors[1][:200]
+
+
+@pytest.fixture(scope="module")
+def capped_audit(capped_mlp, test_batch):
+    return audit(capped_mlp, test_batch, TM, CFG, model_name="capped")
+
+
+@pytest.fixture(scope="module")
+def relu_audit(mnist_mlp, test_batch):
+    return audit(mnist_mlp, test_batch, TM, CFG, model_name="relu")
+
+
+@pytest.mark.slow
+def test_capped_bottleneck_is_flagged_and_the_suite_finds_the_truth(capped_audit):
+    a = capped_audit
+    assert [f.name for f in a.flags] == list(CHECKS)
+    assert a.masking_likely
+    for name in ("zero_gradients", "saturated_caps", "surrogate_beats_whitebox", "transfer_beats_whitebox",
+                 "blackbox_beats_whitebox"):
+        assert a.flag(name).fired, a.flag(name)
+    assert a.flag("zero_gradients").evidence["zero_fraction"] > 0.3
+    sat = a.flag("saturated_caps").evidence
+    assert set(sat["clean"]) == {"4"} and sat["adversarial"]["4"]["blocked"] >= sat["clean"]["4"]["blocked"]
+    assert not a.flag("nondeterministic_logits").fired
+    assert a.verdict.startswith("capped: gradient masking likely: ")
+    assert CHECKS["zero_gradients"] in a.verdict
+    pgd, worst = a.results.robust_accuracy("torch:PGD", 0.3), a.results.worst_case(0.3)
+    assert pgd > 0.20 and worst < 0.05, (pgd, worst)
+
+
+def test_plain_relu_model_raises_no_flag(relu_audit):
+    a = relu_audit
+    assert not any(f.fired for f in a.flags), [str(f) for f in a.flags if f.fired]
+    assert a.flag("saturated_caps").skipped
+    assert a.verdict == "relu: no sign of gradient masking in 9 checks (1 skipped)"
+    pgd, worst = a.results.robust_accuracy("torch:PGD", 0.3), a.results.worst_case(0.3)
+    assert abs(worst - pgd) <= 0.02
+    assert a.flag("unbounded_not_chance").evidence["robust_accuracy"] <= 0.1
+
+
+def test_audit_report_prints_flags_and_verdict(relu_audit, tmp_path):
+    text = relu_audit.table()
+    assert "Gradient-masking checks" in text and "zero_gradients" in text and "Verdict: relu: no sign" in text
+    md = relu_audit.table(markdown=True)
+    assert "| zero_gradients | ok |" in md
+    d = relu_audit.to_dict()
+    assert d["verdict"] == relu_audit.verdict and len(d["flags"]) == len(CHECKS)
+
+
+def _rows(spec: dict[str, dict[float, list[bool]]], clean: list[bool]) -> Results:
+    rows = []
+    for attack, per_eps in spec.items():
+        for eps, robust in per_eps.items():
+            for i, r in enumerate(robust):
+                rows.append({"sample": i, "attack": attack, "eps": eps, "clean_correct": clean[i],
+                             "adv_correct": r and clean[i], "status": "ok"})
+    return Results(rows, {"attacks": list(spec)})
+
+
+def test_eps_check_fires_on_accuracy_rising_with_eps_or_above_clean():
+    clean = [True] * 10
+    monotone = _rows({"torch:PGD": {0.1: [True] * 6 + [False] * 4, 0.3: [True] * 2 + [False] * 8}}, clean)
+    assert not eps_check(monotone).fired
+    rising = _rows({"torch:PGD": {0.1: [True] * 2 + [False] * 8, 0.3: [True] * 6 + [False] * 4}}, clean)
+    flag = eps_check(rising)
+    assert flag.fired and flag.evidence["rises"][0]["from_eps"] == 0.1
+    assert not eps_check(rising, tolerance=0.5).fired
+
+
+def test_other_attacks_check_is_per_sample():
+    clean = [True] * 10
+    # same accuracy (50%) but Square breaks 5 samples PGD did not: per sample it beats PGD
+    results = _rows({
+        "torch:PGD": {0.3: [True] * 5 + [False] * 5},
+        "torchattacks:Square": {0.3: [False] * 5 + [True] * 5},
+        "torch:FGSM": {0.3: [True] * 10},
+    }, clean)
+    flags = {f.name: f for f in other_attacks_check(results)}
+    assert flags["blackbox_beats_whitebox"].fired
+    assert flags["blackbox_beats_whitebox"].evidence["max_fraction"] == 0.5
+    assert not flags["single_step_beats_iterative"].fired
+    assert flags["transfer_beats_whitebox"].skipped and not flags["transfer_beats_whitebox"].fired
+
+
+class _Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x) + 0.1 * torch.randn(x.shape[0], 3)
+
+
+def test_determinism_and_gradient_checks_on_small_models():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
+    assert determinism_check(_Noisy(), x).fired
+    assert not determinism_check(nn.Linear(4, 3), x).fired
+    dead = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
+    with torch.no_grad():
+        dead[0].bias.fill_(-100.0)
+    flag = gradient_check(dead, x, y)
+    assert flag.fired and flag.evidence["zero_fraction"] == 1.0
+    assert not gradient_check(nn.Linear(4, 3), x, y).fired
+    assert saturation_check(nn.Linear(4, 3), x).skipped
+
+
+def test_verdict_wording():
+    ok = Flag("zero_gradients", False, CHECKS["zero_gradients"], {"zero_fraction": 0.0})
+    bad = Flag("nondeterministic_logits", True, CHECKS["nondeterministic_logits"], {})
+    assert verdict([ok]) == "no sign of gradient masking in 1 checks"
+    assert verdict([ok, bad], "m") == "m: gradient masking likely: " + CHECKS["nondeterministic_logits"]
+    assert "FIRED" in str(bad) and "[ok]" in str(ok)
+
+
+def test_perturbation_growth_cap_stops_growth(capped_mlp, test_batch, tmp_path):
+    x, y = test_batch
+    x, y = x[:100], y[:100]
+    x_adv = get_attack("torch:PGD", TM.replace(eps=(0.1,)))(capped_mlp, x, y, 0.1, seed=0)
+    growth = perturbation_growth(capped_mlp, x, x_adv)
+    rows = {r["layer"]: r for r in growth.rows}
+    assert [r["type"] for r in growth.rows] == ["Linear", "ReLU", "Linear", "CappedReLU", "Linear", "ReLU",
+                                                "Linear"]
+    # identical before the cap, smaller at and after it
+    assert rows["1"]["capped"] == pytest.approx(rows["1"]["uncapped"])
+    assert rows["4"]["capped"] < rows["4"]["uncapped"]
+    assert rows["7"]["capped"] < rows["7"]["uncapped"]
+    fig = growth.plot(tmp_path / "growth.png")
+    assert (tmp_path / "growth.png").stat().st_size > 1000 and fig.axes
+    assert "CappedReLU" in growth.table()
+    with pytest.raises(ValueError, match="no perturbation"):
+        perturbation_growth(capped_mlp, x, x.clone())
+
+
+def test_cli_audit(capped_mlp, tmp_path, capsys):
+    from relucap_plugin.cli import main
+    from relucap_plugin.training import save_checkpoint
+
+    ckpt = save_checkpoint(capped_mlp, tmp_path / "capped.safetensors")
+    out = tmp_path / "audit"
+    # every hidden layer capped at 0.1 (the CLI's mlp spec), weights of the bottleneck-capped net
+    code = main(["audit", "mlp:256,32,256:capped_relu(cap=0.1)", "--checkpoint", str(ckpt),
+                 "--eps", "0.3", "--n-samples", "40", "--square-queries", "200", "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "Verdict: " in text and "zero_gradients" in text and "torch:PGD+bpda(ste)" in text
+    report = (out / "audit.txt").read_text()
+    assert "Gradient-masking checks" in report and (out / "flags.json").exists()
