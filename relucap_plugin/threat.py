@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LOSSES", "NORMS", "EvalConfig", "ThreatModel"]
+__all__ = ["LOSSES", "NORMS", "EvalConfig", "ThreatModel", "resolve_device"]
 
 NORMS = ("Linf", "L2")
 LOSSES = ("ce", "dlr", "margin")
@@ -199,14 +199,7 @@ class EvalConfig:
 
     def resolve_device(self) -> torch.device:
         """The torch device to run on; ``"auto"`` is cuda when available, else cpu."""
-        if isinstance(self.device, torch.device):
-            return self.device
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
-        return device
+        return resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; a torch.device is stored as its string."""
@@ -222,3 +215,19 @@ class EvalConfig:
         if unknown:
             raise ValueError(f"unknown EvalConfig field(s) {unknown}; valid: {sorted(names)}")
         return cls(**data)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; anything else through ``torch.device``.
+
+    Asking for CUDA on a machine without it is a ``ValueError`` that says to use "auto" or "cpu".
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device (got {device!r})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
+    return resolved

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ._console import progress as _progress
 from .data import DataLike, as_loader, unpack_batch
+from .threat import resolve_device
 
 __all__ = [
     "TRAIN_METHODS",
@@ -64,21 +65,6 @@ class TrainHistory:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of everything above."""
         return asdict(self)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; anything else through ``torch.device``."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device (got {device!r})"
-                         ) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available; use 'auto' or "
-                         "'cpu'")
-    return resolved
 
 
 def _positive(value: Any, name: str, integer: bool = False, allow_zero: bool = False) -> Any:
