@@ -294,6 +294,66 @@ def _add_inspect_parser(sub) -> None:
     p.set_defaults(func=_cmd_inspect)
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    """Run the grid of ``relucap demo`` / ``relucap reproduce`` (relucap_plugin.experiment)."""
+    from .experiment import preset, run_experiment
+
+    try:
+        config = preset(args.command, full_grid=getattr(args, "full_grid", False), seed=args.seed,
+                        pssilu=args.pssilu or None, n_samples=args.n_samples, epochs=args.epochs,
+                        n_train=args.n_train, steps=args.steps, square_queries=args.square_queries,
+                        caps=None if args.caps is None else tuple(args.caps),
+                        eps=None if args.eps is None else tuple(args.eps), device=args.device)
+        result = run_experiment(config, out=args.out, progress=not args.quiet)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"relucap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    result.print()
+    print(f"{len(result.models)} models in {result.seconds:.0f} s; report, plots and results "
+          f"written to {args.out}/ (report.md, results/*.jsonl)")
+    return 0
+
+
+def _add_experiment_parser(sub, name: str) -> None:
+    from .experiment import preset
+
+    d = preset(name)
+
+    def listed(values) -> str:
+        return " ".join(f"{v:g}" for v in values)
+
+    p = sub.add_parser(
+        name, help="the paper's experiment in about 3 minutes (offline, CPU)" if name == "demo"
+        else "the full grid: cap x layer position x training (a bigger budget)",
+        description=f"Train an MLP on the embedded MNIST digits with plain ReLU and capped ReLUs "
+        f"(caps {listed(d.caps)} at positions {', '.join(d.positions)}; training "
+        f"{', '.join(d.trainings)}{'; FGSM training of ReLU and of the best cap' if d.fgsm_best else ''}"
+        "), attack each with the same PGD through torchattacks, Foolbox and ART and with the "
+        "standard suite, audit it for gradient masking, print one table and write a report.")
+    if name == "demo":
+        p.add_argument("--full-grid", action="store_true",
+                       help="the paper's cap grid 0.01 0.1 1 10 100 instead of " + listed(d.caps))
+    p.add_argument("--caps", type=float, nargs="+", default=None, help=f"default {listed(d.caps)}")
+    p.add_argument("--pssilu", action="store_true", help="add a PSSiLU network for comparison")
+    p.add_argument("--out", default=f"relucap-{name}", metavar="DIR",
+                   help=f"output folder (default relucap-{name})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, weights, training and "
+                   "attacks (default 0); the same seed gives the same table")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help=f"test digits attacked (default {d.n_samples})")
+    p.add_argument("--n-train", type=int, default=None, help="training digits (default all 4000)")
+    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
+    p.add_argument("--eps", type=float, nargs="+", default=None,
+                   help=f"L-inf budgets (default {listed(d.eps)}; the table shows "
+                   f"{d.headline_eps:g} if listed, else the largest)")
+    p.add_argument("--steps", type=int, default=None, help=f"PGD steps (default {d.steps})")
+    p.add_argument("--square-queries", type=int, default=None,
+                   help=f"Square attack queries (default {d.square_queries})")
+    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_experiment)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relucap",
@@ -306,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub)
     _add_audit_parser(sub)
     _add_inspect_parser(sub)
+    _add_experiment_parser(sub, "demo")
+    _add_experiment_parser(sub, "reproduce")
     return parser
 
 

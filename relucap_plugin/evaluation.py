@@ -56,21 +56,19 @@ def verify(x: Tensor, x_adv: Tensor, eps: float, threat_model: ThreatModel) -> t
     """Check adversarial examples ``x_adv`` against clean ``x`` (both (N, ...)).
 
     Returns the per-sample perturbation norm in the threat model's norm (computed in the
-    inputs' dtype, returned as float64; NaN where ``x_adv`` is not finite) and per sample ``None`` (valid) or the reasons it is not: norm over
-    :func:`norm_tolerance`, values outside the bounds (beyond ``finfo(dtype).eps`` of slack),
-    non-finite values.
+    inputs' dtype, returned as float64; NaN where ``x_adv`` is not finite) and per sample
+    ``None`` (valid) or the reasons it is not: norm over :func:`norm_tolerance`, values outside
+    the bounds (beyond ``finfo(dtype).eps`` of slack), non-finite values.
     """
     lo, hi = threat_model.bounds
-    finite = torch.isfinite(x_adv).flatten(1).all(1)
-    clean_adv = x_adv if bool(finite.all()) else torch.where(torch.isfinite(x_adv), x_adv, x)
-    norms = perturbation_norm(x.detach(), clean_adv.detach(), threat_model.norm).double()
+    norms = perturbation_norm(x.detach(), x_adv.detach(), threat_model.norm).double()
+    finite = torch.isfinite(norms)  # NaN and inf propagate into the norm
     norms = norms.masked_fill(~finite, math.nan)
     tol = norm_tolerance(eps, threat_model, x)
     slack = torch.finfo(x.dtype).eps * max(1.0, abs(lo), abs(hi))
-    flat = clean_adv.flatten(1)
-    mins, maxs = flat.amin(1), flat.amax(1)
+    mins, maxs = torch.aminmax(x_adv.detach().flatten(1), dim=1)
     over = norms > tol
-    outside = (mins < lo - slack) | (maxs > hi + slack)
+    outside = finite & ((mins < lo - slack) | (maxs > hi + slack))
     reasons: list[str | None] = [None] * len(x)
     for i in (~finite | over | outside).nonzero().flatten().tolist():
         why = []
@@ -244,7 +242,7 @@ class _Runner:
             raise TypeError(f"data x must be floating point in {self.tm.bounds} (got {x.dtype}); "
                             "convert uint8 images with x.float() / 255")
         lo, hi = self.tm.bounds
-        x_min, x_max = float(x.min()), float(x.max())
+        x_min, x_max = (float(v) for v in torch.aminmax(x))
         if not (lo <= x_min and x_max <= hi):
             raise ValueError(
                 f"data samples {start}..{start + len(x) - 1} have values in [{x_min:.4g}, "
@@ -293,7 +291,10 @@ class _Runner:
             return {k: ("failed", error, None, None) for k in attacked}, elapsed
         elapsed = time.perf_counter() - t0
         norms, reasons = verify(x, x_adv, eps, self.tm)
-        pred = self._logits(torch.where(torch.isfinite(x_adv), x_adv, x)).argmax(1).tolist()
+        finite = ~norms.isnan()
+        if not bool(finite.all()):  # predict the clean input in place of a non-finite example
+            x_adv = torch.where(finite.view(-1, *[1] * (x.dim() - 1)).to(x.device), x_adv, x)
+        pred = self._logits(x_adv).argmax(1).tolist()
         out = {}
         for j, (k, n, why) in enumerate(zip(attacked, norms.tolist(), reasons)):
             finite = math.isfinite(n)

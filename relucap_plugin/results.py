@@ -102,8 +102,11 @@ def _normalise_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def _json_line(obj: Mapping[str, Any]) -> str:
-    return json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n"
+    return _ENCODER.encode(obj) + "\n"
 
 
 def _pct(value: float | None) -> str:

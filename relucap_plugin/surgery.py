@@ -15,6 +15,7 @@ own activation. See ``docs/surgery.md`` for the rules and the limits.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import inspect
 import itertools
@@ -24,6 +25,7 @@ import numbers
 import os
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -421,6 +423,7 @@ class _Discovery:
     constants: dict[str, Any] = field(default_factory=dict)
     calls: dict[str, list[_Call]] = field(default_factory=dict)
     inlined: tuple[type, ...] = ()
+    named: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _width(shape: tuple[int, ...] | None) -> int | None:
@@ -468,7 +471,7 @@ def _discover_fx(model: nn.Module) -> _Discovery:
         nodes.append(node)
         owner_call.append(call)
     return _Discovery(sites, instances, nodes, owner_call, graph, constants, tracer.calls,
-                      tuple(tracer.inlined))
+                      tuple(tracer.inlined), modules)
 
 
 def _discover_modules(model: nn.Module) -> _Discovery:
@@ -483,7 +486,8 @@ def _discover_modules(model: nn.Module) -> _Discovery:
             module_path=names[0], owner=names[0].rpartition(".")[0],
             shared=len(set(names)) > 1, inplace=bool(m.inplace),
         ))
-    return _Discovery(sites, list(paths), [None] * len(sites), [0] * len(sites))
+    return _Discovery(sites, list(paths), [None] * len(sites), [0] * len(sites),
+                      named=dict(model.named_modules()))
 
 
 class _Eval:
@@ -607,7 +611,51 @@ def find_relus(model: nn.Module, example_input: Any = None, *, mode: str = "auto
     (registration order, or first-call order with ``example_input``). ``model`` is not changed.
     """
     _check_model(model, "find_relus")
-    return list(_discover(model, example_input, _check_mode(mode), "find_relus").sites)
+    disc = _discover(model, example_input, _check_mode(mode), "find_relus")
+    return _Sites(model, disc, mode)
+
+
+_PLAIN = frozenset({bool, int, float, str, type(None)})
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Changes when anything a trace depends on is likely to change: the module objects, their
+    modes, forwards set on instances and plain (bool/int/float/str/None) attributes."""
+    parts: list[Any] = []
+    for m in model.modules():
+        state = m.__dict__
+        parts.append((id(m), id(state.get("forward"))))
+        parts.extend((k, v) for k, v in state.items() if k[0] != "_" and type(v) in _PLAIN)
+    return tuple(parts)
+
+
+class _Sites(list):
+    """The list :func:`find_relus` returns. It remembers how the sites were found, so
+    ``cap_relus(model, cap, sites=find_relus(model))`` converts without tracing again, as
+    long as the model, the list and the mode are unchanged."""
+
+    __slots__ = ("_found",)
+
+    def __init__(self, model: nn.Module, disc: _Discovery, mode: str):
+        super().__init__(disc.sites)
+        self._found = (weakref.ref(model), _fingerprint(model), disc, mode)
+
+    def discovery(self, model: nn.Module, mode: str, need_shapes: bool) -> _Discovery | None:
+        ref, fingerprint, disc, found_mode = self._found
+        if (ref() is not model or found_mode != mode or list(self) != disc.sites
+                or (need_shapes and any(s.shape is None for s in disc.sites))
+                or fingerprint != _fingerprint(model)):
+            return None
+        return disc
+
+
+def _moved(disc: _Discovery, memo: dict[int, Any]) -> _Discovery:
+    """``disc`` of a model, for its deep copy made with ``memo``."""
+    return dataclasses.replace(
+        disc,
+        instances=[None if m is None else memo[id(m)] for m in disc.instances],
+        named={path: memo[id(m)] for path, m in disc.named.items()},
+    )
 
 
 def print_sites(sites: Sequence[ReluSite], title: str | None = None, file=None) -> None:
@@ -631,10 +679,15 @@ def print_sites(sites: Sequence[ReluSite], title: str | None = None, file=None) 
 # --------------------------------------------------------------------------- selection
 
 
+_GLOB = frozenset("*?[")
+
+
 def _matches(site: ReluSite, pattern: str) -> bool:
-    return (site.name == pattern or site.base_name == pattern
-            or fnmatch.fnmatchcase(site.name, pattern)
-            or fnmatch.fnmatchcase(site.base_name, pattern))
+    """``pattern`` is the site's name, its name without ``#k``, or a glob matching either."""
+    if site.name == pattern or site.base_name == pattern:
+        return True
+    return not _GLOB.isdisjoint(pattern) and (
+        fnmatch.fnmatchcase(site.name, pattern) or fnmatch.fnmatchcase(site.base_name, pattern))
 
 
 def _select(sites: Sequence[ReluSite], selector: Any) -> list[ReluSite]:
@@ -664,6 +717,7 @@ def _select(sites: Sequence[ReluSite], selector: Any) -> list[ReluSite]:
             f"records, a predicate on a ReluSite, or 'bottleneck'; got {type(selector).__name__}"
         )
     names: set[str] = set()
+    by_name = {s.name for s in sites}
     for item in items:
         if isinstance(item, bool):
             raise TypeError(f"sites: {item!r} is a bool, not a site index or pattern")
@@ -675,11 +729,14 @@ def _select(sites: Sequence[ReluSite], selector: Any) -> list[ReluSite]:
                     f"(0..{len(sites) - 1}, negative counts from the end)"
                 )
             names.add(sites[i].name)
-        elif isinstance(item, (str, ReluSite)):
-            pattern = item.name if isinstance(item, ReluSite) else item
-            found = [s.name for s in sites if _matches(s, pattern)]
-            if not found or (isinstance(item, ReluSite) and item.name not in found):
-                raise ValueError(f"site pattern {pattern!r} matches no site; available sites: {_name_list(sites)}")
+        elif isinstance(item, ReluSite):
+            if item.name not in by_name:
+                raise ValueError(f"site {item.name!r} is not a site of this model; available sites: {_name_list(sites)}")
+            names.add(item.name)
+        elif isinstance(item, str):
+            found = [s.name for s in sites if _matches(s, item)]
+            if not found:
+                raise ValueError(f"site pattern {item!r} matches no site; available sites: {_name_list(sites)}")
             names.update(found)
         else:
             raise TypeError(f"sites: cannot select by {type(item).__name__} {item!r}; use names, globs or ints")
@@ -791,11 +848,10 @@ def _compile_forward(graph: fx.Graph, owner: nn.Module, cache: dict) -> types.Me
     return types.MethodType(fn, owner)
 
 
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    return new
+def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A copy of ``graph`` (code generator included) and its old -> new node map."""
+    new = copy.deepcopy(graph)
+    return new, dict(zip(graph.nodes, new.nodes))
 
 
 def _is_installed(module: nn.Module) -> bool:
@@ -851,26 +907,54 @@ def _class_reads_training(cls: type) -> bool:
 
 
 class _Converter:
-    """Applies a plan (site index -> new module) to ``model``, recording every change."""
+    """Applies a plan (site index -> recipe) to ``model``, recording every change.
 
-    def __init__(self, model: nn.Module, disc: _Discovery, modules: dict[int, nn.Module]):
+    Modules are built only for what gets installed (one per shared instance when its calls
+    can share), on the model's device and dtype, in the mode of the module they stand in for.
+    """
+
+    def __init__(self, model: nn.Module, disc: _Discovery, plan: Mapping[int, Any]):
         self.model = model
         self.disc = disc
-        self.modules = modules
-        self.keys: dict[int, Any] = {}
+        self.plan = plan
+        self.keys = {i: recipe.key(disc.sites[i]) for i, recipe in plan.items()}
+        self.built: dict[int, nn.Module] = {}
+        self.used: dict[int, nn.Module] = {}
         self.record = _Record()
         self.paths: dict[str, str] = {}
         self.rewritten: list[str] = []
         self.warnings: list[str] = []
-        self.named = dict(model.named_modules())
+        self.named = disc.named
+        self.device, self.dtype = _placement(model)
         self._traces: dict[Any, fx.Graph] = {}
         self._compiled: dict[Any, Callable] = {}
+
+    def _module(self, i: int) -> nn.Module:
+        module = self.built.get(i)
+        if module is None:
+            site = self.disc.sites[i]
+            module = self.plan[i].build(site)
+            if self.device is not None and any(
+                t.device != self.device or (t.is_floating_point() and t.dtype != self.dtype)
+                for t in itertools.chain(module.parameters(), module.buffers())
+            ):
+                module.to(device=self.device, dtype=self.dtype)
+            like = self.disc.instances[i] if site.kind == "module" else self.named.get(site.owner, self.model)
+            module.train(like.training)
+            module.__dict__[_MARK] = site.name
+            self.built[i] = module
+        return module
+
+    def _use(self, sites: Iterable[int], module: nn.Module, path: str) -> None:
+        for i in sites:
+            self.used[i] = module
+            self.paths[self.disc.sites[i].name] = path
 
     # -- module replacement ------------------------------------------------------------------
 
     def _split_needed(self) -> tuple[list[tuple[nn.Module, list[int]]], list[int]]:
         """Instances replaced whole, and site indices that need an fx rewrite."""
-        disc, plan = self.disc, self.modules
+        disc, plan = self.disc, self.plan
         groups: dict[int, list[int]] = {}
         for i, site in enumerate(disc.sites):
             if site.kind == "module":
@@ -883,9 +967,9 @@ class _Converter:
                 continue
             keys = {self.keys[i] for i in group if i in plan}
             redirect = any(
-                disc.sites[i].inplace and not _works_inplace(plan[i])
-                and disc.nodes[i] is not None
+                disc.sites[i].inplace and disc.nodes[i] is not None
                 and _used_after(disc.nodes[i], _site_input(disc.nodes[i]), order)
+                and not _works_inplace(self._module(i))
                 for i in chosen
             )
             if not redirect and (len(group) == 1 or (
@@ -906,12 +990,12 @@ class _Converter:
                 if child is not None and id(child) in wanted:
                     locations.setdefault(id(child), []).append((parent, name))
         for inst, group in whole:
-            new = self.modules[next(i for i in group if i in self.modules)]
+            chosen = [i for i in group if i in self.plan]
+            new = self._module(chosen[0])
             for parent, name in locations[id(inst)]:
                 parent._modules[name] = new
                 self.record.replaced.append((parent, name, inst))
-            for i in group:
-                self.paths[self.disc.sites[i].name] = self.disc.sites[i].module_path
+            self._use(chosen, new, self.disc.sites[chosen[0]].module_path)
 
     # -- fx rewriting --------------------------------------------------------------------------
 
@@ -946,14 +1030,14 @@ class _Converter:
         elif len(keys) > 1:
             return None
         if key is not None and key in self._traces:
-            return _copy_graph(self._traces[key]), {}
+            return _copy_graph(self._traces[key])[0], {}
         try:
             graph, constants = _trace(owner, _SiteTracer(scope=owner))
         except (UntraceableModelError, TypeError):
             return None
         if key is not None and not constants:
             self._traces[key] = graph
-            graph = _copy_graph(graph)
+            graph = _copy_graph(graph)[0]
         return graph, constants
 
     def _owner_targets(self, nodes: list[int]):
@@ -1003,7 +1087,7 @@ class _Converter:
                 picked = [i for i in column if i in nodes_set]
                 if not picked:
                     continue
-                keys = {self.keys[i] for i in column if i in self.modules}
+                keys = {self.keys[i] for i in column if i in self.plan}
                 if len(picked) != len(column) or (len(column) > 1 and (len(keys) != 1 or None in keys)):
                     return None
                 parent_path, _ = self._home(column[0])
@@ -1028,22 +1112,23 @@ class _Converter:
         for owner_path, owner, graph, constants, targets in scoped:
             rewrites = []
             for node, column in targets:
-                module = self.modules[column[0]]
+                module = self._module(column[0])
                 path = self._install(column[0], module)
-                for i in column:
-                    self.paths[self.disc.sites[i].name] = path
+                self._use(column, module, path)
                 rewrites.append((node, _relative(path, owner_path), module, self.disc.sites[column[0]].inplace))
             _rewrite(graph, rewrites)
             self._set_forward(owner, graph, constants, owner_path, (type(owner),))
 
     def _rewrite_root(self, nodes: list[int]) -> None:
+        graph, copied = _copy_graph(self.disc.graph)  # the discovery stays reusable
         rewrites = []
         for i in nodes:
-            path = self._install(i, self.modules[i])
-            self.paths[self.disc.sites[i].name] = path
-            rewrites.append((self.disc.nodes[i], path, self.modules[i], self.disc.sites[i].inplace))
-        _rewrite(self.disc.graph, rewrites)
-        self._set_forward(self.model, self.disc.graph, self.disc.constants, "",
+            module = self._module(i)
+            path = self._install(i, module)
+            self._use([i], module, path)
+            rewrites.append((copied[self.disc.nodes[i]], path, module, self.disc.sites[i].inplace))
+        _rewrite(graph, rewrites)
+        self._set_forward(self.model, graph, self.disc.constants, "",
                           (type(self.model), *self.disc.inlined))
 
     def _set_forward(self, owner, graph, constants, owner_path, classes) -> None:
@@ -1062,8 +1147,7 @@ class _Converter:
                 f"{mode}-mode path in both modes. Convert the model in the mode you will use it in."
             )
 
-    def run(self, keys: dict[int, Any]) -> _Record:
-        self.keys = keys
+    def run(self) -> _Converter:
         whole, nodes = self._split_needed()
         records = self.model.__dict__.setdefault(_RECORDS, [])
         records.append(self.record)
@@ -1077,7 +1161,9 @@ class _Converter:
             if not records:
                 self.model.__dict__.pop(_RECORDS, None)
             raise
-        return self.record
+        for message in self.warnings:
+            warnings.warn(message, UserWarning, stacklevel=3)
+        return self
 
 
 def _placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
@@ -1085,25 +1171,6 @@ def _placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | Non
         if t.is_floating_point():
             return t.device, t.dtype
     return None, None
-
-
-def _convert(model: nn.Module, disc: _Discovery, built: dict[int, nn.Module],
-             keys: dict[int, Any]) -> _Converter:
-    """Install ``built`` (site index -> module) into ``model``; returns the finished converter."""
-    device, dtype = _placement(model)
-    named = dict(model.named_modules())
-    for i, module in built.items():
-        if device is not None:
-            module.to(device=device, dtype=dtype)
-        site = disc.sites[i]
-        like = disc.instances[i] if site.kind == "module" else named.get(site.owner, model)
-        module.train(like.training)
-        module.__dict__[_MARK] = site.name
-    converter = _Converter(model, disc, built)
-    converter.run(keys)
-    for message in converter.warnings:
-        warnings.warn(message, UserWarning, stacklevel=3)
-    return converter
 
 
 def cap_relus(
@@ -1141,14 +1208,20 @@ def cap_relus(
             _recipe(value, "cap value")
     elif cap is not None:
         _recipe(cap, "cap")
-    target = model if inplace else copy.deepcopy(model)
-    disc = _discover(target, example_input, mode, "cap_relus")
+    found = (sites.discovery(model, mode, example_input is not None)
+             if isinstance(sites, _Sites) else None)
+    if inplace:
+        target = model
+    else:
+        memo: dict[int, Any] = {}
+        target = copy.deepcopy(model, memo)
+        found = found and _moved(found, memo)
+    disc = found or _discover(target, example_input, mode, "cap_relus")
     plan = _plan(disc.sites, cap, sites)
-    built = {i: recipe.build(disc.sites[i]) for i, recipe in plan.items()}
-    keys = {i: recipe.key(disc.sites[i]) for i, recipe in plan.items()}
-    converter = _convert(target, disc, built, keys)
-    replaced = {disc.sites[i].name: getattr(built[i], "spec", type(built[i]).__name__)
-                for i in sorted(built)}
+    converter = _Converter(target, disc, plan).run()
+    used = converter.used
+    replaced = {disc.sites[i].name: getattr(used[i], "spec", type(used[i]).__name__)
+                for i in sorted(used)}
     report = CapReport(
         model=target, replaced=replaced,
         paths={name: converter.paths[name] for name in replaced},
@@ -1211,6 +1284,21 @@ class _Recorder(nn.Module):
         values = torch.cat(self.samples)
         k = max(1, min(values.numel(), math.ceil(q * values.numel())))
         return float(values.kthvalue(k).values)
+
+
+class _RecorderRecipe:
+    """Builds one :class:`_Recorder` per site (never shared) and keeps them by site name."""
+
+    def __init__(self, max_samples: int):
+        self.max_samples = max_samples
+        self.built: dict[str, _Recorder] = {}
+
+    def build(self, site: ReluSite) -> _Recorder:
+        recorder = self.built[site.name] = _Recorder(site.upper, site.inplace, self.max_samples)
+        return recorder
+
+    def key(self, site: ReluSite) -> None:
+        return None
 
 
 def _batches(data: Any, batch_size: int) -> Iterator[Tensor]:
@@ -1277,8 +1365,9 @@ def calibrate_caps(
     example = prepare(first) if isinstance(sites, str) and sites == "bottleneck" else None
     disc = _discover(work, example, mode, "calibrate_caps")
     chosen = _select(disc.sites, sites)
-    recorders = {s.index: _Recorder(s.upper, s.inplace, max_samples) for s in chosen}
-    _convert(work, disc, dict(recorders), {i: None for i in recorders})
+    recipe = _RecorderRecipe(max_samples)
+    _Converter(work, disc, {s.index: recipe for s in chosen}).run()
+    recorders = {i: recipe.built[disc.sites[i].name] for i in (s.index for s in chosen)}
     with torch.no_grad():
         for b, x in enumerate(itertools.chain([first], batches)):
             if max_batches is not None and b >= max_batches:

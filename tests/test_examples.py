@@ -31,3 +31,38 @@ def test_subspace_robustness_small_init_and_weight_decay_help_off_subspace(seed,
     assert small["perp_weight_norm"] < default["perp_weight_norm"] / 5
     for r in (small, decay):
         assert r["on_flip"] < 1.5 * default["on_flip"]  # robustness off the subspace only
+
+
+def test_cap_resnet_caps_every_site_and_attacks_through_two_libraries(capsys):
+    from relucap_plugin.activations import CappedReLU
+
+    out = _example("cap_resnet.py")["main"](["--tiny"])
+    assert len(out["sites"]) == 17  # stem + two sites in each of the 8 blocks
+    assert out["report"].count == 17
+    capped = [m for m in out["model"].modules() if isinstance(m, CappedReLU)]
+    assert capped and all(float(m.cap) == 1.0 for m in capped)
+    results = out["results"]
+    assert results.clean_accuracy() == 1.0  # labels are the model's own predictions
+    assert set(results.attacks) == {"torch:PGD", "torchattacks:PGD"} and not results.failed()
+    for eps in results.eps:
+        assert results.worst_case(eps) <= min(results.robust_accuracy(a, eps) for a in results.attacks)
+    assert "layer1.0.relu#1" in capsys.readouterr().out
+
+
+def test_adversarial_training_example_reports_pgd_and_worst_case(capsys):
+    rows = _example("adversarial_training.py")["main"](["--tiny"])
+    assert set(rows) == {"standard", "fgsm"}
+    for r in rows.values():
+        assert 0.0 <= r["worst_case"] <= r["pgd"] <= r["clean"] <= 1.0
+    out = capsys.readouterr().out
+    assert "capped_relu(cap=1)" in out and "worst case" in out
+
+
+def test_compare_libraries_runs_one_pgd_through_three_libraries(capsys):
+    results = _example("compare_libraries.py")["main"](["--tiny"])
+    entries = results.agreement()
+    assert {e["eps"] for e in entries} == {0.05, 0.1}
+    for e in entries:
+        assert set(e["accuracy"]) == {"torchattacks", "foolbox", "art"} and e["n_common"] == 30
+        assert e["max_gap"] <= 10.0  # same spec: the libraries agree within 3 of 30 samples
+    assert "Agreement across libraries" in capsys.readouterr().out
