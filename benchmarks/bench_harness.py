@@ -50,13 +50,16 @@ from relucap_plugin.training import train
 
 EPS, STEPS = 0.3, 40
 ALPHA = 2.5 * EPS / STEPS
-SPECS = {"torchattacks": "torchattacks:PGD", "foolbox": "foolbox:LinfPGD",
-         "art": "art:ProjectedGradientDescent"}
+SPECS = {
+    "torchattacks": "torchattacks:PGD",
+    "foolbox": "foolbox:LinfPGD",
+    "art": "art:ProjectedGradientDescent",
+}
 
 
 def batches(x, y, size):
     for i in range(0, len(x), size):
-        yield x[i:i + size], y[i:i + size]
+        yield x[i : i + size], y[i : i + size]
 
 
 def robust(model, x_adv, y):
@@ -88,10 +91,23 @@ def raw_art(model, x, y, bs):
     from art.attacks.evasion import ProjectedGradientDescent
     from art.estimators.classification import PyTorchClassifier
 
-    clf = PyTorchClassifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
-                            nb_classes=10, clip_values=(0.0, 1.0))
-    attack = ProjectedGradientDescent(clf, norm=np.inf, eps=EPS, eps_step=ALPHA, max_iter=STEPS,
-                                      num_random_init=1, batch_size=bs, verbose=False)
+    clf = PyTorchClassifier(
+        model,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=(1, 28, 28),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+    )
+    attack = ProjectedGradientDescent(
+        clf,
+        norm=np.inf,
+        eps=EPS,
+        eps_step=ALPHA,
+        max_iter=STEPS,
+        num_random_init=1,
+        batch_size=bs,
+        verbose=False,
+    )
     x_adv = attack.generate(x=x.numpy(), y=y.numpy())
     return int((clf.predict(x_adv, batch_size=bs).argmax(1) == y.numpy()).sum())
 
@@ -124,8 +140,17 @@ def main() -> None:
     train_set, test_set = load_mnist5k()
     torch.manual_seed(0)
     model = mlp((256, 32, 256))
-    train(model, train_set, "standard", epochs=3, lr=1e-3, batch_size=64, seed=0, device="cpu",
-          progress=False)
+    train(
+        model,
+        train_set,
+        "standard",
+        epochs=3,
+        lr=1e-3,
+        batch_size=64,
+        seed=0,
+        device="cpu",
+        progress=False,
+    )
     model.eval()
     for p in model.parameters():  # as a user attacking a fixed model would do
         p.requires_grad_(False)
@@ -135,14 +160,17 @@ def main() -> None:
     xs, ys = x[correct], y[correct]
     tm = ThreatModel("Linf", eps=EPS, steps=STEPS)
     cfg = EvalConfig(batch_size=bs, device="cpu", seed=0)
-    print(f"MLP 784-256-32-256-10 (3 epochs), clean accuracy {correct.float().mean():.1%} on "
-          f"{len(x)} digits; PGD-{STEPS} Linf eps {EPS}; batch size {bs}; {args.threads} thread(s); "
-          f"best of {args.repeats}")
+    print(
+        f"MLP 784-256-32-256-10 (3 epochs), clean accuracy {correct.float().mean():.1%} on "
+        f"{len(x)} digits; PGD-{STEPS} Linf eps {EPS}; batch size {bs}; {args.threads} thread(s); "
+        f"best of {args.repeats}"
+    )
 
     variants = {}
     tmp = tempfile.mkdtemp()
     outside = {lib: [] for lib in SPECS}  # harness wall time outside the attack calls / total
     for lib, spec in SPECS.items():
+
         def run(spec=spec, lib=lib):
             out = os.path.join(tmp, f"{lib}.jsonl")
             t0 = time.perf_counter()
@@ -150,6 +178,7 @@ def main() -> None:
             total = time.perf_counter() - t0
             outside[lib].append((total - sum(r["time"] for r in res.rows)) / total)
             return round(res.robust_accuracy(spec, EPS) * len(x))
+
         variants[f"harness {lib}"] = run
         variants[f"raw {lib}"] = lambda f=RAW[lib]: f(model, x, y, bs)
         variants[f"raw {lib} (same samples)"] = lambda f=RAW[lib]: f(model, xs, ys, bs)
@@ -175,6 +204,7 @@ def main() -> None:
     print(f"\n{'variant':32s} {'CPU s':>8s} {'wall s':>8s} {'robust acc':>10s}")
     for name in variants:
         print(f"{name:32s} {best[name]:8.2f} {wall[name]:8.2f} {robust_count[name] / len(x):10.1%}")
+
     def ratio(a: str, b: str) -> str:
         """Best-of ratio, and the median of per-repeat ratios (a and b ran back to back)."""
         paired = statistics.median(ta[0] / tb[0] for ta, tb in zip(times[a], times[b]))
@@ -182,14 +212,20 @@ def main() -> None:
 
     print("\nratios of CPU time (target):")
     for lib in SPECS:
-        print(f"  harness/raw {lib:13s} {ratio(f'harness {lib}', f'raw {lib}')}   same samples "
-              f"{ratio(f'harness {lib}', f'raw {lib} (same samples)')}   (<= 1.05)")
+        print(
+            f"  harness/raw {lib:13s} {ratio(f'harness {lib}', f'raw {lib}')}   same samples "
+            f"{ratio(f'harness {lib}', f'raw {lib} (same samples)')}   (<= 1.05)"
+        )
     print(f"  harness art / torch loop    {ratio('harness art', 'torch loop')}   (<= 1.3)")
     print(f"  raw art / torch loop        {ratio('raw art', 'torch loop')}   (ART itself)")
-    print(f"  raw art batch 32 / loop     {ratio('raw art (default batch 32)', 'torch loop')}   "
-          "(reference: ART's default batch size)")
-    print("\nharness wall time outside the attack calls (clean pass, verification, own prediction, "
-          "rows, JSONL), share of its total, median:")
+    print(
+        f"  raw art batch 32 / loop     {ratio('raw art (default batch 32)', 'torch loop')}   "
+        "(reference: ART's default batch size)"
+    )
+    print(
+        "\nharness wall time outside the attack calls (clean pass, verification, own prediction, "
+        "rows, JSONL), share of its total, median:"
+    )
     for lib, v in outside.items():
         print(f"  {lib:13s} {100 * statistics.median(v):.1f}%")
 

@@ -52,7 +52,9 @@ def norm_tolerance(eps: float, threat_model: ThreatModel, x: Tensor) -> float:
     return float(eps) * (1.0 + RTOL) + atol
 
 
-def verify(x: Tensor, x_adv: Tensor, eps: float, threat_model: ThreatModel) -> tuple[Tensor, list[str | None]]:
+def verify(
+    x: Tensor, x_adv: Tensor, eps: float, threat_model: ThreatModel
+) -> tuple[Tensor, list[str | None]]:
     """Check adversarial examples ``x_adv`` against clean ``x`` (both (N, ...)).
 
     Returns the per-sample perturbation norm in the threat model's norm (computed in the
@@ -75,11 +77,15 @@ def verify(x: Tensor, x_adv: Tensor, eps: float, threat_model: ThreatModel) -> t
         if not bool(finite[i]):
             why.append("non-finite values (NaN/inf)")
         elif bool(over[i]):
-            why.append(f"{threat_model.norm} norm {float(norms[i]):.6g} > eps {eps:g} "
-                       f"(tolerance {tol - eps:.2g})")
+            why.append(
+                f"{threat_model.norm} norm {float(norms[i]):.6g} > eps {eps:g} "
+                f"(tolerance {tol - eps:.2g})"
+            )
         if bool(outside[i]):
-            why.append(f"outside bounds [{lo:g}, {hi:g}] (min {float(mins[i]):.4g}, "
-                       f"max {float(maxs[i]):.4g})")
+            why.append(
+                f"outside bounds [{lo:g}, {hi:g}] (min {float(mins[i]):.4g}, "
+                f"max {float(maxs[i]):.4g})"
+            )
         reasons[i] = "; ".join(why)
     return norms, reasons
 
@@ -101,7 +107,8 @@ class _SelectOutput(nn.Module):
             raise TypeError(
                 f"output={self.output!r} cannot select the logits from the model's "
                 f"{type(out).__name__} output ({exc}); pass an index, a key or a function "
-                "that returns the (N, classes) logits") from None
+                "that returns the (N, classes) logits"
+            ) from None
 
 
 def _as_threat_model(threat_model: ThreatModel | Mapping[str, Any]) -> ThreatModel:
@@ -109,8 +116,10 @@ def _as_threat_model(threat_model: ThreatModel | Mapping[str, Any]) -> ThreatMod
         return threat_model
     if isinstance(threat_model, Mapping):
         return ThreatModel.from_dict(dict(threat_model))
-    raise TypeError(f"threat_model must be a ThreatModel (or its to_dict()), got "
-                    f"{type(threat_model).__name__}; e.g. ThreatModel('Linf', eps=(0.1, 0.3))")
+    raise TypeError(
+        f"threat_model must be a ThreatModel (or its to_dict()), got "
+        f"{type(threat_model).__name__}; e.g. ThreatModel('Linf', eps=(0.1, 0.3))"
+    )
 
 
 def _as_config(config: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
@@ -120,16 +129,21 @@ def _as_config(config: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
         return config
     if isinstance(config, Mapping):
         return EvalConfig.from_dict(dict(config))
-    raise TypeError(f"config must be an EvalConfig, a dict of its fields or None, got "
-                    f"{type(config).__name__}")
+    raise TypeError(
+        f"config must be an EvalConfig, a dict of its fields or None, got {type(config).__name__}"
+    )
 
 
-def _as_attacks(attacks: AttackLike | Sequence[AttackLike], tm: ThreatModel, cfg: EvalConfig) -> list[Attack]:
+def _as_attacks(
+    attacks: AttackLike | Sequence[AttackLike], tm: ThreatModel, cfg: EvalConfig
+) -> list[Attack]:
     if isinstance(attacks, (str, Attack)) or callable(attacks):
         attacks = [attacks]
     if not isinstance(attacks, Sequence) or not attacks:
-        raise ValueError("attacks must be a non-empty list of specs ('torchattacks:PGD'), Attack "
-                         "objects or functions fn(model, x, y, eps) -> x_adv")
+        raise ValueError(
+            "attacks must be a non-empty list of specs ('torchattacks:PGD'), Attack "
+            "objects or functions fn(model, x, y, eps) -> x_adv"
+        )
     out = []
     for a in attacks:
         if isinstance(a, str):
@@ -139,13 +153,17 @@ def _as_attacks(attacks: AttackLike | Sequence[AttackLike], tm: ThreatModel, cfg
         elif callable(a):
             out.append(make_attack(a, threat_model=tm))
         else:
-            raise TypeError(f"cannot use {a!r} as an attack: pass a spec string, an Attack or a "
-                            "function fn(model, x, y, eps) -> x_adv")
+            raise TypeError(
+                f"cannot use {a!r} as an attack: pass a spec string, an Attack or a "
+                "function fn(model, x, y, eps) -> x_adv"
+            )
     specs = [a.spec for a in out]
     dupes = sorted({s for s in specs if specs.count(s) > 1})
     if dupes:
-        raise ValueError(f"attack(s) {dupes} given twice; each attack is a column of the results, "
-                         "so give them distinct names (make_attack(fn, name=...)) or overrides")
+        raise ValueError(
+            f"attack(s) {dupes} given twice; each attack is a column of the results, "
+            "so give them distinct names (make_attack(fn, name=...)) or overrides"
+        )
     return out
 
 
@@ -216,13 +234,20 @@ class _Batch:
 class _Runner:
     """The state of one evaluation: validates and predicts batches, attacks them, records rows."""
 
-    def __init__(self, net: nn.Module, tm: ThreatModel, cfg: EvalConfig, device: torch.device,
-                 results: Results, writer: ResultsWriter | None):
+    def __init__(
+        self,
+        net: nn.Module,
+        tm: ThreatModel,
+        cfg: EvalConfig,
+        device: torch.device,
+        results: Results,
+        writer: ResultsWriter | None,
+    ):
         self.net, self.tm, self.cfg, self.device = net, tm, cfg, device
         self.results, self.writer = results, writer
         rows = results.rows
         self.done = {(r["sample"], r["attack"], r["eps"]) for r in rows if r["status"] != "failed"}
-        self.labels = {r["sample"]: r["label"] for r in rows}
+        self.labels = {r["sample"]: r["label"] for r in rows if r["label"] is not None}
         self.dtype: torch.dtype | None = None
         self.warned: set[str] = set()
 
@@ -231,23 +256,28 @@ class _Runner:
         ys = y.tolist()
         clash = [start + k for k, lab in enumerate(ys) if self.labels.get(start + k, lab) != lab]
         if clash:
-            raise ValueError(f"samples {clash[:5]} have other labels than in the results file being "
-                             "resumed: the data differ (order or content); evaluate the same data "
-                             "in the same order, or write to another out= path")
+            raise ValueError(
+                f"samples {clash[:5]} have other labels than in the results file being "
+                "resumed: the data differ (order or content); evaluate the same data "
+                "in the same order, or write to another out= path"
+            )
         return all((start + k, a, e) in self.done for k in range(len(ys)) for a, e in keys)
 
     def prepare(self, start: int, x: Tensor, y: Tensor) -> _Batch:
         """Validate a batch, move it to the device and predict it once (clean)."""
         if not x.is_floating_point():
-            raise TypeError(f"data x must be floating point in {self.tm.bounds} (got {x.dtype}); "
-                            "convert uint8 images with x.float() / 255")
+            raise TypeError(
+                f"data x must be floating point in {self.tm.bounds} (got {x.dtype}); "
+                "convert uint8 images with x.float() / 255"
+            )
         lo, hi = self.tm.bounds
         x_min, x_max = (float(v) for v in torch.aminmax(x))
         if not (lo <= x_min and x_max <= hi):
             raise ValueError(
                 f"data samples {start}..{start + len(x) - 1} have values in [{x_min:.4g}, "
                 f"{x_max:.4g}], outside the threat model's bounds {self.tm.bounds}; feed inputs in "
-                "bounds (put normalisation inside the model) or set ThreatModel(bounds=...)")
+                "bounds (put normalisation inside the model) or set ThreatModel(bounds=...)"
+            )
         if self.dtype is None:
             self.dtype = _float_dtype(self.net, x.dtype)
         xd = x.to(device=self.device, dtype=self.dtype)
@@ -255,21 +285,34 @@ class _Runner:
         logits = self._logits(xd)
         labels = yd.tolist()
         if min(labels) < 0 or max(labels) >= logits.shape[1]:
-            raise ValueError(f"labels must be in [0, {logits.shape[1] - 1}] (the model has "
-                             f"{logits.shape[1]} outputs); got labels in [{min(labels)}, {max(labels)}]")
+            raise ValueError(
+                f"labels must be in [0, {logits.shape[1] - 1}] (the model has "
+                f"{logits.shape[1]} outputs); got labels in [{min(labels)}, {max(labels)}]"
+            )
         return _Batch(start, xd, yd, labels, logits.argmax(1).tolist())
 
     @torch.no_grad()
     def _logits(self, x: Tensor) -> Tensor:
         out = self.net(x)
         if not isinstance(out, Tensor) or out.dim() != 2:
-            what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
-            raise TypeError(f"the model must return logits of shape (N, classes), got {what}; "
-                            "for a model returning a tuple or dict pass output=<index, key or function>")
+            what = (
+                f"a tensor of shape {tuple(out.shape)}"
+                if isinstance(out, Tensor)
+                else type(out).__name__
+            )
+            raise TypeError(
+                f"the model must return logits of shape (N, classes), got {what}; "
+                "for a model returning a tuple or dict pass output=<index, key or function>"
+            )
         return out
 
-    def _attack(self, attack: Attack, eps: float, batch: _Batch, attacked: list[int]) -> tuple[dict, float]:
-        """Attack the batch's ``attacked`` positions; per position (status, reason, adv_pred, norm)."""
+    def _attack(
+        self, attack: Attack, eps: float, batch: _Batch, attacked: list[int]
+    ) -> tuple[dict, float]:
+        """Attack the batch's ``attacked`` positions.
+
+        Returns per position (status, reason, adv_pred, norm) and the call's wall time.
+        """
         sel = torch.tensor(attacked, device=self.device)
         x, y = batch.x[sel], batch.y[sel]
         seed = _call_seed(self.cfg.seed, attack.spec, eps, batch.start)
@@ -278,16 +321,21 @@ class _Runner:
             x_adv = attack(self.net, x, y, eps, seed=seed)
             x_adv = torch.as_tensor(x_adv).to(device=self.device, dtype=x.dtype)
             if x_adv.shape != x.shape:
-                raise RuntimeError(f"returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
+                raise RuntimeError(
+                    f"returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}"
+                )
         except Exception as exc:
             elapsed = time.perf_counter() - t0
             error = f"{type(exc).__name__}: {exc}"[:2000]
             if attack.spec not in self.warned:
                 self.warned.add(attack.spec)
-                warnings.warn(f"{attack.spec} failed at eps={eps:g} on samples {batch.index[0]}.."
-                              f"{batch.index[-1]}: {error} (recorded as failed rows; further "
-                              "failures of this attack are recorded without a warning)",
-                              RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"{attack.spec} failed at eps={eps:g} on samples {batch.index[0]}.."
+                    f"{batch.index[-1]}: {error} (recorded as failed rows; further "
+                    "failures of this attack are recorded without a warning)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
             return {k: ("failed", error, None, None) for k in attacked}, elapsed
         elapsed = time.perf_counter() - t0
         norms, reasons = verify(x, x_adv, eps, self.tm)
@@ -298,8 +346,12 @@ class _Runner:
         out = {}
         for j, (k, n, why) in enumerate(zip(attacked, norms.tolist(), reasons)):
             finite = math.isfinite(n)
-            out[k] = ("ok" if why is None else "violation", why, pred[j] if finite else None,
-                      n if finite else None)
+            out[k] = (
+                "ok" if why is None else "violation",
+                why,
+                pred[j] if finite else None,
+                n if finite else None,
+            )
         return out, elapsed
 
     def run(self, batch: _Batch, attack: Attack, eps: float) -> None:
@@ -329,17 +381,31 @@ class _Runner:
                 time_k = per_sample
             else:
                 status, reason, adv_pred, norm, robust, time_k = "ok", None, clean, 0.0, False, 0.0
-            rows.append({
-                "sample": batch.start + k, "attack": attack.spec, "library": attack.library,
-                "family": family, "eps": eps, "label": label, "clean_pred": clean,
-                "adv_pred": adv_pred, "clean_correct": correct[k], "adv_correct": robust,
-                "norm": norm, "status": status, "reason": reason, "skipped": not correct[k],
-                "time": time_k,
-            })
+            rows.append(
+                {
+                    "sample": batch.start + k,
+                    "attack": attack.spec,
+                    "library": attack.library,
+                    "family": family,
+                    "eps": eps,
+                    "label": label,
+                    "clean_pred": clean,
+                    "adv_pred": adv_pred,
+                    "clean_correct": correct[k],
+                    "adv_correct": robust,
+                    "norm": norm,
+                    "status": status,
+                    "reason": reason,
+                    "skipped": not correct[k],
+                    "time": time_k,
+                }
+            )
         if self.writer is not None:
             self.writer.write(rows)
         self.results._add(rows)
-        self.done.update((r["sample"], r["attack"], r["eps"]) for r in rows if r["status"] != "failed")
+        self.done.update(
+            (r["sample"], r["attack"], r["eps"]) for r in rows if r["status"] != "failed"
+        )
         self.labels.update((r["sample"], r["label"]) for r in rows)
 
 
@@ -421,11 +487,19 @@ def evaluate(
         results = Results(metadata=metadata)
 
     bs = loader.batch_size if isinstance(data, torch.utils.data.DataLoader) else cfg.batch_size
-    total = None if n_expected is None or bs is None else (
-        math.ceil(n_expected / bs) * len(attack_list) * len(tm.eps))
+    total = (
+        None
+        if n_expected is None or bs is None
+        else (math.ceil(n_expected / bs) * len(attack_list) * len(tm.eps))
+    )
     keys = [(a.spec, e) for a in attack_list for e in tm.eps]
     try:
-        with caller_state(net), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        cuda = (
+            [torch.cuda.current_device() if device.index is None else device.index]
+            if device.type == "cuda"
+            else []
+        )
+        with caller_state(net), torch.random.fork_rng(devices=cuda):
             net.to(device)
             runner = _Runner(net, tm, cfg, device, results, writer)
 
@@ -437,7 +511,9 @@ def evaluate(
                             yield batch, attack, eps
 
             description = f"{len(attack_list)} attack(s) x {len(tm.eps)} eps"
-            for batch, attack, eps in _progress(units(), description, total=total, enabled=progress):
+            for batch, attack, eps in _progress(
+                units(), description, total=total, enabled=progress
+            ):
                 if batch is not None:
                     runner.run(batch, attack, eps)
     finally:

@@ -77,7 +77,9 @@ def _normalise_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """A row with every field of :data:`ROW_FIELDS`, plain Python types and a valid status."""
     missing = [f for f in _REQUIRED if f not in row]
     if missing:
-        raise ValueError(f"results row {dict(row)!r} lacks field(s) {missing}; rows need {list(_REQUIRED)}")
+        raise ValueError(
+            f"results row {dict(row)!r} lacks field(s) {missing}; rows need {list(_REQUIRED)}"
+        )
     if row["status"] not in STATUSES:
         raise ValueError(f"results row status must be one of {STATUSES}, got {row['status']!r}")
     out = {f: row.get(f) for f in ROW_FIELDS}
@@ -140,15 +142,18 @@ class Results:
     attack raised) has no outcome and is left out of accuracies and listed by :meth:`missing`.
     """
 
-    def __init__(self, rows: Iterable[Mapping[str, Any]] = (), metadata: Mapping[str, Any] | None = None):
+    def __init__(
+        self, rows: Iterable[Mapping[str, Any]] = (), metadata: Mapping[str, Any] | None = None
+    ):
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._rows: dict[Key, dict[str, Any]] = {}
+        self._index: dict[tuple[str, float], list[dict[str, Any]]] | None = None
         self.extend(rows)
 
     # ------------------------------------------------------------------ rows
     def extend(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Add rows; a key already present is kept, except that a completed row replaces a
-        ``"failed"`` one (a resumed run retried it). Returns how many rows were added or replaced."""
+        ``"failed"`` one (a resumed run retried it). Returns how many were added or replaced."""
         return self._add(_normalise_row(row) for row in rows)
 
     def _add(self, rows: Iterable[dict[str, Any]]) -> int:
@@ -160,7 +165,17 @@ class Results:
             if old is None or (old["status"] == "failed" and row["status"] != "failed"):
                 self._rows[key] = row
                 changed += 1
+        if changed:
+            self._index = None
         return changed
+
+    def _group(self, attack: str, eps: float) -> list[dict[str, Any]]:
+        """The rows of one (attack, eps), from an index rebuilt after rows change."""
+        if self._index is None:
+            self._index = {}
+            for r in self._rows.values():
+                self._index.setdefault((r["attack"], r["eps"]), []).append(r)
+        return self._index.get((attack, float(eps)), [])
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -181,13 +196,17 @@ class Results:
         return set(self._rows)
 
     def __repr__(self) -> str:
-        return (f"Results({len(self.samples)} samples x {len(self.attacks)} attacks x "
-                f"{len(self.eps)} eps, {len(self)} rows, model={self.metadata.get('model')!r})")
+        return (
+            f"Results({len(self.samples)} samples x {len(self.attacks)} attacks x "
+            f"{len(self.eps)} eps, {len(self)} rows, model={self.metadata.get('model')!r})"
+        )
 
     @property
     def attacks(self) -> list[str]:
         """Attack names: the metadata's order, then any others in order of appearance."""
-        return _ordered_union(self.metadata.get("attacks", []), (r["attack"] for r in self._rows.values()))
+        return _ordered_union(
+            self.metadata.get("attacks", []), (r["attack"] for r in self._rows.values())
+        )
 
     @property
     def eps(self) -> list[float]:
@@ -205,13 +224,8 @@ class Results:
         return [tuple(r[f] for f in fields) for _, r in sorted(self._rows.items())]
 
     # ------------------------------------------------------------ aggregates
-    def _completed(self, attack: str | None = None, eps: float | None = None) -> list[dict[str, Any]]:
-        return [
-            r for r in self._rows.values()
-            if r["status"] != "failed"
-            and (attack is None or r["attack"] == attack)
-            and (eps is None or r["eps"] == eps)
-        ]
+    def _completed(self, attack: str, eps: float) -> list[dict[str, Any]]:
+        return [r for r in self._group(attack, eps) if r["status"] != "failed"]
 
     def clean_accuracy(self) -> float | None:
         """Fraction of samples classified correctly without attack (None: no rows)."""
@@ -223,13 +237,16 @@ class Results:
         rows = self._completed(attack, float(eps))
         return sum(r["adv_correct"] for r in rows) / len(rows) if rows else None
 
-    def per_sample_worst_case(self, eps: float, attacks: Sequence[str] | None = None) -> dict[int, bool]:
+    def per_sample_worst_case(
+        self, eps: float, attacks: Sequence[str] | None = None
+    ) -> dict[int, bool]:
         """sample -> robust against every completed attack at ``eps`` (min over attacks)."""
         chosen = None if attacks is None else set(attacks)
         worst: dict[int, bool] = {}
-        for r in self._completed(eps=float(eps)):
-            if chosen is None or r["attack"] in chosen:
-                worst[r["sample"]] = worst.get(r["sample"], True) and r["adv_correct"]
+        for attack in self.attacks:
+            if chosen is None or attack in chosen:
+                for r in self._completed(attack, eps):
+                    worst[r["sample"]] = worst.get(r["sample"], True) and r["adv_correct"]
         return worst
 
     def worst_case(self, eps: float, attacks: Sequence[str] | None = None) -> float | None:
@@ -258,7 +275,10 @@ class Results:
         eps_list = _ordered_union(self.metadata.get("threat_model", {}).get("eps", []), self.eps)
         out = [k for k, r in self._rows.items() if r["status"] == "failed"]
         out += [
-            (s, a, float(e)) for s in samples for a in self.attacks for e in eps_list
+            (s, a, float(e))
+            for s in samples
+            for a in self.attacks
+            for e in eps_list
             if (s, a, float(e)) not in self._rows
         ]
         return sorted(out)
@@ -289,11 +309,17 @@ class Results:
                     continue
                 acc = {lib: sum(v[s] for s in common) / len(common) for lib, v in verdicts.items()}
                 disagree = sum(len({v[s] for v in verdicts.values()}) > 1 for s in common)
-                out.append({
-                    "family": family, "eps": eps, "accuracy": acc, "attacks": dict(sorted(libs.items())),
-                    "n_common": len(common), "disagreements": disagree,
-                    "max_gap": 100.0 * (max(acc.values()) - min(acc.values())),
-                })
+                out.append(
+                    {
+                        "family": family,
+                        "eps": eps,
+                        "accuracy": acc,
+                        "attacks": dict(sorted(libs.items())),
+                        "n_common": len(common),
+                        "disagreements": disagree,
+                        "max_gap": 100.0 * (max(acc.values()) - min(acc.values())),
+                    }
+                )
         return out
 
     def summary(self) -> list[dict[str, Any]]:
@@ -301,43 +327,64 @@ class Results:
         out = []
         for attack in self.attacks:
             for eps in self.eps:
-                rows = [r for r in self._rows.values() if r["attack"] == attack and r["eps"] == eps]
+                rows = self._group(attack, eps)
                 if not rows:
                     continue
                 done = [r for r in rows if r["status"] != "failed"]
                 attacked = [r for r in done if not r["skipped"] and r["norm"] is not None]
-                out.append({
-                    "attack": attack, "library": rows[0]["library"], "eps": eps,
-                    "robust_accuracy": self.robust_accuracy(attack, eps), "n": len(done),
-                    "violations": sum(r["status"] == "violation" for r in rows),
-                    "failed": len(rows) - len(done),
-                    "mean_norm": sum(r["norm"] for r in attacked) / len(attacked) if attacked else None,
-                    "time": sum(r["time"] for r in rows),
-                })
+                out.append(
+                    {
+                        "attack": attack,
+                        "library": rows[0]["library"],
+                        "eps": eps,
+                        "robust_accuracy": self.robust_accuracy(attack, eps),
+                        "n": len(done),
+                        "violations": sum(r["status"] == "violation" for r in rows),
+                        "failed": len(rows) - len(done),
+                        "mean_norm": sum(r["norm"] for r in attacked) / len(attacked)
+                        if attacked
+                        else None,
+                        "time": sum(r["time"] for r in rows),
+                    }
+                )
         if len(self.attacks) > 1:
             for eps in self.eps:
                 worst = self.per_sample_worst_case(eps)
-                out.append({
-                    "attack": f"worst case ({len(self.attacks)} attacks)", "library": "", "eps": eps,
-                    "robust_accuracy": sum(worst.values()) / len(worst) if worst else None,
-                    "n": len(worst), "violations": None, "failed": None, "mean_norm": None,
-                    "time": None,
-                })
+                out.append(
+                    {
+                        "attack": f"worst case ({len(self.attacks)} attacks)",
+                        "library": "",
+                        "eps": eps,
+                        "robust_accuracy": sum(worst.values()) / len(worst) if worst else None,
+                        "n": len(worst),
+                        "violations": None,
+                        "failed": None,
+                        "mean_norm": None,
+                        "time": None,
+                    }
+                )
         return out
 
     # -------------------------------------------------------------- display
     _COLUMNS = ("attack", "eps", "robust acc", "n", "violations", "failed", "mean norm", "time (s)")
 
     def _summary_cells(self) -> list[list[str]]:
-        cells = [["clean", "-", _pct(self.clean_accuracy()), str(len(self.samples)), "", "", "", ""]]
+        cells = [
+            ["clean", "-", _pct(self.clean_accuracy()), str(len(self.samples)), "", "", "", ""]
+        ]
         for s in self.summary():
-            cells.append([
-                s["attack"], _fmt_eps(s["eps"]), _pct(s["robust_accuracy"]), str(s["n"]),
-                "" if s["violations"] is None else str(s["violations"]),
-                "" if s["failed"] is None else str(s["failed"]),
-                "" if s["mean_norm"] is None else f"{s['mean_norm']:.4g}",
-                "" if s["time"] is None else f"{s['time']:.2f}",
-            ])
+            cells.append(
+                [
+                    s["attack"],
+                    _fmt_eps(s["eps"]),
+                    _pct(s["robust_accuracy"]),
+                    str(s["n"]),
+                    "" if s["violations"] is None else str(s["violations"]),
+                    "" if s["failed"] is None else str(s["failed"]),
+                    "" if s["mean_norm"] is None else f"{s['mean_norm']:.4g}",
+                    "" if s["time"] is None else f"{s['time']:.2f}",
+                ]
+            )
         return cells
 
     def _agreement_cells(self) -> tuple[list[str], list[list[str]]]:
@@ -345,8 +392,13 @@ class Results:
         libs = sorted({lib for e in entries for lib in e["accuracy"]})
         columns = ["attack family", "eps", *libs, "max gap (pts)", "disagreements"]
         cells = [
-            [e["family"], _fmt_eps(e["eps"]), *(_pct(e["accuracy"].get(lib)) for lib in libs),
-             f"{e['max_gap']:.1f}", f"{e['disagreements']}/{e['n_common']}"]
+            [
+                e["family"],
+                _fmt_eps(e["eps"]),
+                *(_pct(e["accuracy"].get(lib)) for lib in libs),
+                f"{e['max_gap']:.1f}",
+                f"{e['disagreements']}/{e['n_common']}",
+            ]
             for e in entries
         ]
         return columns, cells
@@ -360,14 +412,20 @@ class Results:
         notes = []
         v, f, m = self.violations(), self.failed(), self.missing()
         if v:
-            notes.append(f"{len(v)} row(s) failed verification and count as not robust, e.g. "
-                         f"{v[0]['attack']} sample {v[0]['sample']}: {v[0]['reason']}")
+            notes.append(
+                f"{len(v)} row(s) failed verification and count as not robust, e.g. "
+                f"{v[0]['attack']} sample {v[0]['sample']}: {v[0]['reason']}"
+            )
         if f:
-            notes.append(f"{len(f)} row(s) failed (the attack raised), e.g. {f[0]['attack']} "
-                         f"sample {f[0]['sample']}: {f[0]['reason']}")
+            notes.append(
+                f"{len(f)} row(s) failed (the attack raised), e.g. {f[0]['attack']} "
+                f"sample {f[0]['sample']}: {f[0]['reason']}"
+            )
         if m:
-            notes.append(f"{len(m)} (sample, attack, eps) row(s) have no outcome; Results.missing() "
-                         "lists them (resume the run to fill them)")
+            notes.append(
+                f"{len(m)} (sample, attack, eps) row(s) have no outcome; Results.missing() "
+                "lists them (resume the run to fill them)"
+            )
         return notes
 
     def table(self, markdown: bool = False) -> str:
@@ -493,11 +551,15 @@ def _read(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     except json.JSONDecodeError:
         header = None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a relucap results file: its first line must be the "
-                         f"metadata line {{\"format\": \"{FORMAT}\", ...}}")
+        raise ValueError(
+            f"{path} is not a relucap results file: its first line must be the "
+            f'metadata line {{"format": "{FORMAT}", ...}}'
+        )
     if header.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has results format version {header.get('version')!r}; this "
-                         f"relucap-plugin reads version {FORMAT_VERSION}: upgrade relucap-plugin")
+        raise ValueError(
+            f"{path} has results format version {header.get('version')!r}; this "
+            f"relucap-plugin reads version {FORMAT_VERSION}: upgrade relucap-plugin"
+        )
     rows = []
     for i, line in enumerate(lines[1:], start=2):
         try:
@@ -507,21 +569,32 @@ def _read(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             rows.append(_normalise_row(row))
         except ValueError as exc:
             if i == len(lines):
-                warnings.warn(f"{path}: dropped a torn last line {i} (an interrupted write); every "
-                              "complete row was kept and a resumed run recomputes the lost one",
-                              ResultsFileWarning, stacklevel=3)
+                warnings.warn(
+                    f"{path}: dropped a torn last line {i} (an interrupted write); every "
+                    "complete row was kept and a resumed run recomputes the lost one",
+                    ResultsFileWarning,
+                    stacklevel=3,
+                )
                 break
-            raise ValueError(f"{path} line {i} is damaged ({exc}); only a torn last line can be "
-                             "dropped. Remove the line or re-run the evaluation") from None
+            raise ValueError(
+                f"{path} line {i} is damaged ({exc}); only a torn last line can be "
+                "dropped. Remove the line or re-run the evaluation"
+            ) from None
     return dict(header.get("metadata") or {}), rows
 
 
 def _identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The metadata fields that must agree for two tables to be parts of one evaluation."""
-    tm = {k: v for k, v in (metadata.get("threat_model") or {}).items() if k not in _THREAT_IDENTITY_SKIP}
+    tm = {
+        k: v
+        for k, v in (metadata.get("threat_model") or {}).items()
+        if k not in _THREAT_IDENTITY_SKIP
+    }
     cfg = metadata.get("config") or {}
     ident = {f"threat_model.{k}": v for k, v in tm.items()}
-    ident.update({f"config.{k}": cfg.get(k) for k in ("seed", "batch_size", "n_samples") if k in cfg})
+    ident.update(
+        {f"config.{k}": cfg.get(k) for k in ("seed", "batch_size", "n_samples") if k in cfg}
+    )
     ident.update({k: metadata.get(k) for k in _IDENTITY if k in metadata})
     return ident
 
@@ -534,14 +607,19 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 def _merged_metadata(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     diff = _differences(a, b)
     if diff:
-        raise ValueError("cannot merge results of different evaluations (" + "; ".join(diff) +
-                         "); merge only tables of the same model, threat model and config")
+        raise ValueError(
+            "cannot merge results of different evaluations ("
+            + "; ".join(diff)
+            + "); merge only tables of the same model, threat model and config"
+        )
     out = {**b, **a}
     out["attacks"] = _ordered_union(a.get("attacks", []), b.get("attacks", []))
     if a.get("threat_model") or b.get("threat_model"):
         tm = dict(a.get("threat_model") or b.get("threat_model"))
-        tm["eps"] = _ordered_union((a.get("threat_model") or {}).get("eps", []),
-                                   (b.get("threat_model") or {}).get("eps", []))
+        tm["eps"] = _ordered_union(
+            (a.get("threat_model") or {}).get("eps", []),
+            (b.get("threat_model") or {}).get("eps", []),
+        )
         out["threat_model"] = tm
     return out
 
@@ -577,8 +655,11 @@ def _drop_torn_tail(path: str) -> None:
         data = f.read()
         end = data.rfind(b"\n") + 1
         if end < len(data):
-            warnings.warn(f"{path}: dropped a torn last line (an interrupted write) before resuming",
-                          ResultsFileWarning, stacklevel=3)
+            warnings.warn(
+                f"{path}: dropped a torn last line (an interrupted write) before resuming",
+                ResultsFileWarning,
+                stacklevel=3,
+            )
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
@@ -603,9 +684,13 @@ def open_results_file(
             raise ValueError(
                 f"{path} holds results of a different evaluation (" + "; ".join(diff) + "); "
                 "resume with the same settings, write to another out= path, or pass resume=False "
-                "to start the file over")
+                "to start the file over"
+            )
         merged = _merged_metadata(existing.metadata, metadata)
-        merged = {**merged, **{k: v for k, v in metadata.items() if k not in ("attacks", "threat_model")}}
+        merged = {
+            **merged,
+            **{k: v for k, v in metadata.items() if k not in ("attacks", "threat_model")},
+        }
         if merged != existing.metadata:
             existing = Results(existing._rows.values(), merged)
             existing.save(path)

@@ -307,7 +307,7 @@ def _region_key(call: _Call, scope: str) -> str | None:
         if isinstance(v, fx.Proxy):
             return token(v.node)
         if isinstance(v, (tuple, list)):
-            return type(v)(value(x) for x in v)
+            return (type(v).__name__, [value(x) for x in v])
         if isinstance(v, dict):
             return {k: value(x) for k, x in v.items()}
         return v
@@ -333,7 +333,8 @@ def _user_frame(exc: BaseException) -> str:
     found = ""
     while tb is not None:
         code = tb.tb_frame.f_code
-        if not os.path.abspath(code.co_filename).startswith(_TORCH_DIR) and code.co_filename != __file__:
+        inside = os.path.abspath(code.co_filename).startswith(_TORCH_DIR)
+        if not inside and code.co_filename != __file__:
             found = f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}"
         tb = tb.tb_next
     return found
@@ -348,12 +349,16 @@ def _trace(module: nn.Module, tracer: _SiteTracer) -> tuple[fx.Graph, dict[str, 
     own = module.__dict__.get("forward")
     cls = type(module)
     if own is not None:
-        if not (isinstance(own, types.MethodType) and own.__self__ is module):
+        if isinstance(own, _GeneratedForward) and own.module is module:
+            function = own.fn
+        elif isinstance(own, types.MethodType) and own.__self__ is module:
+            function = own.__func__
+        else:
             raise TypeError(
                 f"{cls.__name__} has a forward set on the instance that is not a method of it; "
                 "fx cannot trace it. Remove it or use mode='modules'"
             )
-        module.__class__ = type(cls.__name__, (cls,), {"forward": own.__func__})
+        module.__class__ = type(cls.__name__, (cls,), {"forward": function})
     before = set(module.__dict__)
     try:
         graph = tracer.trace(module)
@@ -394,7 +399,8 @@ def _site_op(node: fx.Node, modules: Mapping[str, nn.Module]) -> tuple[str, str,
         if found is None:
             return None
         label, token, always = found
-        inplace = always or bool(node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False))
+        positional = node.args[1] if len(node.args) > 1 else False
+        inplace = always or bool(node.kwargs.get("inplace", positional))
         return "function", label, token, inplace
     if node.op == "call_method" and node.target in _RELU_METHODS:
         label, token, inplace = _RELU_METHODS[node.target]
@@ -509,7 +515,9 @@ class _Eval:
 
 
 def _as_args(example_input: Any) -> tuple:
-    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    """Forward arguments from ``example_input``; tensors cloned (a model may work in place)."""
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    return tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
 
 
 class _ShapeInterpreter(fx.Interpreter):
@@ -593,7 +601,7 @@ def _discover(model: nn.Module, example_input: Any, mode: str, fn: str) -> _Disc
     if not disc.sites:
         raise ValueError(
             f"{fn}: {type(model).__name__} applies no ReLU in its forward pass"
-            f"{' (mode=modules looks for nn.ReLU/nn.ReLU6 modules only)' if mode == 'modules' else ''}"
+            f"{' (mode=modules finds nn.ReLU/nn.ReLU6 modules only)' if mode == 'modules' else ''}"
             f"{_activation_summary(model)}; there is nothing to cap. "
             + ("Its ReLUs were converted by cap_relus already; call uncap(model) to start over"
                if model.__dict__.get(_RECORDS) else
@@ -602,7 +610,9 @@ def _discover(model: nn.Module, example_input: Any, mode: str, fn: str) -> _Disc
     return disc
 
 
-def find_relus(model: nn.Module, example_input: Any = None, *, mode: str = "auto") -> list[ReluSite]:
+def find_relus(
+    model: nn.Module, example_input: Any = None, *, mode: str = "auto"
+) -> list[ReluSite]:
     """Every ReLU application of ``model``'s forward pass, in execution order.
 
     ``example_input`` (a tensor, or a tuple of forward arguments) adds each site's activation
@@ -639,6 +649,9 @@ class _Sites(list):
     def __init__(self, model: nn.Module, disc: _Discovery, mode: str):
         super().__init__(disc.sites)
         self._found = (weakref.ref(model), _fingerprint(model), disc, mode)
+
+    def __reduce__(self):
+        return list, (list(self),)
 
     def discovery(self, model: nn.Module, mode: str, need_shapes: bool) -> _Discovery | None:
         ref, fingerprint, disc, found_mode = self._found
@@ -705,7 +718,8 @@ def _select(sites: Sequence[ReluSite], selector: Any) -> list[ReluSite]:
     if callable(selector) and not isinstance(selector, (str, ReluSite)):
         chosen = [s for s in sites if selector(s)]
         if not chosen:
-            raise ValueError(f"the sites predicate matched no site; available sites: {_name_list(sites)}")
+            raise ValueError(
+                f"the sites predicate matched no site; available sites: {_name_list(sites)}")
         return chosen
     if isinstance(selector, (str, numbers.Integral, ReluSite)):
         items: list[Any] = [selector]
@@ -731,15 +745,18 @@ def _select(sites: Sequence[ReluSite], selector: Any) -> list[ReluSite]:
             names.add(sites[i].name)
         elif isinstance(item, ReluSite):
             if item.name not in by_name:
-                raise ValueError(f"site {item.name!r} is not a site of this model; available sites: {_name_list(sites)}")
+                raise ValueError(f"site {item.name!r} is not a site of this model; "
+                                 f"available sites: {_name_list(sites)}")
             names.add(item.name)
         elif isinstance(item, str):
             found = [s.name for s in sites if _matches(s, item)]
             if not found:
-                raise ValueError(f"site pattern {item!r} matches no site; available sites: {_name_list(sites)}")
+                raise ValueError(f"site pattern {item!r} matches no site; "
+                                 f"available sites: {_name_list(sites)}")
             names.update(found)
         else:
-            raise TypeError(f"sites: cannot select by {type(item).__name__} {item!r}; use names, globs or ints")
+            raise TypeError(f"sites: cannot select by {type(item).__name__} {item!r}; "
+                            "use names, globs or ints")
     return [s for s in sites if s.name in names]
 
 
@@ -798,13 +815,15 @@ def _plan(sites: Sequence[ReluSite], cap: Any, selector: Any) -> dict[int, _Reci
         for key, value in cap.items():
             name = key.name if isinstance(key, ReluSite) else key
             if not isinstance(name, str):
-                raise TypeError(f"cap mapping keys must be site names or globs, got {type(key).__name__} {key!r}")
+                raise TypeError("cap mapping keys must be site names or globs, got "
+                                f"{type(key).__name__} {key!r}")
             recipes[name] = _recipe(value, f"cap[{name!r}]")
         chosen = {s.index for s in _select(sites, selector)}
         plan: dict[int, _Recipe] = {}
         for key in recipes:
             if not any(_matches(s, key) for s in sites):
-                raise ValueError(f"cap mapping key {key!r} matches no site; available sites: {_name_list(sites)}")
+                raise ValueError(f"cap mapping key {key!r} matches no site; "
+                                 f"available sites: {_name_list(sites)}")
         for s in sites:
             if s.index not in chosen:
                 continue
@@ -833,19 +852,68 @@ def _free_attr(module: nn.Module, base: str) -> str:
 _forward_ids = itertools.count()
 
 
-def _compile_forward(graph: fx.Graph, owner: nn.Module, cache: dict) -> types.MethodType:
-    """Python forward generated from ``graph``, bound to ``owner``. Its source is kept in
-    linecache so tracebacks show the generated lines; equal sources compile once (``cache``)."""
+def _exec_forward(src: str, namespace: dict[str, Any], owner_name: str) -> Callable:
+    """The ``forward`` function defined by ``src``; the source is kept in linecache so
+    tracebacks and inspect show the generated lines."""
+    name = f"<relucap forward {next(_forward_ids)} of {owner_name}>"
+    linecache.cache[name] = (len(src), None, src.splitlines(keepends=True), name)
+    namespace = dict(namespace)
+    exec(compile(src, name, "exec", dont_inherit=True), namespace)
+    return namespace["forward"]
+
+
+def _portable(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """``namespace`` with modules replaced by their names, so that it pickles."""
+    return {k: ("module", v.__name__) if isinstance(v, types.ModuleType) else ("value", v)
+            for k, v in namespace.items()}
+
+
+def _rebuild_forward(module: nn.Module, src: str, portable: dict[str, Any]) -> _GeneratedForward:
+    import importlib
+
+    namespace = {k: importlib.import_module(v) if kind == "module" else v
+                 for k, (kind, v) in portable.items()}
+    fn = _exec_forward(src, namespace, type(module).__name__)
+    return _GeneratedForward(module, src, namespace, fn)
+
+
+class _GeneratedForward:
+    """A forward generated by fx from a rewritten graph, set on one module instance.
+
+    It pickles as its source (``torch.save(model)`` round-trips) and deep-copies with its
+    module; ``fn`` is the compiled function, called as ``fn(module, *args)``.
+    """
+
+    __slots__ = ("module", "src", "namespace", "fn")
+
+    def __init__(self, module: nn.Module, src: str, namespace: dict[str, Any], fn: Callable):
+        self.module = module
+        self.src = src
+        self.namespace = namespace
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return _rebuild_forward, (self.module, self.src, _portable(self.namespace))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _GeneratedForward:
+        module = copy.deepcopy(self.module, memo)
+        return _GeneratedForward(module, self.src, self.namespace, self.fn)
+
+    def __repr__(self) -> str:
+        return f"<forward generated by relucap_plugin for {type(self.module).__name__}>"
+
+
+def _compile_forward(graph: fx.Graph, owner: nn.Module, cache: dict) -> _GeneratedForward:
+    """The forward of ``graph`` for ``owner``; equal sources compile once (``cache``)."""
     code = graph.python_code(root_module="self")
     key = (code.src, tuple(sorted((k, id(v)) for k, v in code.globals.items())))
     fn = cache.get(key)
     if fn is None:
-        name = f"<relucap forward {next(_forward_ids)} of {type(owner).__name__}>"
-        linecache.cache[name] = (len(code.src), None, code.src.splitlines(keepends=True), name)
-        namespace = dict(code.globals)
-        exec(compile(code.src, name, "exec", dont_inherit=True), namespace)
-        fn = cache[key] = namespace["forward"]
-    return types.MethodType(fn, owner)
+        fn = cache[key] = _exec_forward(code.src, code.globals, type(owner).__name__)
+    return _GeneratedForward(owner, code.src, code.globals, fn)
 
 
 def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
@@ -939,7 +1007,8 @@ class _Converter:
                 for t in itertools.chain(module.parameters(), module.buffers())
             ):
                 module.to(device=self.device, dtype=self.dtype)
-            like = self.disc.instances[i] if site.kind == "module" else self.named.get(site.owner, self.model)
+            like = (self.disc.instances[i] if site.kind == "module"
+                    else self.named.get(site.owner, self.model))
             module.train(like.training)
             module.__dict__[_MARK] = site.name
             self.built[i] = module
@@ -1026,7 +1095,7 @@ class _Converter:
         key = None
         if len(keys) == 1 and None not in keys:
             own = owner.__dict__.get("forward")
-            key = (type(owner), id(getattr(own, "__func__", own)), keys.pop())
+            key = (type(owner), id(getattr(own, "fn", getattr(own, "__func__", own))), keys.pop())
         elif len(keys) > 1:
             return None
         if key is not None and key in self._traces:
@@ -1088,7 +1157,8 @@ class _Converter:
                 if not picked:
                     continue
                 keys = {self.keys[i] for i in column if i in self.plan}
-                if len(picked) != len(column) or (len(column) > 1 and (len(keys) != 1 or None in keys)):
+                shareable = len(keys) == 1 and None not in keys
+                if len(picked) != len(column) or (len(column) > 1 and not shareable):
                     return None
                 parent_path, _ = self._home(column[0])
                 if _relative(parent_path, owner_path) is None and parent_path != owner_path:
@@ -1115,7 +1185,8 @@ class _Converter:
                 module = self._module(column[0])
                 path = self._install(column[0], module)
                 self._use(column, module, path)
-                rewrites.append((node, _relative(path, owner_path), module, self.disc.sites[column[0]].inplace))
+                inplace = self.disc.sites[column[0]].inplace
+                rewrites.append((node, _relative(path, owner_path), module, inplace))
             _rewrite(graph, rewrites)
             self._set_forward(owner, graph, constants, owner_path, (type(owner),))
 
@@ -1194,10 +1265,15 @@ def cap_relus(
     path matches all its calls), int indices in execution order, a predicate on
     :class:`ReluSite`, or ``"bottleneck"`` (smallest width; needs ``example_input``).
 
+    Passing the list :func:`find_relus` returned (``sites=find_relus(model)``) converts those
+    sites without tracing the model again, if the model has not changed since.
+
     Returns ``(converted, report)``. By default ``converted`` is a deep copy and ``model`` is
     untouched; ``inplace=True`` converts ``model`` itself (``report.undo()`` or
     :func:`uncap` restore it). Parameters, buffers, ``state_dict`` keys, device, dtype and
-    train/eval mode are preserved.
+    train/eval mode are preserved. Where calls of one module need different activations, or a
+    site is a function call, the forward of the module applying it is regenerated by fx and
+    set on that instance (see ``report.rewritten`` and ``docs/surgery.md``).
     """
     _check_model(model, "cap_relus")
     mode = _check_mode(mode)
@@ -1267,7 +1343,10 @@ class _Recorder(nn.Module):
         self.max = 0.0
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(x, self.inplace) if math.isinf(self.upper) else F.hardtanh(x, 0.0, self.upper, self.inplace)
+        if math.isinf(self.upper):
+            out = F.relu(x, self.inplace)
+        else:
+            out = F.hardtanh(x, 0.0, self.upper, self.inplace)
         values = out.detach().reshape(-1)
         values = values[values > 0]
         if values.numel():
@@ -1344,9 +1423,11 @@ def calibrate_caps(
     """
     _check_model(model, "calibrate_caps")
     mode = _check_mode(mode)
-    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0.0 < quantile <= 1.0:
+    if (isinstance(quantile, bool) or not isinstance(quantile, numbers.Real)
+            or not 0.0 < quantile <= 1.0):
         raise ValueError(f"quantile must be a number in (0, 1] (got {quantile!r}); e.g. 0.999")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+    if max_batches is not None and (
+            isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None (got {max_batches!r})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int (got {batch_size!r})")

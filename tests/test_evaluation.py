@@ -62,17 +62,28 @@ def test_same_pgd_through_three_libraries_agrees_with_a_hand_written_loop(mnist_
     eps = 0.05  # where this model is about half robust: the hardest place to agree
     tm = ThreatModel("Linf", eps=eps, steps=40)
     mine = make_attack(pgd_loop, name="test_pgd", family="PGD")
-    res = evaluate(mnist_mlp, small(test_set, 500), [*LIBRARY_PGD, mine], tm,
-                   EvalConfig(batch_size=250, seed=0), progress=False)
+    res = evaluate(
+        mnist_mlp,
+        small(test_set, 500),
+        [*LIBRARY_PGD, mine],
+        tm,
+        EvalConfig(batch_size=250, seed=0),
+        progress=False,
+    )
     assert len(res) == 500 * 4 and not res.failed() and not res.violations()
     acc = {a: res.robust_accuracy(a, eps) for a in res.attacks}
-    print("robust accuracy at eps 0.05:", acc)
     assert 0.2 < acc["custom:test_pgd"] < 0.8  # not a trivial 0% or 100% agreement
     assert max(acc.values()) - min(acc.values()) <= 0.01
     (entry,) = res.agreement()
-    assert entry["family"] == "PGD" and set(entry["accuracy"]) == {"art", "custom", "foolbox", "torchattacks"}
+    print("robust accuracy at eps 0.05:", acc, "agreement:", entry)
+    assert entry["family"] == "PGD" and set(entry["accuracy"]) == {
+        "art",
+        "custom",
+        "foolbox",
+        "torchattacks",
+    }
     assert entry["n_common"] == 500 and entry["max_gap"] <= 1.0
-    assert entry["disagreements"] <= 25  # samples whose verdict differs between libraries (5%)
+    assert entry["disagreements"] <= 10  # samples whose verdict differs between libraries (2%)
     worst = res.worst_case(eps)
     assert worst <= min(acc.values())
     assert worst == sum(res.per_sample_worst_case(eps).values()) / 500
@@ -90,8 +101,14 @@ def test_caller_state_restored_after_each_library(mnist_mlp, test_set, spec):
     modes = {n: m.training for n, m in model.named_modules()}
     rng = torch.get_rng_state()
     attack = make_attack(pgd_loop, name="pgd") if spec == "custom" else spec
-    res = evaluate(model, small(test_set, 20), attack, ThreatModel("Linf", eps=0.1, steps=3),
-                   EvalConfig(batch_size=10), progress=False)
+    res = evaluate(
+        model,
+        small(test_set, 20),
+        attack,
+        ThreatModel("Linf", eps=0.1, steps=3),
+        EvalConfig(batch_size=10),
+        progress=False,
+    )
     assert len(res) == 20 and not res.failed()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert {n: m.training for n, m in model.named_modules()} == modes
@@ -117,19 +134,27 @@ def test_verification_catches_a_broken_attack_and_never_counts_it_robust(mnist_m
         return x
 
     tm = ThreatModel("Linf", eps=0.05)
-    attacks = [make_attack(f) for f in (over_budget, out_of_bounds, not_finite, lambda m, x, y, e: x)]
+    attacks = [
+        make_attack(f) for f in (over_budget, out_of_bounds, not_finite, lambda m, x, y, e: x)
+    ]
     attacks[-1].name = "custom:identity"
-    res = evaluate(mnist_mlp, small(test_set, 100), attacks, tm, EvalConfig(batch_size=50), progress=False)
+    res = evaluate(
+        mnist_mlp, small(test_set, 100), attacks, tm, EvalConfig(batch_size=50), progress=False
+    )
     clean = res.clean_accuracy()
-    for name, reason in [("custom:over_budget", "Linf norm 0.1 > eps 0.05"),
-                         ("custom:out_of_bounds", "outside bounds [0, 1]"),
-                         ("custom:not_finite", "non-finite")]:
+    for name, reason in [
+        ("custom:over_budget", "Linf norm 0.1 > eps 0.05"),
+        ("custom:out_of_bounds", "outside bounds [0, 1]"),
+        ("custom:not_finite", "non-finite"),
+    ]:
         rows = [r for r in res.rows if r["attack"] == name]
         attacked = [r for r in rows if not r["skipped"]]
         assert all(r["status"] == "violation" and reason in r["reason"] for r in attacked)
         assert not any(r["adv_correct"] for r in rows)
         assert res.robust_accuracy(name, 0.05) == 0.0
-    fooled_not = [r for r in res.rows if r["attack"] == "custom:over_budget" and r["adv_pred"] == r["label"]]
+    fooled_not = [
+        r for r in res.rows if r["attack"] == "custom:over_budget" and r["adv_pred"] == r["label"]
+    ]
     assert len(fooled_not) > 50  # the model still classified these correctly: verification decided
     assert res.robust_accuracy("custom:identity", 0.05) == pytest.approx(clean)
     assert res.worst_case(0.05) == 0.0
@@ -164,12 +189,20 @@ def test_failing_attack_gives_failed_rows_and_the_others_complete(mnist_mlp, tes
 
     tm = ThreatModel("Linf", eps=(0.05, 0.1))
     with pytest.warns(RuntimeWarning, match="custom:explodes failed.*library exploded"):
-        res = evaluate(mnist_mlp, small(test_set, 60), [make_attack(explodes), fgsm_loop], tm,
-                       EvalConfig(batch_size=30), progress=False)
+        res = evaluate(
+            mnist_mlp,
+            small(test_set, 60),
+            [make_attack(explodes), fgsm_loop],
+            tm,
+            EvalConfig(batch_size=30),
+            progress=False,
+        )
     failed = res.failed()
     n_correct = round(60 * res.clean_accuracy())
     assert len(failed) == 2 * n_correct
-    assert all(r["reason"] == "RuntimeError: library exploded" and r["adv_correct"] is None for r in failed)
+    assert all(
+        r["reason"] == "RuntimeError: library exploded" and r["adv_correct"] is None for r in failed
+    )
     assert res.robust_accuracy("custom:fgsm_loop", 0.1) is not None
     assert len(res.missing()) == len(failed)
     assert "failed (the attack raised)" in res.table()
@@ -186,8 +219,14 @@ def test_misclassified_samples_are_not_attacked_but_have_rows(mnist_mlp, test_se
     x, y = small(test_set, 200)
     y = y.clone()
     y[:20] = (y[:20] + 1) % 10  # 20 samples the model now gets wrong
-    res = evaluate(mnist_mlp, (x, y), make_attack(spy), ThreatModel("Linf", eps=0.1),
-                   EvalConfig(batch_size=100), progress=False)
+    res = evaluate(
+        mnist_mlp,
+        (x, y),
+        make_attack(spy),
+        ThreatModel("Linf", eps=0.1),
+        EvalConfig(batch_size=100),
+        progress=False,
+    )
     skipped = [r for r in res.rows if r["skipped"]]
     n_wrong = 200 - round(200 * res.clean_accuracy())
     assert n_wrong >= 20 and len(skipped) == n_wrong and sum(seen) == 200 - n_wrong
@@ -204,8 +243,9 @@ def test_data_forms_and_batchings_give_the_same_table(mnist_mlp, test_set):
     assert run(DataLoader(TensorDataset(x, y), batch_size=7)) == pair  # the loader's batching
     assert [o[0] for o in pair[::2]] == list(range(90))
     assert [o[5] for o in pair[::2]] == y.tolist()  # each row carries its sample's label
-    limited = evaluate(mnist_mlp, (x, y), fgsm_loop, tm, EvalConfig(batch_size=32, n_samples=50),
-                       progress=False)
+    limited = evaluate(
+        mnist_mlp, (x, y), fgsm_loop, tm, EvalConfig(batch_size=32, n_samples=50), progress=False
+    )
     assert limited.samples == list(range(50)) and limited.outcomes() == pair[:100]
 
 
@@ -227,21 +267,41 @@ def test_output_selector_for_models_returning_tuples_or_dicts(mnist_mlp, test_se
     with pytest.raises(TypeError, match="output="):
         evaluate(net, data, fgsm_loop, tm, cfg, progress=False)
     net.as_dict = True
-    assert evaluate(net, data, fgsm_loop, tm, cfg, output="logits", progress=False).outcomes() == expected
-    assert evaluate(net, data, fgsm_loop, tm, cfg, output=lambda o: o["logits"],
-                    progress=False).outcomes() == expected
+    assert (
+        evaluate(net, data, fgsm_loop, tm, cfg, output="logits", progress=False).outcomes()
+        == expected
+    )
+    assert (
+        evaluate(
+            net, data, fgsm_loop, tm, cfg, output=lambda o: o["logits"], progress=False
+        ).outcomes()
+        == expected
+    )
     with pytest.raises(TypeError, match="cannot select the logits"):
         evaluate(net, data, fgsm_loop, tm, cfg, output="nope", progress=False)
 
 
 def test_same_seed_gives_a_bit_identical_table(mnist_mlp, test_set):
     data, tm = small(test_set, 60), ThreatModel("Linf", eps=(0.05, 0.1), steps=5)
-    noise = make_attack(lambda m, x, y, e: (x + torch.empty_like(x).uniform_(-e, e)).clamp(0, 1), name="noise")
-    attacks = ["torchattacks:PGD", "art:ProjectedGradientDescent", make_attack(pgd_loop, name="pgd"), noise]
-    first = evaluate(mnist_mlp, data, attacks, tm, EvalConfig(batch_size=30, seed=3), progress=False)
-    again = evaluate(mnist_mlp, data, attacks, tm, EvalConfig(batch_size=30, seed=3), progress=False)
+    noise = make_attack(
+        lambda m, x, y, e: (x + torch.empty_like(x).uniform_(-e, e)).clamp(0, 1), name="noise"
+    )
+    attacks = [
+        "torchattacks:PGD",
+        "art:ProjectedGradientDescent",
+        make_attack(pgd_loop, name="pgd"),
+        noise,
+    ]
+    first = evaluate(
+        mnist_mlp, data, attacks, tm, EvalConfig(batch_size=30, seed=3), progress=False
+    )
+    again = evaluate(
+        mnist_mlp, data, attacks, tm, EvalConfig(batch_size=30, seed=3), progress=False
+    )
     assert first.outcomes() == again.outcomes()
-    other = evaluate(mnist_mlp, data, attacks, tm, EvalConfig(batch_size=30, seed=4), progress=False)
+    other = evaluate(
+        mnist_mlp, data, attacks, tm, EvalConfig(batch_size=30, seed=4), progress=False
+    )
     norms = lambda res: [r["norm"] for r in res.rows if r["attack"] == "custom:noise"]  # noqa: E731
     assert norms(other) != norms(first)  # the seed reaches the attack's random draws
 
@@ -276,7 +336,11 @@ class Interrupt:
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_table(mnist_mlp, test_set, tmp_path):
-    data, tm, cfg = small(test_set, 100), ThreatModel("Linf", eps=(0.05, 0.1), steps=3), EvalConfig(batch_size=25)
+    data, tm, cfg = (
+        small(test_set, 100),
+        ThreatModel("Linf", eps=(0.05, 0.1), steps=3),
+        EvalConfig(batch_size=25),
+    )
 
     def attacks(at=None):
         return ["torchattacks:PGD", make_attack(Interrupt(at), name="rand_pgd")]
@@ -303,6 +367,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_table(mnist_mlp, test_set,
     assert again[1].fn.calls == 0 and len(out.read_text().splitlines()) == len(lines)
 
 
+@pytest.mark.slow
 def test_killed_cli_run_resumes_to_the_uninterrupted_table(mnist_mlp, mnist5k, tmp_path, capsys):
     from relucap_plugin.cli import main
     from relucap_plugin.training import save_checkpoint
@@ -310,12 +375,35 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_table(mnist_mlp, mnist5k, t
     ckpt = tmp_path / "mlp.safetensors"
     save_checkpoint(mnist_mlp, ckpt)
     out = tmp_path / "run"
-    args = ["evaluate", "mlp:256,32,256", "--checkpoint", str(ckpt), "--attack", "torchattacks:PGD",
-            "--attack", "torch:PGD", "--eps", "0.05", "0.1", "--steps", "10", "--n-samples", "200",
-            "--batch-size", "10", "--quiet", "--out", str(out)]
+    args = [
+        "evaluate",
+        "mlp:256,32,256",
+        "--checkpoint",
+        str(ckpt),
+        "--attack",
+        "torchattacks:PGD",
+        "--attack",
+        "torch:PGD",
+        "--eps",
+        "0.05",
+        "0.1",
+        "--steps",
+        "10",
+        "--n-samples",
+        "200",
+        "--batch-size",
+        "10",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "relucap_plugin.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relucap_plugin.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     jsonl = out / "results.jsonl"
     try:
         while proc.poll() is None:
@@ -338,9 +426,14 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_table(mnist_mlp, mnist5k, t
     resumed = Results.load(jsonl)
     lines = jsonl.read_text().splitlines()
     assert len(resumed) == len(lines) - 1 == 200 * 4  # no duplicated rows
-    uninterrupted = evaluate(mnist_mlp, mnist5k[1], ["torchattacks:PGD", "torch:PGD"],
-                             ThreatModel("Linf", eps=(0.05, 0.1), steps=10),
-                             EvalConfig(batch_size=10, n_samples=200), progress=False)
+    uninterrupted = evaluate(
+        mnist_mlp,
+        mnist5k[1],
+        ["torchattacks:PGD", "torch:PGD"],
+        ThreatModel("Linf", eps=(0.05, 0.1), steps=10),
+        EvalConfig(batch_size=10, n_samples=200),
+        progress=False,
+    )
     assert resumed.outcomes() == uninterrupted.outcomes()
     assert resumed.metadata["model"] == "mlp:256,32,256"
 
@@ -351,9 +444,27 @@ def test_resume_refuses_other_data(mnist_mlp, test_set, tmp_path):
     evaluate(mnist_mlp, (x, y), fgsm_loop, tm, cfg, out=tmp_path, progress=False)
     assert (tmp_path / "results.jsonl").exists()
     with pytest.raises(ValueError, match="other labels than in the results file"):
-        evaluate(mnist_mlp, (x.flip(0), y.flip(0)), fgsm_loop, tm, cfg, out=tmp_path, progress=False)
+        evaluate(
+            mnist_mlp, (x.flip(0), y.flip(0)), fgsm_loop, tm, cfg, out=tmp_path, progress=False
+        )
     with pytest.raises(ValueError, match="different evaluation.*batch_size"):
-        evaluate(mnist_mlp, (x, y), fgsm_loop, tm, EvalConfig(batch_size=10), out=tmp_path, progress=False)
-    fresh = evaluate(mnist_mlp, (x.flip(0), y.flip(0)), fgsm_loop, tm, cfg, out=tmp_path, resume=False,
-                     progress=False)
+        evaluate(
+            mnist_mlp,
+            (x, y),
+            fgsm_loop,
+            tm,
+            EvalConfig(batch_size=10),
+            out=tmp_path,
+            progress=False,
+        )
+    fresh = evaluate(
+        mnist_mlp,
+        (x.flip(0), y.flip(0)),
+        fgsm_loop,
+        tm,
+        cfg,
+        out=tmp_path,
+        resume=False,
+        progress=False,
+    )
     assert Results.load(tmp_path / "results.jsonl").outcomes() == fresh.outcomes()

@@ -8,18 +8,45 @@ import pytest
 
 from relucap_plugin.results import ROW_FIELDS, Results, ResultsFileWarning, open_results_file
 
-TM = {"norm": "Linf", "eps": [0.1, 0.3], "bounds": [0.0, 1.0], "steps": 40, "step_size": None,
-      "restarts": 1, "random_start": True, "targeted": False, "loss": "ce"}
-META = {"model": "toy", "threat_model": TM, "config": {"seed": 0, "batch_size": 2, "n_samples": 4},
-        "attacks": ["a:X", "b:X"], "n_samples": 4}
+TM = {
+    "norm": "Linf",
+    "eps": [0.1, 0.3],
+    "bounds": [0.0, 1.0],
+    "steps": 40,
+    "step_size": None,
+    "restarts": 1,
+    "random_start": True,
+    "targeted": False,
+    "loss": "ce",
+}
+META = {
+    "model": "toy",
+    "threat_model": TM,
+    "config": {"seed": 0, "batch_size": 2, "n_samples": 4},
+    "attacks": ["a:X", "b:X"],
+    "n_samples": 4,
+}
 
 
 def row(sample, attack, eps, robust, clean=True, status="ok", family="X", **kw):
-    return {"sample": sample, "attack": attack, "library": attack.split(":")[0], "family": family,
-            "eps": eps, "label": 1, "clean_pred": 1 if clean else 0,
-            "adv_pred": 1 if robust else 2, "clean_correct": clean, "adv_correct": robust,
-            "norm": eps if clean else 0.0, "status": status, "reason": kw.pop("reason", None),
-            "skipped": not clean, "time": 0.01, **kw}
+    return {
+        "sample": sample,
+        "attack": attack,
+        "library": attack.split(":")[0],
+        "family": family,
+        "eps": eps,
+        "label": 1,
+        "clean_pred": 1 if clean else 0,
+        "adv_pred": 1 if robust else 2,
+        "clean_correct": clean,
+        "adv_correct": robust,
+        "norm": eps if clean else 0.0,
+        "status": status,
+        "reason": kw.pop("reason", None),
+        "skipped": not clean,
+        "time": 0.01,
+        **kw,
+    }
 
 
 def table(a_robust, b_robust, eps=0.3):
@@ -42,8 +69,10 @@ def test_worst_case_is_mean_of_per_sample_minimum_not_minimum_of_means():
 
 
 def test_violation_never_counts_as_robust_and_is_reported():
-    rows = [row(0, "a:X", 0.3, True), row(1, "a:X", 0.3, True, status="violation",
-                                          reason="Linf norm 0.5 > eps 0.3")]
+    rows = [
+        row(0, "a:X", 0.3, True),
+        row(1, "a:X", 0.3, True, status="violation", reason="Linf norm 0.5 > eps 0.3"),
+    ]
     res = Results(rows, META)
     assert res.rows[1]["adv_correct"] is False
     assert res.robust_accuracy("a:X", 0.3) == 0.5
@@ -53,10 +82,13 @@ def test_violation_never_counts_as_robust_and_is_reported():
 
 
 def test_failed_rows_have_no_outcome_are_listed_missing_and_a_retry_replaces_them():
-    rows = [row(0, "a:X", 0.3, True), row(1, "a:X", 0.3, None, status="failed",
-                                          reason="RuntimeError: boom")]
-    res = Results(rows, {**META, "attacks": ["a:X"], "n_samples": 3,
-                         "threat_model": {**TM, "eps": [0.3]}})
+    rows = [
+        row(0, "a:X", 0.3, True),
+        row(1, "a:X", 0.3, None, status="failed", reason="RuntimeError: boom"),
+    ]
+    res = Results(
+        rows, {**META, "attacks": ["a:X"], "n_samples": 3, "threat_model": {**TM, "eps": [0.3]}}
+    )
     assert res.rows[1]["adv_correct"] is None
     assert res.robust_accuracy("a:X", 0.3) == 1.0  # over completed rows only
     assert res.summary()[0]["failed"] == 1 and res.summary()[0]["n"] == 1
@@ -68,8 +100,14 @@ def test_failed_rows_have_no_outcome_are_listed_missing_and_a_retry_replaces_the
 
 
 def test_clean_accuracy_counts_samples_once_and_bad_rows_are_rejected():
-    res = Results([row(0, "a:X", 0.1, False), row(0, "a:X", 0.3, False),
-                   row(1, "a:X", 0.1, False, clean=False)], META)
+    res = Results(
+        [
+            row(0, "a:X", 0.1, False),
+            row(0, "a:X", 0.3, False),
+            row(1, "a:X", 0.1, False, clean=False),
+        ],
+        META,
+    )
     assert res.clean_accuracy() == 0.5
     assert res.samples == [0, 1] and res.eps == [0.1, 0.3]
     with pytest.raises(ValueError, match="status must be one of"):
@@ -146,8 +184,14 @@ def test_merge_is_idempotent_and_order_free():
 
 
 def test_merge_unites_attacks_and_eps_in_metadata():
-    a = Results([row(0, "a:X", 0.1, True)], {**META, "attacks": ["a:X"], "threat_model": {**TM, "eps": [0.1]}})
-    b = Results([row(0, "b:X", 0.3, True)], {**META, "attacks": ["b:X"], "threat_model": {**TM, "eps": [0.3]}})
+    a = Results(
+        [row(0, "a:X", 0.1, True)],
+        {**META, "attacks": ["a:X"], "threat_model": {**TM, "eps": [0.1]}},
+    )
+    b = Results(
+        [row(0, "b:X", 0.3, True)],
+        {**META, "attacks": ["b:X"], "threat_model": {**TM, "eps": [0.3]}},
+    )
     m = a.merge(b)
     assert m.metadata["attacks"] == ["a:X", "b:X"]
     assert m.metadata["threat_model"]["eps"] == [0.1, 0.3]
