@@ -179,6 +179,22 @@ def test_art_pgd_and_classifier_get_everything_explicitly(mnist_mlp):
         get_attack("art:PGD", tm).native(mnist_mlp)
 
 
+@pytest.mark.parametrize("norm, eps", [("Linf", 0.1), ("L2", 1.0)])
+@pytest.mark.parametrize("random_start", [True, False])
+def test_art_pgd_fast_steps_equal_arts_own_pgd_bit_for_bit(norm, eps, random_start, mnist_mlp, correct):
+    """The adapter's ART PGD (one-clamp projection, no per-step numpy) returns ART's own values."""
+    from art.attacks.evasion import ProjectedGradientDescent as ArtPGD
+
+    x, y = correct
+    tm = ThreatModel(norm, eps, steps=7, random_start=random_start)
+    ours = get_attack("art:PGD", tm, batch_size=64)
+    assert type(ours.native(mnist_mlp, input_shape=(1, 28, 28), num_classes=10).attack).__name__ == \
+        "ClampProjectionPGD"
+    fast = ours(mnist_mlp, x, y, eps, seed=5)
+    ours._attack_class = lambda: ArtPGD
+    assert torch.equal(fast, ours(mnist_mlp, x, y, eps, seed=5))
+
+
 def test_art_boundary_is_untargeted_and_apgd_uses_the_loss(mnist_mlp):
     kw = {"input_shape": (1, 28, 28), "num_classes": 10}
     boundary = get_attack("art:Boundary", ThreatModel("L2", 1.0, steps=5)).native(mnist_mlp, **kw).attack
