@@ -129,6 +129,7 @@ def _hardtanh_cap(x: Tensor, cap: float, inplace: bool) -> Tensor:
         return F.hardtanh(x, 0.0, cap, inplace)
     if (
         not (torch.is_grad_enabled() and x.requires_grad)
+        or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
         or torch.onnx.is_in_onnx_export()
     ):

@@ -93,13 +93,19 @@ def module_cap(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def uncapped_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every capped activation replaced by ``nn.ReLU``.
+    """A deep copy of ``model`` with its caps removed; ``model`` itself is untouched.
 
-    The default surrogate of :class:`TransferAttack`. Modules are matched by exact type,
-    collected first and replaced second; ``model`` itself is untouched.
+    The default surrogate of :class:`TransferAttack`. Conversions made by
+    :func:`~relucap_plugin.surgery.cap_relus` are undone exactly by
+    :func:`~relucap_plugin.surgery.uncap`; capped activations the model was built with are
+    replaced by ``nn.ReLU`` (matched by exact type, collected first and replaced second).
     """
-    sites = capped_sites(model)
+    from .surgery import is_converted, uncap
+
     twin = copy.deepcopy(model)
+    if is_converted(twin):
+        uncap(twin)
+    sites = capped_sites(twin)
     for name, _ in sites:
         parent_name, _, child = name.rpartition(".")
         parent = twin.get_submodule(parent_name) if parent_name else twin

@@ -112,7 +112,11 @@ def _load_eval_data(spec: str):
             if "x" not in f or "y" not in f:
                 raise ValueError(f"--data {spec!r} must hold arrays named 'x' and 'y' (has {list(f)})")
             return data.as_dataset((f["x"], f["y"]))
-    loaded = torch.load(spec, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"--data {spec!r} is not a weights-only torch file of tensors (refused: "
+                         f"{type(exc).__name__}); save (x, y) with torch.save or use a .npz") from None
     if isinstance(loaded, dict) and {"x", "y"} <= set(loaded):
         loaded = (loaded["x"], loaded["y"])
     if not isinstance(loaded, (tuple, list)) or len(loaded) != 2:
@@ -126,16 +130,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .distributed import is_main_process
     from .evaluation import evaluate
     from .threat import EvalConfig, ThreatModel
     from .training import load_checkpoint
 
     try:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same random weights on every torchrun rank
         model = _load_model(args.model)
         if args.checkpoint:
             load_checkpoint(model, args.checkpoint)
-        else:
+        elif is_main_process():
             print("relucap evaluate: no --checkpoint given: the model has random weights", file=sys.stderr)
         tm = ThreatModel(norm=args.norm, eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
                          restarts=args.restarts)
@@ -150,6 +155,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"relucap evaluate: error: {exc}", file=sys.stderr)
         return 2
+    if not is_main_process():  # under torchrun rank 0 writes and prints the merged table
+        return 0
     with open(os.path.join(args.out, "results.txt"), "w", encoding="utf-8") as f:
         f.write(results.table())
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
@@ -163,7 +170,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="attack a model through ART/Foolbox/torchattacks and verify",
                        description="Attack MODEL with every --attack at every --eps, verify each "
-                       "adversarial example, and write the per-sample results to --out.")
+                       "adversarial example, and write the per-sample results to --out. Runs unchanged under "
+                       "torchrun --nproc-per-node N: each rank takes every N-th batch, rank 0 "
+                       "prints and writes the merged results.")
     p.add_argument("model", metavar="MODEL",
                    help="mlp:256,32,256[:activation], package.module:factory, or a torchvision name")
     p.add_argument("--checkpoint", help="weights: safetensors or a weights-only torch state dict")

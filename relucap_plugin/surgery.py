@@ -45,6 +45,7 @@ __all__ = [
     "cap_relus",
     "find_relus",
     "print_sites",
+    "is_converted",
     "uncap",
 ]
 
@@ -808,8 +809,6 @@ def _recipe(value: Any, where: str) -> _Recipe:
 
 def _plan(sites: Sequence[ReluSite], cap: Any, selector: Any) -> dict[int, _Recipe]:
     """Site index -> recipe for every site to convert; validates everything, changes nothing."""
-    if cap is None:
-        raise TypeError("cap is required: a number, math.inf (plain ReLU), a spec or a mapping")
     if isinstance(cap, Mapping):
         recipes = {}
         for key, value in cap.items():
@@ -1279,11 +1278,10 @@ def cap_relus(
     mode = _check_mode(mode)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False (got {inplace!r})")
-    if isinstance(cap, Mapping):
-        for value in cap.values():
-            _recipe(value, "cap value")
-    elif cap is not None:
-        _recipe(cap, "cap")
+    if cap is None:
+        raise TypeError("cap is required: a number, math.inf (plain ReLU), a spec or a mapping")
+    for value in cap.values() if isinstance(cap, Mapping) else [cap]:
+        _recipe(value, "cap value" if isinstance(cap, Mapping) else "cap")
     found = (sites.discovery(model, mode, example_input is not None)
              if isinstance(sites, _Sites) else None)
     if inplace:
@@ -1306,6 +1304,11 @@ def cap_relus(
         warnings=tuple(converter.warnings), _record=converter.record,
     )
     return target, report
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` carries conversions by :func:`cap_relus` that :func:`uncap` can undo."""
+    return bool(getattr(model, "__dict__", {}).get(_RECORDS))
 
 
 def uncap(model: nn.Module) -> nn.Module:

@@ -337,6 +337,16 @@ class _nullcontext:
         return False
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_jit_trace_with_gradients(inplace):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), CappedReLU(0.3, inplace=inplace))
+    x = torch.randn(3, 4)
+    traced = torch.jit.trace(model, x)
+    assert torch.equal(traced(x), model(x))
+    traced(x).sum().backward()
+    assert model[0].weight.grad is not None
+
+
 def test_torch_compile_traces_every_activation_without_graph_breaks():
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     for name, mod in all_modules().items():

@@ -147,6 +147,28 @@ def test_uncapped_twin_replaces_every_capped_type_and_leaves_the_model_alone():
     assert isinstance(model[1], CappedReLU) and model[1].inplace
 
 
+def test_uncapped_twin_undoes_surgery_exactly_including_functional_relus():
+    from relucap_plugin.surgery import cap_relus, find_relus
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.nn.functional.relu(self.fc1(x)) * 2)
+
+    torch.manual_seed(0)
+    original = Functional().eval()
+    capped, _ = cap_relus(original, 0.05)
+    x = torch.randn(16, 6) * 3
+    assert not torch.equal(capped(x), original(x))
+    twin = uncapped_twin(capped)
+    assert torch.equal(twin(x), original(x))
+    assert [s.kind for s in find_relus(twin)] == [s.kind for s in find_relus(original)]
+    assert not torch.equal(capped(x), original(x))  # the capped model itself is untouched
+
+
 @pytest.mark.parametrize("spec", ["torch:PGD", "torchattacks:PGD", "torchattacks:APGD", "art:ProjectedGradientDescent",
                                   "foolbox:PGD"])
 def test_bpda_through_each_library_breaks_the_capped_model(capped_mlp, test_batch, spec):
