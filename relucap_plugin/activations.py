@@ -127,6 +127,8 @@ class _KeepOutputHardtanh(torch.autograd.Function):
 def _hardtanh_cap(x: Tensor, cap: float, inplace: bool) -> Tensor:
     if torch.jit.is_scripting():
         return F.hardtanh(x, 0.0, cap, inplace)
+    if cap >= torch.finfo(x.dtype).max:  # cannot bind in x's dtype; hardtanh would overflow
+        return F.relu(x, inplace=inplace)
     if (
         not (torch.is_grad_enabled() and x.requires_grad)
         or torch.jit.is_tracing()

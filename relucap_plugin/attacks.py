@@ -233,6 +233,8 @@ class Attack:
     native_restarts: ClassVar[bool] = False
     #: classes the attack needs regardless of the loss (AutoAttack's targeted DLR part: 4)
     min_classes: ClassVar[int] = 2
+    #: floating dtypes the model may have (None: any); the library fails in the others
+    dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
     needs_labels: bool = True
     project_output: bool = True
 
@@ -363,10 +365,11 @@ class Attack:
         x = self._check_x(x, tm)
         device = model_device(model, x.device)
         dtype = _float_dtype(model, x.dtype)
+        self.check_dtype(dtype)
         with caller_state(model), torch.enable_grad(), seeded(seed, device):
             xd = x.detach().to(device=device, dtype=dtype)
             with torch.no_grad():
-                logits = _logits(model, xd[:1], self.name)
+                logits = clean_logits(lambda t: _logits(model, t, self.name), xd, self.spec)
             ctx = CallContext(device=device, num_classes=logits.shape[1], batch_size=self.batch_size)
             needed = self.required_classes(tm)
             if ctx.num_classes < needed:
@@ -397,6 +400,17 @@ class Attack:
         dlr = self.losses is not None and tm.loss == "dlr"
         return max(self.min_classes, (4 if tm.targeted else 3) if dlr else 2)
 
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Refuse a model in a floating dtype the library cannot compute in (TypeError)."""
+        if self.dtypes is not None and dtype not in self.dtypes:
+            names = "/".join(str(d).replace("torch.", "") for d in self.dtypes)
+            raise TypeError(
+                f"{self.spec} needs a {names} model (its library fails in "
+                f"{str(dtype).replace('torch.', '')}); attack a float32 copy "
+                "(copy.deepcopy(model).float()) or use an attack that runs in any dtype, "
+                "e.g. torch:PGD"
+            )
+
     def _require_threat_model(self) -> ThreatModel:
         if self.threat_model is None:
             raise ValueError(
@@ -414,6 +428,12 @@ class Attack:
         eps = float(eps)
         if not math.isfinite(eps) or eps < 0:
             raise ValueError(f"eps must be finite and >= 0, got {eps}")
+        lo, hi = tm.bounds
+        if tm.norm == "Linf" and eps > hi - lo:
+            raise ValueError(
+                f"Linf eps {eps} exceeds the input range {hi - lo} of bounds {tm.bounds}: every "
+                f"input would be reachable. Use eps <= {hi - lo} (pixels in [0, 1]: e.g. 0.3 or 8/255)"
+            )
         return eps
 
     def _check_x(self, x: torch.Tensor, tm: ThreatModel) -> torch.Tensor:
@@ -424,6 +444,7 @@ class Attack:
                 f"x must be a non-empty floating tensor of shape (N, ...) (images as (N, C, H, W)), "
                 f"got {x.dtype} of shape {tuple(x.shape)}"
             )
+        check_finite_inputs(x, "x")
         lo, hi = tm.bounds
         x_min, x_max = float(x.min()), float(x.max())
         if not (lo <= x_min and x_max <= hi):
@@ -528,6 +549,46 @@ def _logits(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
             "that returns a tuple/dict so that it returns the logits tensor"
         )
     return out
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch running out of (CUDA or CPU) memory."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return (bool(oom) and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def check_finite_inputs(x: torch.Tensor, what: str) -> None:
+    """Refuse inputs ``x`` (N, ...) holding NaN or inf (ValueError naming the samples)."""
+    bad = (~torch.isfinite(x.detach().flatten(1))).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"{what} holds NaN/inf values in {len(bad)} sample(s) (positions {bad[:5]}); clean or "
+            "drop them (torch.nan_to_num, or x[torch.isfinite(x).flatten(1).all(1)])"
+        )
+
+
+def clean_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, where: str) -> torch.Tensor:
+    """``forward(x)`` for clean inputs ``x`` (N, ...) -> logits (N, classes), refusing (ValueError) a
+    model that cannot take ``x`` or returns NaN/inf logits: no robustness can be measured then."""
+    try:
+        logits = forward(x)
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise ValueError(
+            f"{where}: the model failed on clean inputs of shape {tuple(x.shape)} ({exc}); pass data "
+            "of the shape the model expects, e.g. (N, 1, 28, 28) for an MNIST model"
+        ) from exc
+    bad = (~torch.isfinite(logits)).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"{where}: the model returns non-finite logits (NaN/inf) on {len(bad)} of {len(x)} clean "
+            f"inputs (positions {bad[:5]}), so no robustness can be measured; check its weights (a "
+            "diverged training or a NaN checkpoint), the input scale and its activations"
+        )
+    return logits
 
 
 def _fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, name: str) -> torch.Tensor:

@@ -22,8 +22,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _distributed
+from .distributed import get_rank
 from ._console import progress as _progress
-from .attacks import Attack, _float_dtype, caller_state, get_attack, make_attack, perturbation_norm
+from .attacks import (
+    Attack,
+    _float_dtype,
+    caller_state,
+    check_finite_inputs,
+    clean_logits,
+    get_attack,
+    is_out_of_memory,
+    make_attack,
+    perturbation_norm,
+)
 from .data import DataLike, as_dataset, as_loader, unpack_batch
 from .results import Results, ResultsWriter, open_results_file
 from .threat import EvalConfig, ThreatModel
@@ -196,9 +208,11 @@ def _batches(loader: Any, limit: int | None) -> Iterator[tuple[int, Tensor, Tens
             return
 
 
-def _call_seed(seed: int, attack: str, eps: float, start: int) -> int:
-    """Seed of one attack call, from (seed, attack, eps, first sample index of the batch)."""
-    digest = hashlib.sha256(f"{seed}|{attack}|{eps!r}|{start}".encode()).digest()
+def _call_seed(seed: int, attack: str, eps: float, start: int, offset: int = 0) -> int:
+    """Seed of one attack call, from (seed, attack, eps, first sample index of the batch) and,
+    for a part of a batch split after running out of memory, the part's offset in the call."""
+    part = f"|{offset}" if offset else ""
+    digest = hashlib.sha256(f"{seed}|{attack}|{eps!r}|{start}{part}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -270,6 +284,8 @@ class _Runner:
                 f"data x must be floating point in {self.tm.bounds} (got {x.dtype}); "
                 "convert uint8 images with x.float() / 255"
             )
+        where = f"data samples {start}..{start + len(x) - 1}"
+        check_finite_inputs(x, where)
         lo, hi = self.tm.bounds
         x_min, x_max = (float(v) for v in torch.aminmax(x))
         if not (lo <= x_min and x_max <= hi):
@@ -282,7 +298,7 @@ class _Runner:
             self.dtype = _float_dtype(self.net, x.dtype)
         xd = x.to(device=self.device, dtype=self.dtype)
         yd = y.to(device=self.device, dtype=torch.long)
-        logits = self._logits(xd)
+        logits = clean_logits(self._logits, xd, where)
         labels = yd.tolist()
         if min(labels) < 0 or max(labels) >= logits.shape[1]:
             raise ValueError(
@@ -315,11 +331,9 @@ class _Runner:
         """
         sel = torch.tensor(attacked, device=self.device)
         x, y = batch.x[sel], batch.y[sel]
-        seed = _call_seed(self.cfg.seed, attack.spec, eps, batch.start)
         t0 = time.perf_counter()
         try:
-            x_adv = attack(self.net, x, y, eps, seed=seed)
-            x_adv = torch.as_tensor(x_adv).to(device=self.device, dtype=x.dtype)
+            x_adv = self._split_call(attack, eps, x, y, batch.start)
             if x_adv.shape != x.shape:
                 raise RuntimeError(
                     f"returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}"
@@ -342,17 +356,51 @@ class _Runner:
         finite = ~norms.isnan()
         if not bool(finite.all()):  # predict the clean input in place of a non-finite example
             x_adv = torch.where(finite.view(-1, *[1] * (x.dim() - 1)).to(x.device), x_adv, x)
-        pred = self._logits(x_adv).argmax(1).tolist()
+        logits = self._logits(x_adv)
+        pred = logits.argmax(1).tolist()
+        nan_logits = (~torch.isfinite(logits)).any(1).tolist()
         out = {}
         for j, (k, n, why) in enumerate(zip(attacked, norms.tolist(), reasons)):
             finite = math.isfinite(n)
+            if finite and nan_logits[j]:  # an undefined prediction never counts as robust
+                why = "; ".join(filter(None, [why, "the model returns NaN/inf logits on it"]))
             out[k] = (
                 "ok" if why is None else "violation",
                 why,
-                pred[j] if finite else None,
+                pred[j] if finite and not nan_logits[j] else None,
                 n if finite else None,
             )
         return out, elapsed
+
+    def _split_call(
+        self, attack: Attack, eps: float, x: Tensor, y: Tensor, start: int, offset: int = 0
+    ) -> Tensor:
+        """``attack`` on ``x`` (B, ...), seeded by (batch ``start``, ``offset`` of ``x`` in the call).
+
+        Out of memory: warn, then attack the two halves separately (each seeded by its own
+        offset), halving down to one sample; so a split batch gives the unsplit table for
+        deterministic attacks, and for random ones the same table whenever memory splits alike.
+        """
+        seed = _call_seed(self.cfg.seed, attack.spec, eps, start, offset)
+        try:
+            x_adv = attack(self.net, x, y, eps, seed=seed)
+        except Exception as exc:
+            if len(x) == 1 or not is_out_of_memory(exc):
+                raise
+        else:
+            return torch.as_tensor(x_adv).to(device=self.device, dtype=x.dtype)
+        half = (len(x) + 1) // 2
+        warnings.warn(
+            f"{attack.spec} ran out of memory at eps={eps:g} on {len(x)} samples from sample "
+            f"{start}; retrying in batches of {half} and {len(x) - half} (a smaller "
+            "EvalConfig(batch_size=...) avoids the retries)",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        parts = [(x[:half], y[:half], offset), (x[half:], y[half:], offset + half)]
+        return torch.cat([self._split_call(attack, eps, a, b, start, o) for a, b, o in parts])
 
     def run(self, batch: _Batch, attack: Attack, eps: float) -> None:
         """Rows of ``attack`` at ``eps`` for the batch's samples that have none yet.
@@ -449,6 +497,12 @@ def evaluate(
     or failed (sample, attack, eps) rows are computed, re-running the whole batch of a missing
     row so that the result equals an uninterrupted run; ``resume=False`` starts the file over.
     The model's modes, device, ``requires_grad`` flags and torch's global RNG are restored.
+
+    Under ``torchrun`` (or in an initialised process group of several ranks) each rank evaluates
+    every ``world_size``-th batch with the same seeds, so the rows equal a single-process run's;
+    with ``out=`` each rank streams to its shard ``results.rankR-of-W.jsonl`` next to ``out`` and
+    resumes from it. Rank 0 returns the merged table (and writes it to ``out``), the other ranks
+    the rows of their own batches; only rank 0 shows progress (see :mod:`.distributed`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -458,9 +512,12 @@ def evaluate(
         raise TypeError(f"resume must be True or False, got {resume!r}")
     tm = _as_threat_model(threat_model)
     cfg = _as_config(config)
-    device = cfg.resolve_device()
+    ctx = _distributed.setup(cfg.device)
+    device = cfg.resolve_device() if ctx is None else ctx.device
     net = model if output is None else _SelectOutput(model, output)
     attack_list = _as_attacks(attacks, tm, cfg)
+    for attack in attack_list:
+        attack.check_dtype(_float_dtype(net, torch.float32))
     loader = as_loader(data, batch_size=cfg.batch_size)
     n_expected = _expected_samples(data, cfg)
     if n_expected == 0:
@@ -477,21 +534,27 @@ def evaluate(
         "package_version": versions["relucap-plugin"],
         "rtol": RTOL,
     }
+    if ctx is not None:
+        metadata["world_size"] = ctx.world_size
+        ctx.check_same(model, metadata)
     writer = None
     if out is not None:
         path = os.fspath(out)
         if os.path.isdir(path):
             path = os.path.join(path, "results.jsonl")
-        results, writer = open_results_file(path, metadata, resume)
+        if ctx is None:
+            results, writer = open_results_file(path, metadata, resume)
+            _distributed.adopt_shards(path, results, writer, resume)
+        else:
+            results, writer = ctx.open_shard(path, metadata, resume)
     else:
         results = Results(metadata=metadata)
 
     bs = loader.batch_size if isinstance(data, torch.utils.data.DataLoader) else cfg.batch_size
-    total = (
-        None
-        if n_expected is None or bs is None
-        else (math.ceil(n_expected / bs) * len(attack_list) * len(tm.eps))
-    )
+    n_batches = None if n_expected is None or bs is None else math.ceil(n_expected / bs)
+    if ctx is not None and n_batches is not None:
+        n_batches = ctx.share(n_batches)
+    total = None if n_batches is None else n_batches * len(attack_list) * len(tm.eps)
     keys = [(a.spec, e) for a in attack_list for e in tm.eps]
     try:
         cuda = (
@@ -504,19 +567,22 @@ def evaluate(
             runner = _Runner(net, tm, cfg, device, results, writer)
 
             def units() -> Iterator[tuple[_Batch | None, Attack, float]]:
-                for start, x, y in _batches(loader, cfg.n_samples):
+                mine = _batches if ctx is None else ctx.batches
+                for start, x, y in mine(loader, cfg.n_samples):
                     batch = None if runner.complete(start, y, keys) else runner.prepare(start, x, y)
                     for attack in attack_list:
                         for eps in tm.eps:
                             yield batch, attack, eps
 
             description = f"{len(attack_list)} attack(s) x {len(tm.eps)} eps"
+            if ctx is not None:
+                description += f", rank 0 of {ctx.world_size}"
             for batch, attack, eps in _progress(
-                units(), description, total=total, enabled=progress
+                units(), description, total=total, enabled=progress and get_rank() == 0
             ):
                 if batch is not None:
                     runner.run(batch, attack, eps)
     finally:
         if writer is not None:
             writer.close()
-    return results
+    return results if ctx is None else ctx.gather(results, None if out is None else path)

@@ -374,7 +374,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if fmt == "safetensors":
-        state = _safetensors().load_file(path, device="cpu")
+        try:
+            state = _safetensors().load_file(path, device="cpu")
+        except Exception as exc:
+            raise ValueError(
+                f"{path!r} is not a valid safetensors file ({exc.__class__.__name__}: {exc}); "
+                "save it with save_checkpoint"
+            ) from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -66,3 +66,29 @@ def test_compare_libraries_runs_one_pgd_through_three_libraries(capsys):
         assert set(e["accuracy"]) == {"torchattacks", "foolbox", "art"} and e["n_common"] == 30
         assert e["max_gap"] <= 10.0  # same spec: the libraries agree within 3 of 30 samples
     assert "Agreement across libraries" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_distributed_example_under_torchrun_prints_on_rank_0_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from relucap_plugin.results import Results
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "--redirects", "3", "--log-dir",
+         str(tmp_path / "logs"), str(EXAMPLES / "distributed.py"), "--tiny", "--out",
+         str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out0,) = (tmp_path / "logs").glob("*/attempt_0/0/stdout.log")
+    (out1,) = (tmp_path / "logs").glob("*/attempt_0/1/stdout.log")
+    assert "robust acc" in out0.read_text() and "2 process(es)" in out0.read_text()
+    assert out1.read_text() == ""
+    merged = Results.load(tmp_path / "out" / "results.jsonl")
+    assert len(merged) == 30 * 2 * 2 and merged.samples == list(range(30))
+    assert {s for f in ("results.rank0-of-2.jsonl", "results.rank1-of-2.jsonl")
+            for s in Results.load(tmp_path / "out" / f).samples} == set(range(30))

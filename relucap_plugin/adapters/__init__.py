@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import random
 from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any
@@ -51,7 +52,12 @@ class LibraryInfo:
             return "installed"
 
     def require(self) -> ModuleType:
-        """Import the library, or raise ImportError naming the extra to install."""
+        """Import the library, or raise ImportError naming the extra to install.
+
+        The caller's ``random`` and torch RNG states are kept: importing ART draws from
+        ``random`` (a module it imports does).
+        """
+        py_state, torch_state = random.getstate(), torch.get_rng_state()
         try:
             return importlib.import_module(self.module)
         except ImportError as exc:
@@ -59,6 +65,9 @@ class LibraryInfo:
                 f"attacks from {self.name!r} need the {self.distribution or self.module} package: "
                 f"{self.install_hint()} ({exc})"
             ) from exc
+        finally:
+            random.setstate(py_state)
+            torch.set_rng_state(torch_state)
 
 
 LIBRARIES: dict[str, LibraryInfo] = {

@@ -15,6 +15,8 @@ import os
 from types import ModuleType
 from typing import Any, ClassVar
 
+import torch
+
 from ..attacks import Attack, CallContext, Native, model_device
 from . import LIBRARIES, build_attack
 
@@ -144,6 +146,7 @@ class BoundaryAttack(FoolboxAttack):
     """Decision-based; ``steps`` is its iteration count. Needs no gradients."""
 
     family = "Boundary"
+    dtypes = (torch.float32, torch.float64)  # fails in float16/bfloat16
     native_name = cls_name = "BoundaryAttack"
     norms = ("L2",)
     minimum_norm = True
@@ -160,6 +163,7 @@ class HopSkipJumpAttack(FoolboxAttack):
     """Decision-based; ``steps`` is its iteration count, the norm its ``constraint``."""
 
     family = "HopSkipJump"
+    dtypes = (torch.float32, torch.float64)  # fails in float16/bfloat16
     native_name = cls_name = "HopSkipJumpAttack"
     minimum_norm = True
     supports_targeted = False

@@ -150,6 +150,7 @@ class APGD(TorchattacksAttack):
     """APGD: its own step-size schedule and random start (``step_size``/``random_start`` unused)."""
 
     family, native_name, cls_name = "APGD", "APGD", "APGD"
+    dtypes = (torch.float32, torch.float64)  # fails in float16/bfloat16
     losses = ("ce", "dlr")
     supports_targeted = False
     native_restarts = True
@@ -183,6 +184,7 @@ class Square(TorchattacksAttack):
     """Square: ``steps`` is the query budget per restart; margin loss as in the paper."""
 
     family, native_name, cls_name = "Square", "Square", "Square"
+    dtypes = (torch.float32, torch.float64)  # fails in float16/bfloat16
     native_restarts = True
     seeded_class = True
 
@@ -206,6 +208,7 @@ class AutoAttack(TorchattacksAttack):
     """
 
     family, native_name, cls_name = "AutoAttack", "AutoAttack", "AutoAttack"
+    dtypes = (torch.float32, torch.float64)  # its APGD and Square parts fail in float16/bfloat16
     supports_targeted = False
     native_restarts = True
     seeded_class = True
