@@ -233,9 +233,16 @@ class Results:
         return sum(clean.values()) / len(clean) if clean else None
 
     def robust_accuracy(self, attack: str, eps: float) -> float | None:
-        """Fraction of completed rows of ``attack`` at ``eps`` that count as robust."""
-        rows = self._completed(attack, float(eps))
-        return sum(r["adv_correct"] for r in rows) / len(rows) if rows else None
+        """Fraction of the rows of ``attack`` at ``eps`` that count as robust.
+
+        ``None`` when there are no rows or any row failed: attacks fail only on samples they
+        attack (correctly classified ones), so a fraction over the completed rows would be
+        biased low (:meth:`missing` lists the failed rows; resume to fill them in).
+        """
+        rows = self._group(attack, float(eps))
+        if not rows or any(r["status"] == "failed" for r in rows):
+            return None
+        return sum(r["adv_correct"] for r in rows) / len(rows)
 
     def per_sample_worst_case(
         self, eps: float, attacks: Sequence[str] | None = None

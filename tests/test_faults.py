@@ -67,6 +67,9 @@ def test_attack_raising_inside_a_library_is_failed_rows_and_the_others_complete(
     assert len(square) == 2 * 60 and all(r["status"] == "ok" for r in square)
     pgd = next(s for s in res.summary() if s["attack"] == "torchattacks:PGD" and s["eps"] == 0.1)
     assert pgd["failed"] == n_correct and pgd["n"] == 60 - n_correct  # only the skipped rows count
+    # a figure over the skipped rows alone would read 0%: incomplete attacks have no accuracy
+    assert pgd["robust_accuracy"] is None and res.robust_accuracy("torchattacks:PGD", 0.1) is None
+    assert res.robust_accuracy("torchattacks:Square", 0.1) is not None
     square = next(s for s in res.summary() if s["attack"] == "torchattacks:Square" and s["eps"] == 0.2)
     assert square["failed"] == 0 and square["n"] == 60
     assert sorted(res.missing()) == sorted((r["sample"], r["attack"], r["eps"]) for r in failed)
