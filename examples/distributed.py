@@ -5,7 +5,7 @@ digits, and streams its rows to ``<out>/results.rankR-of-W.jsonl``; rank 0 gathe
 ``<out>/results.jsonl`` and prints the table. Run it again after a crash or with another number
 of processes: only the missing rows are computed.
 
-    torchrun --standalone --nproc-per-node 2 examples/distributed.py      # about 30 s on 2 cores
+    torchrun --standalone --nproc-per-node 2 examples/distributed.py      # about 10 s on 2 cores
     python examples/distributed.py --tiny                                 # one process works too
 """
 

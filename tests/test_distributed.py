@@ -140,7 +140,8 @@ def test_the_reference_rows_depend_on_the_seed(reference):
     other = evaluate(model, data, attacks, tm, EvalConfig(batch_size=BS, seed=1, device="cpu"),
                      progress=False, model_name="tiny")
     changed = [a[1] for a, b in zip(reference.outcomes(), other.outcomes()) if a != b]
-    attacked = [r for r in reference.rows if r["attack"] == "custom:noisy_fgsm" and not r["skipped"]]
+    attacked = [r for r in reference.rows if r["attack"] == "custom:noisy_fgsm"
+                and not r["skipped"]]
     assert changed.count("custom:noisy_fgsm") == len(attacked) == 36
 
 
