@@ -96,8 +96,8 @@ def main() -> None:
                 if rep >= 2:  # two warm-up rounds
                     times[name].append(dt)
         base_t = statistics.median(times["nn.ReLU"])
-        alone = {k: saved_bytes(lambda m=m: m(x)) for k, m in mods.items()}
-        chain = {k: saved_bytes(lambda m=m: m(x * v) * w) for k, m in mods.items()}
+        alone = {k: saved_bytes(lambda m=m, x=x: m(x)) for k, m in mods.items()}
+        chain = {k: saved_bytes(lambda m=m, x=x, v=v, w=w: m(x * v) * w) for k, m in mods.items()}
         print(f"\n{n:,} elements (nn.ReLU: {base_t * 1e3:.2f} ms fwd+bwd, "
               f"{alone['nn.ReLU'] / 2**20:.1f} MiB kept alone)")
         print(f"{'variant':<22} {'time/ReLU':>9} {'bytes alone/ReLU':>17} {'bytes in chain/ReLU':>20}")

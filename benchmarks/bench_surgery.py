@@ -99,7 +99,7 @@ def bench_model(name: str, repeats: int):
     for _ in range(repeats):
         for key, fn in variants.items():
             work = copy.deepcopy(model) if "cap" in key or key == "surgery" else None  # not timed
-            wall, cpu = timed(lambda: fn(work))
+            wall, cpu = timed(lambda fn=fn, work=work: fn(work))
             best[key] = (min(best[key][0], wall), min(best[key][1], cpu))
             del work
     return best, holder["report"]
@@ -145,7 +145,7 @@ def main() -> None:
             try:
                 for _ in range(args.zoo_repeats):
                     work = copy.deepcopy(model)
-                    best = min(best, timed(lambda: holder.update(report=surgery(work)))[1])
+                    best = min(best, timed(lambda holder=holder, work=work: holder.update(report=surgery(work)))[1])
             except ValueError as exc:
                 if "applies no ReLU" not in str(exc):
                     raise

@@ -124,32 +124,61 @@ def _load_eval_data(spec: str):
     return data.as_dataset(tuple(loaded))
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    """Attack a model with one or more attacks; write results.jsonl, tables and a plot to --out."""
+def _prepare_run(args: argparse.Namespace) -> tuple:
+    """Model (with --checkpoint), data and EvalConfig of `evaluate` and `audit`; --out created."""
     import os
 
     import torch
 
     from .distributed import is_main_process
-    from .evaluation import evaluate
-    from .threat import EvalConfig, ThreatModel
+    from .threat import EvalConfig
     from .training import load_checkpoint
 
+    torch.manual_seed(args.seed)  # the same random weights on every torchrun rank
+    model = _load_model(args.model)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    elif is_main_process():
+        print(f"relucap {args.command}: no --checkpoint given: the model has random weights",
+              file=sys.stderr)
+    cfg = EvalConfig(batch_size=args.batch_size, device=args.device, seed=args.seed,
+                     n_samples=args.n_samples)
+    dataset = _load_eval_data(args.data)
+    os.makedirs(args.out, exist_ok=True)
+    return model, dataset, cfg
+
+
+def _write_tables(out: str, stem: str, table, files: dict[str, object] | None = None) -> None:
+    """``stem``.txt and ``stem``.md from ``table(markdown=...)``, plus extra text files."""
+    import os
+
+    texts = {f"{stem}.txt": table(), f"{stem}.md": table(markdown=True), **(files or {})}
+    for name, text in texts.items():
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            f.write(str(text))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Attack a model with one or more attacks; write results.jsonl, tables and a plot to --out."""
+    import os
+
+    from .distributed import is_main_process
+    from .evaluation import evaluate
+    from .threat import ThreatModel
+
     try:
-        torch.manual_seed(args.seed)  # the same random weights on every torchrun rank
-        model = _load_model(args.model)
-        if args.checkpoint:
-            load_checkpoint(model, args.checkpoint)
-        elif is_main_process():
-            print("relucap evaluate: no --checkpoint given: the model has random weights", file=sys.stderr)
+        if not args.attack and not args.suite:
+            raise ValueError("name the attacks: --attack SPEC (repeatable) and/or --suite standard")
+        model, dataset, cfg = _prepare_run(args)
         tm = ThreatModel(norm=args.norm, eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
                          restarts=args.restarts)
-        cfg = EvalConfig(batch_size=args.batch_size, device=args.device, seed=args.seed,
-                         n_samples=args.n_samples)
-        dataset = _load_eval_data(args.data)
-        os.makedirs(args.out, exist_ok=True)
+        attacks = list(args.attack or [])
+        if args.suite:
+            from .adaptive import get_suite
+
+            attacks += get_suite(args.suite, tm, square_queries=args.square_queries)
         output = int(args.output) if args.output and args.output.lstrip("-").isdigit() else args.output
-        results = evaluate(model, dataset, args.attack, tm, cfg, out=os.path.join(args.out, "results.jsonl"),
+        results = evaluate(model, dataset, attacks, tm, cfg, out=os.path.join(args.out, "results.jsonl"),
                            resume=not args.no_resume, output=output, progress=not args.quiet,
                            model_name=args.model)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
@@ -157,44 +186,51 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     if not is_main_process():  # under torchrun rank 0 writes and prints the merged table
         return 0
-    with open(os.path.join(args.out, "results.txt"), "w", encoding="utf-8") as f:
-        f.write(results.table())
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(results.table(markdown=True))
+    _write_tables(args.out, "results", results.table)
     results.plot(os.path.join(args.out, "robust_accuracy.png"))
     results.print()
     print(f"results written to {args.out}/ (results.jsonl, results.txt, results.md, robust_accuracy.png)")
     return 0
 
 
-def _add_evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="attack a model through ART/Foolbox/torchattacks and verify",
-                       description="Attack MODEL with every --attack at every --eps, verify each "
-                       "adversarial example, and write the per-sample results to --out. Runs unchanged under "
-                       "torchrun --nproc-per-node N: each rank takes every N-th batch, rank 0 "
-                       "prints and writes the merged results.")
+def _add_run_arguments(p: argparse.ArgumentParser, out: str, steps: str, n_samples: int | None) -> None:
+    """The arguments `evaluate` and `audit` share: model, weights, data, threat model, run."""
     p.add_argument("model", metavar="MODEL",
                    help="mlp:256,32,256[:activation], package.module:factory, or a torchvision name")
     p.add_argument("--checkpoint", help="weights: safetensors or a weights-only torch state dict")
     p.add_argument("--data", default="mnist5k",
                    help="mnist5k (default), a folder of MNIST/CIFAR-10 files, a .npz or a .pt")
-    p.add_argument("--attack", action="append", required=True, metavar="SPEC",
-                   help="attack spec, e.g. torchattacks:PGD or art:ProjectedGradientDescent; repeatable")
     p.add_argument("--eps", type=float, nargs="+", required=True, help="budgets, e.g. 0.1 0.3")
     p.add_argument("--norm", default="Linf", help="Linf (default) or L2")
-    p.add_argument("--steps", type=int, default=40, help="attack iterations (default 40)")
-    p.add_argument("--step-size", type=float, default=None, help="default: 2.5 * eps / steps")
-    p.add_argument("--restarts", type=int, default=1, help="runs per attack (default 1)")
-    p.add_argument("--n-samples", type=int, default=None, help="evaluate the first N samples")
+    p.add_argument("--steps", type=int, default=40, help=f"{steps} (default 40)")
+    p.add_argument("--n-samples", type=int, default=n_samples,
+                   help="the first N samples (default: " + (str(n_samples) if n_samples else "all") + ")")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--out", default=out, metavar="DIR", help=f"output folder (default {out})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--square-queries", type=int, default=5000,
+                   help="query budget of the suite's Square attack (default 5000)")
+
+
+def _add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="attack a model through ART/Foolbox/torchattacks and verify",
+                       description="Attack MODEL with every --attack at every --eps, verify each "
+                       "adversarial example, and write the per-sample results to --out (an existing "
+                       "run there is resumed). Runs unchanged under torchrun --nproc-per-node N: "
+                       "each rank takes every N-th batch, rank 0 prints and writes the merged results.")
+    _add_run_arguments(p, "relucap-results", "attack iterations", None)
+    p.add_argument("--attack", action="append", metavar="SPEC",
+                   help="attack spec, e.g. torchattacks:PGD or art:ProjectedGradientDescent; repeatable")
+    p.add_argument("--suite", default=None,
+                   help="add an attack suite, e.g. standard (PGD CE/margin, their BPDA versions, "
+                        "Square, transfer); the worst case over all attacks is the headline")
+    p.add_argument("--step-size", type=float, default=None, help="default: 2.5 * eps / steps")
+    p.add_argument("--restarts", type=int, default=1, help="runs per attack (default 1)")
     p.add_argument("--output", default=None,
                    help="index or key of the logits when the model returns a tuple or dict")
-    p.add_argument("--out", default="relucap-results", metavar="DIR",
-                   help="results folder (default relucap-results); an existing run there is resumed")
     p.add_argument("--no-resume", action="store_true", help="start results.jsonl over")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -203,24 +239,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from .adaptive import evaluate_suite
+    from .data import as_tensors
     from .diagnostics import audit
-    from .threat import EvalConfig, ThreatModel
-    from .training import load_checkpoint
+    from .threat import ThreatModel
 
     try:
-        model = _load_model(args.model)
-        if args.checkpoint:
-            load_checkpoint(model, args.checkpoint)
-        else:
-            print("relucap audit: no --checkpoint given: the model has random weights", file=sys.stderr)
+        model, dataset, cfg = _prepare_run(args)
         tm = ThreatModel(norm=args.norm, eps=tuple(args.eps), steps=args.steps)
-        cfg = EvalConfig(batch_size=args.batch_size, device=args.device, seed=args.seed,
-                         n_samples=args.n_samples)
-        dataset = _load_eval_data(args.data)
-        os.makedirs(args.out, exist_ok=True)
-        from .adaptive import evaluate_suite
-        from .data import as_tensors
-
         data = as_tensors(dataset, limit=args.n_samples)
         results = evaluate_suite(model, data, tm, args.suite, cfg, extra_attacks=["torch:FGSM"],
                                  suite_kwargs={"square_queries": args.square_queries},
@@ -230,12 +256,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"relucap audit: error: {exc}", file=sys.stderr)
         return 2
-    with open(os.path.join(args.out, "audit.txt"), "w", encoding="utf-8") as f:
-        f.write(report.table())
-    with open(os.path.join(args.out, "audit.md"), "w", encoding="utf-8") as f:
-        f.write(report.table(markdown=True))
-    with open(os.path.join(args.out, "flags.json"), "w", encoding="utf-8") as f:
-        json.dump(report.to_dict(), f, indent=1, default=str)
+    _write_tables(args.out, "audit", report.table,
+                  {"flags.json": json.dumps(report.to_dict(), indent=1, default=str)})
     report.print()
     print(f"audit written to {args.out}/ (results.jsonl, audit.txt, audit.md, flags.json)")
     return 0
@@ -246,22 +268,8 @@ def _add_audit_parser(sub) -> None:
                        description="Attack MODEL with the standard suite (PGD CE/margin, their BPDA "
                        "versions, Square, transfer from the uncapped twin), run every gradient-masking "
                        "check and print the flags, the per-sample worst case and a verdict.")
-    p.add_argument("model", metavar="MODEL",
-                   help="mlp:256,32,256[:activation], package.module:factory, or a torchvision name")
-    p.add_argument("--checkpoint", help="weights: safetensors or a weights-only torch state dict")
-    p.add_argument("--data", default="mnist5k",
-                   help="mnist5k (default), a folder of MNIST/CIFAR-10 files, a .npz or a .pt")
-    p.add_argument("--eps", type=float, nargs="+", required=True, help="budgets, e.g. 0.1 0.3")
-    p.add_argument("--norm", default="Linf", help="Linf (default) or L2")
-    p.add_argument("--steps", type=int, default=40, help="PGD iterations (default 40)")
+    _add_run_arguments(p, "relucap-audit", "PGD iterations", 200)
     p.add_argument("--suite", default="standard", help="attack suite (default: standard)")
-    p.add_argument("--square-queries", type=int, default=5000, help="Square query budget (default 5000)")
-    p.add_argument("--n-samples", type=int, default=200, help="first N samples (default 200)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--out", default="relucap-audit", metavar="DIR", help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_audit)
 
 

@@ -148,10 +148,7 @@ class ThreatModel:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ThreatModel:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error (not silently dropped)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown ThreatModel field(s) {unknown}; valid: {sorted(names)}")
+        _check_fields(cls, data)
         data = dict(data)
         if "bounds" in data:
             data["bounds"] = tuple(data["bounds"])
@@ -210,10 +207,7 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown EvalConfig field(s) {unknown}; valid: {sorted(names)}")
+        _check_fields(cls, data)
         return cls(**data)
 
 
@@ -231,3 +225,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
     return resolved
+
+
+def _check_fields(cls: type, data: dict[str, Any]) -> None:
+    """Unknown keys of a ``from_dict`` input are an error, not silently dropped."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(names)}")

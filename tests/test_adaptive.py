@@ -243,3 +243,23 @@ def test_standard_suite_agrees_with_pgd_on_a_relu_model(mnist_mlp, test_batch):
     pgd = results.robust_accuracy("torch:PGD", 0.3)
     assert abs(results.worst_case(0.3) - pgd) <= 0.02, (pgd, results.worst_case(0.3))
     assert not results.violations() and not results.failed()
+
+
+def test_cli_evaluate_with_the_standard_suite(tmp_path, capsys):
+    """`relucap evaluate --suite standard` runs every suite attack and reports the worst case."""
+    import json
+
+    from relucap_plugin.cli import main
+
+    x = torch.rand(12, 1, 28, 28)
+    torch.save({"x": x, "y": torch.arange(12) % 10}, tmp_path / "data.pt")
+    out = tmp_path / "out"
+    assert main(["evaluate", "mlp:16:capped_relu(cap=0.1)", "--data", str(tmp_path / "data.pt"),
+                 "--suite", "standard", "--attack", "torch:FGSM", "--eps", "0.3", "--steps", "3",
+                 "--square-queries", "20", "--quiet", "--out", str(out)]) == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    attacks = {json.loads(line)["attack"] for line in lines[1:]}
+    expected = {a.spec for a in get_suite("standard", ThreatModel("Linf", 0.3, steps=3), square_queries=20)}
+    assert attacks == expected | {"torch:FGSM"} and len(expected) == 6
+    assert any("+bpda(ste)" in a for a in attacks) and any("transfer" in a for a in attacks)
+    assert "worst case (7 attacks)" in capsys.readouterr().out

@@ -78,7 +78,10 @@ def same(a, b):
     return a == b
 
 
-def attack_call(spec, tm=ThreatModel("Linf", eps=0.1, steps=3)):
+ATTACK_TM = ThreatModel("Linf", eps=0.1, steps=3)
+
+
+def attack_call(spec, tm=ATTACK_TM):
     def call(model, x, y):
         get_attack(spec, tm)(model, x, y, seed=0)
     return call

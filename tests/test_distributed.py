@@ -263,7 +263,7 @@ def test_killed_rank_resumes_to_the_uninterrupted_table(tmp_path, reference):
     keys = _keys(out)
     assert len(keys) == len(set(keys)) == N * 2 * len(EPS)
     expected = set(reference.keys())
-    for f, rank, _ in shard_files(out):
+    for f, _rank, _ in shard_files(out):
         after = Counter(_keys(f))
         assert max(after.values()) == 1  # no duplicated rows
         assert set(after) <= expected

@@ -211,14 +211,14 @@ def test_corrupt_safetensors_checkpoint(tmp_path, model):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["evaluate", "mlp:16", "--eps", "0.1"], "the following arguments are required: --attack"),
+        (["evaluate", "mlp:16", "--attack", "torch:PGD"], "the following arguments are required: --eps"),
         (["evaluate", "mlp:16", "--attack", "torch:PGD", "--eps", "abc"], "argument --eps: invalid float value: 'abc'"),
         (["evaluate", "mlp:16", "--attack", "torch:PGD", "--eps", "0.1", "--steps", "2.5"],
          "argument --steps: invalid int value: '2.5'"),
         (["inspect", "mlp:16", "--mode", "fx"], "argument --mode: invalid choice: 'fx'"),
         (["evaluate", "mlp:16", "--attack", "torch:PGD", "--eps"], "argument --eps: expected at least one argument"),
     ],
-    ids=["missing-attack", "eps-not-float", "steps-not-int", "bad-choice", "eps-no-value"],
+    ids=["missing-eps", "eps-not-float", "steps-not-int", "bad-choice", "eps-no-value"],
 )
 def test_cli_arguments_that_do_not_parse_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as info:
@@ -251,6 +251,13 @@ def test_cli_bad_values_are_errors_with_exit_2_and_no_traceback(argv, words, tmp
     err = capsys.readouterr().err
     assert "relucap evaluate: error: " in err and "Traceback" not in err
     assert re.search(words, err), err
+
+
+def test_cli_evaluate_without_attacks_names_both_ways(tmp_path, capsys):
+    assert main(["evaluate", "mlp:16", "--eps", "0.1", "--quiet", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "relucap evaluate: error: name the attacks: --attack SPEC (repeatable) and/or --suite standard" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_checkpoint_of_another_architecture(tmp_path, capsys):
