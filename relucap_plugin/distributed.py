@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
 from .data import unpack_batch
-from .results import Results, ResultsWriter, _differences, open_results_file
+from .results import Results, ResultsWriter, load_same_evaluation, open_results_file
 from .threat import resolve_device
 
 __all__ = [
@@ -89,17 +89,6 @@ def shard_files(path: str | os.PathLike) -> list[tuple[str, int, int]]:
     return sorted(found, key=lambda f: (f[2], f[1]))
 
 
-def _load_same(path: str, metadata: Mapping[str, Any]) -> Results:
-    """The results in ``path``, which must be of the same evaluation as ``metadata``."""
-    loaded = Results.load(path)
-    diff = _differences(loaded.metadata, metadata)
-    if diff:
-        raise ValueError(
-            f"{path} holds results of a different evaluation (" + "; ".join(diff) + "); "
-            "resume with the same settings, write to another out= path, or pass resume=False "
-            "to start the run over"
-        )
-    return loaded
 
 
 def merge_shards(path: str | os.PathLike, save: bool = True) -> Results:
@@ -128,7 +117,7 @@ def adopt_shards(path: str, results: Results, writer: ResultsWriter, resume: boo
             os.remove(f)
             continue
         rows = []
-        for r in _load_same(f, results.metadata).rows:
+        for r in load_same_evaluation(f, results.metadata).rows:
             old = results._rows.get((r["sample"], r["attack"], r["eps"]))
             if old is None or (old["status"] == "failed" and r["status"] != "failed"):
                 rows.append(r)
@@ -357,7 +346,7 @@ class DistContext:
         if resume:
             others = [f for f, _, world in shard_files(path) if world != self.world_size]
             for f in ([path] if os.path.exists(path) else []) + others:
-                results.extend(_load_same(f, metadata).rows)
+                results.extend(load_same_evaluation(f, metadata).rows)
         return results, writer
 
     def gather(self, results: Results, path: str | None) -> Results:

@@ -30,6 +30,7 @@ __all__ = [
     "Results",
     "ResultsFileWarning",
     "ResultsWriter",
+    "load_same_evaluation",
     "open_results_file",
 ]
 
@@ -656,6 +657,20 @@ class ResultsWriter:
         self.close()
 
 
+def load_same_evaluation(path: str, metadata: Mapping[str, Any]) -> Results:
+    """The results in ``path``, which must be of the evaluation ``metadata`` describes (same
+    model, threat model apart from eps, seed, batch size, sample count): else a ``ValueError``."""
+    loaded = Results.load(path)
+    diff = _differences(loaded.metadata, metadata)
+    if diff:
+        raise ValueError(
+            f"{path} holds results of a different evaluation (" + "; ".join(diff) + "); "
+            "resume with the same settings, write to another out= path, or pass resume=False "
+            "to start over"
+        )
+    return loaded
+
+
 def _drop_torn_tail(path: str) -> None:
     """Truncate ``path`` after its last newline, so appended rows start on a line of their own."""
     with open(path, "rb+") as f:
@@ -685,14 +700,7 @@ def open_results_file(
     path = os.fspath(path)
     if resume and os.path.exists(path):
         _drop_torn_tail(path)
-        existing = Results.load(path)
-        diff = _differences(existing.metadata, metadata)
-        if diff:
-            raise ValueError(
-                f"{path} holds results of a different evaluation (" + "; ".join(diff) + "); "
-                "resume with the same settings, write to another out= path, or pass resume=False "
-                "to start the file over"
-            )
+        existing = load_same_evaluation(path, metadata)
         merged = _merged_metadata(existing.metadata, metadata)
         merged = {
             **merged,
