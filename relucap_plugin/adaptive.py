@@ -385,11 +385,21 @@ def standard_suite(threat_model: ThreatModel, *, square_queries: int = 5000,
 SUITES: dict[str, Callable[..., list[Attack]]] = {"standard": standard_suite}
 
 
-def get_suite(name: str, threat_model: ThreatModel, **kwargs: Any) -> list[Attack]:
-    """The attacks of the suite ``name`` (see :data:`SUITES`) for ``threat_model``."""
+def get_suite(name: str, threat_model: ThreatModel, model: nn.Module | None = None,
+              **kwargs: Any) -> list[Attack]:
+    """The attacks of the suite ``name`` (see :data:`SUITES`) for ``threat_model``.
+
+    With ``model``, members that would only repeat white-box PGD on it are left out: on a model
+    without capped activations a BPDA attack has no cap to take a surrogate gradient through,
+    and the default uncapped twin of a transfer attack is the model itself.
+    """
     if name not in SUITES:
         raise ValueError(f"unknown attack suite {name!r}; valid: {', '.join(SUITES)}")
-    return SUITES[name](threat_model, **kwargs)
+    attacks = SUITES[name](threat_model, **kwargs)
+    if model is not None and not capped_sites(model):
+        attacks = [a for a in attacks if not isinstance(a, SurrogateAttack)
+                   and not (isinstance(a, TransferAttack) and a.surrogate is None)]
+    return attacks
 
 
 def evaluate_suite(model: nn.Module, data: Any, threat_model: ThreatModel, suite: str = "standard",
@@ -399,5 +409,5 @@ def evaluate_suite(model: nn.Module, data: Any, threat_model: ThreatModel, suite
     ``extra_attacks``); the headline is ``results.worst_case(eps)``."""
     from .evaluation import evaluate
 
-    attacks = [*get_suite(suite, threat_model, **(suite_kwargs or {})), *extra_attacks]
+    attacks = [*get_suite(suite, threat_model, model, **(suite_kwargs or {})), *extra_attacks]
     return evaluate(model, data, attacks, threat_model, config, **evaluate_kwargs)

@@ -176,7 +176,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.suite:
             from .adaptive import get_suite
 
-            attacks += get_suite(args.suite, tm, square_queries=args.square_queries)
+            attacks += get_suite(args.suite, tm, model, square_queries=args.square_queries)
         output = int(args.output) if args.output and args.output.lstrip("-").isdigit() else args.output
         results = evaluate(model, dataset, attacks, tm, cfg, out=os.path.join(args.out, "results.jsonl"),
                            resume=not args.no_resume, output=output, progress=not args.quiet,

@@ -224,6 +224,15 @@ def test_standard_suite_composition():
         get_suite("strong", TM)
 
 
+def test_suite_for_a_model_without_caps_leaves_out_what_only_repeats_white_box_pgd(capped_mlp):
+    relu_net = uncapped_twin(capped_mlp)
+    assert [a.spec for a in get_suite("standard", TM, capped_mlp)] == [a.spec for a in get_suite("standard", TM)]
+    kept = get_suite("standard", TM, relu_net)
+    assert [attack_kind(a.spec, a.family) for a in kept] == ["white-box", "white-box", "black-box"]
+    own_source = get_suite("standard", TM, relu_net, surrogate=copy.deepcopy(relu_net))
+    assert attack_kind(own_source[-1].spec, own_source[-1].family) == "transfer"  # a chosen source stays
+
+
 @pytest.mark.slow
 def test_standard_suite_finds_what_pgd_misses_on_the_capped_model(capped_mlp, test_batch):
     results = evaluate_suite(capped_mlp, test_batch, TM, config=EvalConfig(batch_size=200, device="cpu"),
