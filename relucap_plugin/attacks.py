@@ -349,6 +349,7 @@ class Attack:
         *,
         target: torch.Tensor | None = None,
         seed: int | None = None,
+        logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Adversarial examples for ``x`` (N, ...) with labels ``y`` (N,) at budget ``eps``.
 
@@ -356,7 +357,9 @@ class Attack:
         budget if it has exactly one. With ``threat_model.targeted``, ``target`` (N,) gives the
         target classes (default: each sample's least likely class). ``seed`` makes random starts
         reproducible without touching the global random state. The model must return logits
-        (N, classes); keep any normalisation inside it.
+        (N, classes); keep any normalisation inside it. ``logits``: the model's clean logits of
+        ``x`` if the caller has them (the evaluation harness does), which saves a forward pass;
+        they are checked like the model's own.
         """
         tm = self._require_threat_model()
         if not isinstance(model, nn.Module):
@@ -368,8 +371,10 @@ class Attack:
         self.check_dtype(dtype)
         with caller_state(model), torch.enable_grad(), seeded(seed, device):
             xd = x.detach().to(device=device, dtype=dtype)
+            given = logits if logits is not None and logits.dim() == 2 and len(logits) == len(xd) else None
             with torch.no_grad():
-                logits = clean_logits(lambda t: _logits(model, t, self.name), xd, self.spec)
+                forward = (lambda t: given) if given is not None else (lambda t: _logits(model, t, self.name))
+                logits = clean_logits(forward, xd, self.spec)
             ctx = CallContext(device=device, num_classes=logits.shape[1], batch_size=self.batch_size)
             needed = self.required_classes(tm)
             if ctx.num_classes < needed:

@@ -239,6 +239,7 @@ class _Batch:
     y: Tensor  # (B,) int64 on the device
     labels: list[int]
     clean_pred: list[int]
+    logits: Tensor  # (B, classes) clean logits
 
     @property
     def index(self) -> range:
@@ -305,7 +306,7 @@ class _Runner:
                 f"labels must be in [0, {logits.shape[1] - 1}] (the model has "
                 f"{logits.shape[1]} outputs); got labels in [{min(labels)}, {max(labels)}]"
             )
-        return _Batch(start, xd, yd, labels, logits.argmax(1).tolist())
+        return _Batch(start, xd, yd, labels, logits.argmax(1).tolist(), logits)
 
     @torch.no_grad()
     def _logits(self, x: Tensor) -> Tensor:
@@ -333,7 +334,7 @@ class _Runner:
         x, y = batch.x[sel], batch.y[sel]
         t0 = time.perf_counter()
         try:
-            x_adv = self._split_call(attack, eps, x, y, batch.start)
+            x_adv = self._split_call(attack, eps, x, y, batch.start, logits=batch.logits[sel])
             if x_adv.shape != x.shape:
                 raise RuntimeError(
                     f"returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}"
@@ -373,7 +374,8 @@ class _Runner:
         return out, elapsed
 
     def _split_call(
-        self, attack: Attack, eps: float, x: Tensor, y: Tensor, start: int, offset: int = 0
+        self, attack: Attack, eps: float, x: Tensor, y: Tensor, start: int, offset: int = 0,
+        logits: Tensor | None = None,
     ) -> Tensor:
         """``attack`` on ``x`` (B, ...), seeded by (batch ``start``, ``offset`` of ``x`` in the call).
 
@@ -383,7 +385,7 @@ class _Runner:
         """
         seed = _call_seed(self.cfg.seed, attack.spec, eps, start, offset)
         try:
-            x_adv = attack(self.net, x, y, eps, seed=seed)
+            x_adv = attack(self.net, x, y, eps, seed=seed, logits=logits)
         except Exception as exc:
             if len(x) == 1 or not is_out_of_memory(exc):
                 raise
@@ -399,8 +401,9 @@ class _Runner:
         )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        parts = [(x[:half], y[:half], offset), (x[half:], y[half:], offset + half)]
-        return torch.cat([self._split_call(attack, eps, a, b, start, o) for a, b, o in parts])
+        parts = [(x[:half], y[:half], offset, None if logits is None else logits[:half]),
+                 (x[half:], y[half:], offset + half, None if logits is None else logits[half:])]
+        return torch.cat([self._split_call(attack, eps, a, b, start, o, z) for a, b, o, z in parts])
 
     def run(self, batch: _Batch, attack: Attack, eps: float) -> None:
         """Rows of ``attack`` at ``eps`` for the batch's samples that have none yet.

@@ -468,3 +468,21 @@ def test_resume_refuses_other_data(mnist_mlp, test_set, tmp_path):
         progress=False,
     )
     assert Results.load(tmp_path / "results.jsonl").outcomes() == fresh.outcomes()
+
+
+def test_the_harness_runs_two_forward_passes_per_batch_and_attack_besides_the_attack():
+    """One clean pass per batch (its logits reach the attack) and one on the returned examples."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    calls = []
+    net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    x, y = torch.rand(10, 1, 2, 2), torch.zeros(10, dtype=torch.long)
+    with torch.no_grad():
+        y = net(x).argmax(1)  # every sample correct, so every one is attacked
+    calls.clear()
+    identity = make_attack(lambda model, xb, yb, eps: xb.clone(), name="identity")
+    res = evaluate(net, (x, y), [identity], ThreatModel("Linf", eps=(0.1, 0.2)),
+                   EvalConfig(batch_size=4), progress=False)
+    assert res.robust_accuracy("custom:identity", 0.2) == 1.0
+    # per batch (4, 4, 2 samples): one clean pass, then one pass on the examples per eps
+    assert calls == [4, 4, 4] + [4, 4, 4] + [2, 2, 2]
