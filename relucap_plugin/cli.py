@@ -340,7 +340,7 @@ def _add_experiment_parser(sub, name: str) -> None:
         return " ".join(f"{v:g}" for v in values)
 
     p = sub.add_parser(
-        name, help="the paper's experiment in about 3 minutes (offline, CPU)" if name == "demo"
+        name, help="the paper's experiment in about a minute (offline, CPU)" if name == "demo"
         else "the full grid: cap x layer position x training (a bigger budget)",
         description=f"Train an MLP on the embedded MNIST digits with plain ReLU and capped ReLUs "
         f"(caps {listed(d.caps)} at positions {', '.join(d.positions)}; training "
