@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
-import warnings
+from pathlib import Path
 
 import torch
 import torchvision
@@ -36,6 +37,9 @@ from torch import fx
 
 from relucap_plugin._console import print_table, progress
 from relucap_plugin.surgery import cap_relus, find_relus
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.test_surgery import ZOO, build  # noqa: E402  the tests' zoo builder (meta device too)
 
 CAP = 0.5
 TARGET_MODULES_MS = 20.0
@@ -47,30 +51,6 @@ def timed(fn) -> tuple[float, float]:
     w, c = time.perf_counter(), time.process_time()
     fn()
     return (time.perf_counter() - w) * 1e3, (time.process_time() - c) * 1e3
-
-
-def build(name: str, meta: bool = False) -> torch.nn.Module:
-    kwargs = {"weights": None}
-    if name in ("googlenet", "inception_v3"):
-        kwargs.update(init_weights=False, aux_logits=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if not meta:
-            return torchvision.models.get_model(name, **kwargs).eval()
-        from torchvision.models.regnet import BlockParams
-
-        original = BlockParams.from_init_params
-
-        def on_cpu(*args, **kw):  # RegNet computes its widths with torch ops and .tolist()
-            with torch.device("cpu"):
-                return original(*args, **kw)
-
-        BlockParams.from_init_params = on_cpu
-        try:
-            with torch.device("meta"):
-                return torchvision.models.get_model(name, **kwargs).eval()
-        finally:
-            BlockParams.from_init_params = original
 
 
 def surgery(model: torch.nn.Module):
@@ -138,7 +118,7 @@ def main() -> None:
 
     if not args.no_zoo:
         zoo_rows, worst_fx, worst_any = [], ("", 0.0), ("", 0.0)
-        names = torchvision.models.list_models(module=torchvision.models)
+        names = ZOO
         for name in progress(names, "zoo (meta device)"):
             model = build(name, meta=True)
             best, holder = float("inf"), {}
