@@ -208,8 +208,10 @@ class CallContext:
 class Attack:
     """One configured attack: ``attack(model, x, y, eps) -> x_adv``.
 
-    Subclasses (one per attack and library, in the adapters) set the class attributes below and
-    implement :meth:`_run` (and :meth:`_native`); the base class does everything they share.
+    Subclasses (one per attack and library; the library ones derive from
+    :class:`~relucap_plugin.adapters.LibraryAttack`, which builds them from data) set the class
+    attributes below and implement :meth:`_run` (and :meth:`_native`); the base class does
+    everything they share.
 
     - ``library``/``family``: where it comes from and which attack it is across libraries
       (``"PGD"``, ``"APGD"``, ...; same family + norm + loss = comparable numbers).
@@ -235,8 +237,8 @@ class Attack:
     min_classes: ClassVar[int] = 2
     #: floating dtypes the model may have (None: any); the library fails in the others
     dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
-    needs_labels: bool = True
-    project_output: bool = True
+    #: the output is projected onto the eps-ball (not for users' own attacks: they are verified)
+    project_output: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -316,12 +318,8 @@ class Attack:
                 )
 
     def _mapped_parameters(self) -> dict[str, str]:
-        """Native parameter -> the threat-model field it comes from (documentation and checks)."""
-        return {}
-
-    def _library_defaults(self, num_classes: int) -> dict[str, Any]:
-        """Library parameters outside the threat model that are set explicitly (not left to the
-        library's default) so the same attack behaves alike across libraries; overridable."""
+        """Native parameter -> the threat-model field (or what else) sets it: for documentation and
+        to refuse overrides of it."""
         return {}
 
     def _accepted_overrides(self) -> list[str] | None:

@@ -12,7 +12,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..threat import ThreatModel
+from .base import _TM_FIELDS, LibraryAttack
 
-__all__ = ["LIBRARIES", "LibraryInfo", "ModelView", "build_attack", "load_adapter"]
+__all__ = ["LIBRARIES", "LibraryAttack", "LibraryInfo", "ModelView", "build_attack", "load_adapter"]
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,6 @@ def _key(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
-_TM_FIELDS = {f.name for f in fields(ThreatModel)}
-
-
 def build_attack(
     library: str,
     attacks: dict[str, type],
@@ -152,6 +150,11 @@ class ModelView(nn.Module):
     works in float32 and HopSkipJump promotes to float64 under numpy 2). The empty ``anchor``
     parameter gives libraries that read the device from ``model.parameters()`` a device even
     for a model without parameters (torchattacks).
+
+    With ``keep_modes`` (the views in native objects handed to users) the libraries' ``train()``
+    and ``eval()`` calls stop at the view and every forward runs the model in eval mode, then
+    restores each submodule's own mode: torchattacks would otherwise switch the whole model back
+    to train mode after each call, and ART leaves it in eval mode.
     """
 
     def __init__(
@@ -162,8 +165,12 @@ class ModelView(nn.Module):
         dtype: torch.dtype,
         sample_shape: tuple[int, ...] | None = None,
         bounds: tuple[float, float] = (0.0, 1.0),
+        keep_modes: bool = False,
     ) -> None:
         super().__init__()
+        self.keep_modes = keep_modes
+        if keep_modes:
+            self.training = False
         self.anchor = nn.Parameter(torch.zeros(0, device=device, dtype=dtype), requires_grad=False)
         self.model = model
         self.dtype = dtype
@@ -186,5 +193,19 @@ class ModelView(nn.Module):
             u = u.reshape(u.shape[0], *library_shape)
         return u
 
+    def train(self, mode: bool = True) -> ModelView:
+        if not self.keep_modes:
+            return super().train(mode)
+        self.training = mode
+        return self
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.model(self.to_model_space(u))
+        if not self.keep_modes:
+            return self.model(self.to_model_space(u))
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            self.model.eval()
+            return self.model(self.to_model_space(u))
+        finally:
+            for m, training in modes:
+                m.training = training

@@ -17,20 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..attacks import Attack, CallContext, Native, _float_dtype, model_device
+from ..attacks import CallContext, Native, _float_dtype, model_device
 from . import LIBRARIES, ModelView, build_attack
+from .base import From, LibraryAttack
 
 __all__ = ["ALIASES", "ATTACKS", "LIBRARY", "build"]
 
 LIBRARY = "art"
 _INFO = LIBRARIES[LIBRARY]
 _ART_NORM = {"Linf": np.inf, "L2": 2}
+_LOSS = {"ce": "cross_entropy", "dlr": "difference_logits_ratio"}
 
 
 def _evasion(name: str) -> Any:
@@ -81,16 +82,18 @@ def _cuda_context(device: torch.device) -> contextlib.AbstractContextManager:
 def classifier(
     model: torch.nn.Module, *, input_shape: tuple[int, ...], num_classes: int,
     bounds: tuple[float, float], device: torch.device, dtype: torch.dtype = torch.float32,
+    keep_modes: bool = False,
 ) -> Any:
     """An ART ``PyTorchClassifier`` for ``model`` (logits out, normalisation inside the model).
 
     Every argument ART would otherwise default is given: cross-entropy loss, ``clip_values`` =
-    the bounds, no preprocessing, the model's device and class count.
+    the bounds, no preprocessing, the model's device and class count. ``keep_modes``: see
+    :class:`~relucap_plugin.adapters.ModelView`.
     """
     _INFO.require()
     from art.estimators.classification import PyTorchClassifier
 
-    view = ModelView(model, device=device, dtype=dtype)
+    view = ModelView(model, device=device, dtype=dtype, keep_modes=keep_modes)
     with _cuda_context(device):
         return PyTorchClassifier(
             model=view, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
@@ -99,37 +102,38 @@ def classifier(
         )
 
 
-class ARTAttack(Attack):
+class ARTAttack(LibraryAttack):
     """Base of the ART attacks: a ``PyTorchClassifier`` on the model's device, numpy in and out."""
 
     library = LIBRARY
     dtypes = (torch.float16, torch.float32, torch.float64)  # numpy has no bfloat16
-    cls_name: ClassVar[str] = ""
-    has_verbose: ClassVar[bool] = True
+    defaults = {"verbose": False}  # where the class has it: no progress bars
+    harness = {"verbose": "False (no progress bars)"}
 
-    def _kwargs(self, eps: float, num_classes: int, batch_size: int) -> dict[str, Any]:
-        """Constructor arguments from the threat model (the estimator excluded)."""
-        raise NotImplementedError
+    @classmethod
+    def _library_class(cls) -> type:
+        return _evasion(cls.cls_name)
 
-    def _full_kwargs(self, eps: float, num_classes: int, batch_size: int) -> dict[str, Any]:
-        extra = {"verbose": False} if self.has_verbose else {}
-        return {**self._kwargs(eps, num_classes, batch_size), **extra}
+    def _to_native(self, param, field, value):
+        if field == "norm":
+            return _ART_NORM[value]
+        return _LOSS[value] if field == "loss" else value
 
-    def _mapped_parameters(self) -> dict[str, Any]:
-        return self._full_kwargs(self.threat_model.eps[0], 10, self.batch_size or 256)
-
-    def _accepted_overrides(self) -> list[str]:
-        params = inspect.signature(_evasion(self.cls_name)).parameters
-        skip = ("self", "estimator", "classifier", *self._mapped_parameters())
-        return [p for p in params if p not in skip]
+    @classmethod
+    def _from_native(cls, param, field, value, bounds):
+        if field == "norm":
+            return {"norm": {v: k for k, v in _ART_NORM.items()}.get(value, "Linf" if value == "inf" else value)}
+        if field == "loss":
+            return {"loss": {v: k for k, v in _LOSS.items()}.get(value, value)}
+        if param == "num_random_init":  # 0: start at x
+            return {"restarts": max(int(value), 1), "random_start": int(value) > 0}
+        return {field: float(value) if field in ("eps", "step_size") else value}
 
     def _make(self, estimator: Any, eps: float, num_classes: int, batch_size: int) -> Any:
-        kwargs = {**self._full_kwargs(eps, num_classes, batch_size), **self._library_defaults(num_classes),
-                  **self.overrides}
-        return self._attack_class()(estimator, **kwargs)
+        return self._attack_class()(estimator, **self._kwargs(eps, num_classes, batch_size))
 
     def _attack_class(self) -> type:
-        return _evasion(self.cls_name)
+        return self._library_class()
 
     def _run(self, model, x, y, eps, target, ctx: CallContext):
         tm = self.threat_model
@@ -139,20 +143,15 @@ class ARTAttack(Attack):
         with _cuda_context(ctx.device):
             attack = self._make(est, eps, ctx.num_classes, batch_size)
             labels = target if target is not None else y
-            x_adv = attack.generate(
-                x=x.detach().cpu().numpy().astype(np.float32), y=labels.cpu().numpy(), **self._generate_kwargs(x)
-            )
+            x_adv = attack.generate(x=x.detach().cpu().numpy().astype(np.float32), y=labels.cpu().numpy())
         return torch.from_numpy(np.asarray(x_adv)).to(device=ctx.device, dtype=x.dtype)
-
-    def _generate_kwargs(self, x: torch.Tensor) -> dict[str, Any]:
-        return {}
 
     def _native(self, model, eps, *, input_shape, num_classes):
         if input_shape is None or num_classes is None:
             raise ValueError(f"{self.name}.native needs input_shape= (one sample, e.g. (1, 28, 28)) and num_classes=")
         device, dtype = model_device(model), _float_dtype(model, torch.float32)
         est = classifier(model, input_shape=tuple(input_shape), num_classes=num_classes,
-                         bounds=self.threat_model.bounds, device=device, dtype=dtype)
+                         bounds=self.threat_model.bounds, device=device, dtype=dtype, keep_modes=True)
         batch_size = self.batch_size or 256
         with _cuda_context(device):
             return Native(est, self._make(est, eps, num_classes, batch_size), {})
@@ -164,12 +163,8 @@ class FastGradientMethod(ARTAttack):
     family = "FGSM"
     native_name = cls_name = "FastGradientMethod"
     losses = ("ce",)
-    has_verbose = False
-
-    def _kwargs(self, eps, num_classes, batch_size):
-        tm = self.threat_model
-        return {"norm": _ART_NORM[tm.norm], "eps": eps, "eps_step": eps, "targeted": tm.targeted,
-                "num_random_init": 0, "batch_size": batch_size, "minimal": False}
+    mapping = {"norm": "norm", "eps": "eps", "eps_step": "eps", "targeted": "targeted", "batch_size": "batch_size"}
+    defaults = {"num_random_init": 0, "minimal": False}
 
 
 class ProjectedGradientDescent(ARTAttack):
@@ -179,21 +174,20 @@ class ProjectedGradientDescent(ARTAttack):
     native_name = cls_name = "ProjectedGradientDescent"
     losses = ("ce",)
     native_restarts = True
+    mapping = {"norm": "norm", "eps": "eps", "eps_step": "step_size", "max_iter": "steps",
+               "targeted": "targeted", "num_random_init": "restarts", "batch_size": "batch_size"}
+    defaults = {"decay": None, "random_eps": False}
+    harness = {**ARTAttack.harness, "num_random_init": "restarts, or 0 without random_start"}
 
-    def _kwargs(self, eps, num_classes, batch_size):
-        tm = self.threat_model
-        step = tm.step_size_for(eps)
-        if tm.norm == "Linf":
+    def _adjust(self, kwargs, eps, num_classes, batch_size):
+        if not self.threat_model.random_start:
+            kwargs["num_random_init"] = 0
+        if self.threat_model.norm == "Linf":
             # float32 arrays (ART accepts them; its L2 random start does not): ART broadcasts eps
             # to the batch's shape at every projection, in float64 for a Python float (~20% of
             # ART's PGD time)
-            eps, step = np.asarray(eps, dtype=np.float32), np.asarray(step, dtype=np.float32)
-        return {
-            "norm": _ART_NORM[tm.norm], "eps": eps, "eps_step": step, "decay": None,
-            "max_iter": tm.steps, "targeted": tm.targeted,
-            "num_random_init": tm.restarts if tm.random_start else 0, "batch_size": batch_size,
-            "random_eps": False,
-        }
+            kwargs["eps"], kwargs["eps_step"] = (np.asarray(kwargs[k], dtype=np.float32) for k in ("eps", "eps_step"))
+        return kwargs
 
     def _attack_class(self) -> type:
         # ART's ProjectedGradientDescent picks its PyTorch implementation for a PyTorchClassifier;
@@ -206,13 +200,8 @@ class CarliniL2Method(ARTAttack):
     native_name = cls_name = "CarliniL2Method"
     norms = ("L2",)
     minimum_norm = True
-
-    def _kwargs(self, eps, num_classes, batch_size):
-        tm = self.threat_model
-        return {"targeted": tm.targeted, "max_iter": tm.steps, "batch_size": batch_size}
-
-    def _library_defaults(self, num_classes):
-        return {"confidence": 0.0, "learning_rate": 0.01, "binary_search_steps": 10, "initial_const": 0.01,
+    mapping = {"targeted": "targeted", "max_iter": "steps", "batch_size": "batch_size"}
+    defaults = {"confidence": 0.0, "learning_rate": 0.01, "binary_search_steps": 10, "initial_const": 0.01,
                 "max_halving": 5, "max_doubling": 5}
 
 
@@ -220,17 +209,11 @@ class DeepFool(ARTAttack):
     """DeepFool (L2) over the ``min(10, classes)`` most likely classes (``nb_grads``), overshoot
     ``epsilon=0.02`` like torchattacks and Foolbox (ART's default is 1e-6)."""
 
-    family = "DeepFool"
-    native_name = cls_name = "DeepFool"
+    family = native_name = cls_name = "DeepFool"
     norms = ("L2",)
-    minimum_norm = True
-    supports_targeted = False
-
-    def _kwargs(self, eps, num_classes, batch_size):
-        return {"max_iter": self.threat_model.steps, "batch_size": batch_size}
-
-    def _library_defaults(self, num_classes):
-        return {"nb_grads": min(10, num_classes), "epsilon": 0.02}
+    minimum_norm, supports_targeted = True, False
+    mapping = {"max_iter": "steps", "batch_size": "batch_size"}
+    defaults = {"nb_grads": From("candidate_classes"), "epsilon": 0.02}
 
 
 class AutoProjectedGradientDescent(ARTAttack):
@@ -240,15 +223,12 @@ class AutoProjectedGradientDescent(ARTAttack):
     native_name = cls_name = "AutoProjectedGradientDescent"
     losses = ("ce", "dlr")
     native_restarts = True
-    _LOSS = {"ce": "cross_entropy", "dlr": "difference_logits_ratio"}
+    mapping = {"norm": "norm", "eps": "eps", "max_iter": "steps", "targeted": "targeted",
+               "nb_random_init": "restarts", "batch_size": "batch_size", "loss_type": "loss"}
+    harness = {**ARTAttack.harness, "eps_step": "2 * eps"}
 
-    def _kwargs(self, eps, num_classes, batch_size):
-        tm = self.threat_model
-        return {
-            "norm": _ART_NORM[tm.norm], "eps": eps, "eps_step": 2 * eps, "max_iter": tm.steps,
-            "targeted": tm.targeted, "nb_random_init": tm.restarts, "batch_size": batch_size,
-            "loss_type": self._LOSS[tm.loss],
-        }
+    def _adjust(self, kwargs, eps, num_classes, batch_size):
+        return {**kwargs, "eps_step": 2 * eps}
 
 
 class SquareAttack(ARTAttack):
@@ -259,36 +239,27 @@ class SquareAttack(ARTAttack):
     native_name = cls_name = "SquareAttack"
     native_restarts = True
     supports_targeted = False
-
-    def _kwargs(self, eps, num_classes, batch_size):
-        tm = self.threat_model
-        return {"norm": _ART_NORM[tm.norm], "eps": eps, "max_iter": tm.steps, "nb_restarts": tm.restarts,
-                "batch_size": batch_size}
-
-    def _library_defaults(self, num_classes):
-        return {"p_init": 0.8}
+    mapping = {"norm": "norm", "eps": "eps", "max_iter": "steps", "nb_restarts": "restarts",
+               "batch_size": "batch_size"}
+    defaults = {"p_init": 0.8}
 
 
 class AutoAttack(ARTAttack):
     """APGD-CE, APGD-DLR and Square, configured explicitly (ART's default set adds DeepFool and
     differs from Croce and Hein's; ART has no FAB). APGD runs ``steps`` iterations with
     ``restarts`` random starts; Square 5000 queries unless ``n_queries`` is overridden."""
-    dtypes = (torch.float32, torch.float64)  # its Square part fails in float16/bfloat16
 
-    family = "AutoAttack"
-    native_name = cls_name = "AutoAttack"
+    family = native_name = cls_name = "AutoAttack"
+    dtypes = (torch.float32, torch.float64)  # its Square part fails in float16/bfloat16
     supports_targeted = False
     native_restarts = True
-    has_verbose = False
     min_classes = 3
-
-    def _kwargs(self, eps, num_classes, batch_size):
-        tm = self.threat_model
-        return {"norm": _ART_NORM[tm.norm], "eps": eps, "eps_step": 2 * eps, "batch_size": batch_size,
-                "targeted": False, "attacks": "APGD-CE, APGD-DLR, Square (built from the threat model)"}
-
-    def _accepted_overrides(self):
-        return ["n_queries"]
+    readable = False
+    discover_overrides = False
+    extra_overrides = ("n_queries",)
+    mapping = {"norm": "norm", "eps": "eps", "batch_size": "batch_size"}
+    defaults = {"targeted": False}
+    harness = {"eps_step": "2 * eps", "attacks": "APGD-CE, APGD-DLR, Square (built from the threat model)"}
 
     def _make(self, estimator, eps, num_classes, batch_size):
         tm = self.threat_model
@@ -298,8 +269,8 @@ class AutoAttack(ARTAttack):
         ]
         square = SquareAttack(tm.replace(steps=int(self.overrides.get("n_queries", 5000)), targeted=False))
         members.append(square._make(estimator, eps, num_classes, batch_size))
-        kwargs = {k: v for k, v in self._kwargs(eps, num_classes, batch_size).items() if k != "attacks"}
-        return _evasion("AutoAttack")(estimator, attacks=members, **kwargs)
+        kwargs = {**self._kwargs(eps, num_classes, batch_size), "eps_step": 2 * eps, "attacks": members}
+        return self._attack_class()(estimator, **kwargs)
 
 
 class BoundaryAttack(ARTAttack):
@@ -308,34 +279,24 @@ class BoundaryAttack(ARTAttack):
     family = "Boundary"
     native_name = cls_name = "BoundaryAttack"
     norms = ("L2",)
-    minimum_norm = True
-    supports_targeted = False
-
-    def _kwargs(self, eps, num_classes, batch_size):
-        return {"targeted": False, "max_iter": self.threat_model.steps, "batch_size": batch_size}
-
-    def _library_defaults(self, num_classes):
-        return {"delta": 0.01, "epsilon": 0.01, "step_adapt": 0.667, "num_trial": 25, "sample_size": 20,
-                "init_size": 100}
+    minimum_norm, supports_targeted = True, False
+    mapping = {"max_iter": "steps", "batch_size": "batch_size"}
+    defaults = {"targeted": False, "delta": 0.01, "epsilon": 0.01, "step_adapt": 0.667, "num_trial": 25,
+                "sample_size": 20, "init_size": 100}
+    harness = {**ARTAttack.harness, "targeted": "False (untargeted only)"}
 
 
 class HopSkipJump(ARTAttack):
     """Decision-based; ``steps`` is ``max_iter``, the norm ART's ``norm`` (2 or inf)."""
 
-    family = "HopSkipJump"
-    native_name = cls_name = "HopSkipJump"
-    minimum_norm = True
-    supports_targeted = False
-
-    def _kwargs(self, eps, num_classes, batch_size):
-        tm = self.threat_model
-        return {"targeted": False, "norm": _ART_NORM[tm.norm], "max_iter": tm.steps, "batch_size": batch_size}
-
-    def _library_defaults(self, num_classes):
-        return {"max_eval": 10000, "init_eval": 100, "init_size": 100}
+    family = native_name = cls_name = "HopSkipJump"
+    minimum_norm, supports_targeted = True, False
+    mapping = {"norm": "norm", "max_iter": "steps", "batch_size": "batch_size"}
+    defaults = {"targeted": False, "max_eval": 10000, "init_eval": 100, "init_size": 100}
+    harness = {**ARTAttack.harness, "targeted": "False (untargeted only)"}
 
 
-ATTACKS: dict[str, type[Attack]] = {
+ATTACKS: dict[str, type[ARTAttack]] = {
     cls.native_name: cls
     for cls in (
         FastGradientMethod, ProjectedGradientDescent, CarliniL2Method, DeepFool,
@@ -360,3 +321,11 @@ ALIASES: dict[str, tuple[Any, dict[str, Any]]] = {
 
 def build(name, threat_model, overrides, batch_size=None):
     return build_attack(LIBRARY, ATTACKS, ALIASES, name, threat_model, overrides, batch_size)
+
+
+def from_native(obj, threat_model, eps=None, batch_size=None):
+    """The attack configured like the ART attack object ``obj`` (None: not one of ours)."""
+    member = ARTAttack.member_for(ATTACKS, obj)
+    if member is None and type(obj).__name__.startswith("ProjectedGradientDescent"):
+        member = ProjectedGradientDescent  # ART's framework-specific PGD classes, same parameters
+    return None if member is None else member.from_native(obj, threat_model, eps, batch_size=batch_size)

@@ -1,7 +1,7 @@
 """Foolbox 3 adapter: the threat model mapped onto Foolbox's own parameters.
 
 Quirks handled here: ``import foolbox`` imports GitPython, which fails without a git binary
-unless ``GIT_PYTHON_REFRESH=quiet`` (set before the import); ``PyTorchModel(device=None)`` moves
+unless ``GIT_PYTHON_REFRESH=quiet`` (set for the import only, then restored); ``PyTorchModel(device=None)`` moves
 the model to ``cuda:0`` (the model's own device is always passed); inputs outside the bounds hit
 a bare ``assert`` (the base class checks the bounds first, with a clear error); Foolbox's
 ``success`` also counts clean errors (it is not used: the evaluation recomputes predictions);
@@ -10,15 +10,16 @@ the clipped output is taken, i.e. minimum-norm results are projected onto the ep
 
 from __future__ import annotations
 
-import inspect
 import os
+import sys
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from ..attacks import Attack, CallContext, Native, model_device
-from . import LIBRARIES, build_attack
+from ..attacks import CallContext, Native, _float_dtype, model_device
+from . import LIBRARIES, ModelView, build_attack
+from .base import From, LibraryAttack
 
 __all__ = ["ALIASES", "ATTACKS", "LIBRARY", "build"]
 
@@ -27,33 +28,42 @@ _INFO = LIBRARIES[LIBRARY]
 
 
 def _lib() -> ModuleType:
-    """``import foolbox`` with GitPython's missing-git check silenced."""
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    return _INFO.require()
+    """``import foolbox`` with GitPython's missing-git check silenced for the import only."""
+    if "foolbox" in sys.modules:
+        return sys.modules["foolbox"]
+    saved = os.environ.get("GIT_PYTHON_REFRESH")
+    os.environ["GIT_PYTHON_REFRESH"] = saved or "quiet"
+    try:
+        return _INFO.require()
+    finally:
+        if saved is None:
+            os.environ.pop("GIT_PYTHON_REFRESH", None)
 
 
-class FoolboxAttack(Attack):
+class FoolboxAttack(LibraryAttack):
     """Base of the Foolbox attacks: ``PyTorchModel`` on the model's device, the clipped output."""
 
     library = LIBRARY
-    cls_name: ClassVar[str] = ""
 
-    def _kwargs(self, eps: float, num_classes: int) -> dict[str, Any]:
-        """Constructor arguments from the threat model."""
-        raise NotImplementedError
+    @classmethod
+    def _library_class(cls) -> type:
+        return getattr(_lib().attacks, cls.cls_name)
 
-    def _mapped_parameters(self) -> dict[str, Any]:
-        return self._kwargs(self.threat_model.eps[0], 10)
+    def _to_native(self, param, field, value):
+        return value.lower() if field == "norm" else value
 
-    def _accepted_overrides(self) -> list[str]:
-        params = inspect.signature(getattr(_lib().attacks, self.cls_name)).parameters
-        return [p for p in params if p not in ("self", *self._mapped_parameters())]
+    @classmethod
+    def _from_native(cls, param, field, value, bounds):
+        if field == "norm":
+            return {"norm": {"linf": "Linf", "l2": "L2"}.get(str(value).lower(), value)}
+        return {field: value}
 
     def _make(self, eps: float, num_classes: int) -> Any:
-        kwargs = {**self._kwargs(eps, num_classes), **self._library_defaults(num_classes), **self.overrides}
-        return getattr(_lib().attacks, self.cls_name)(**kwargs)
+        return self._library_class()(**self._kwargs(eps, num_classes, self.batch_size or 0))
 
-    def _fmodel(self, model, device) -> Any:
+    def _fmodel(self, model, device, keep_modes: bool = False) -> Any:
+        if keep_modes:
+            model = ModelView(model, device=device, dtype=_float_dtype(model, torch.float32), keep_modes=True)
         return _lib().PyTorchModel(model, bounds=self.threat_model.bounds, device=device, preprocessing=None)
 
     def _run(self, model, x, y, eps, target, ctx: CallContext):
@@ -65,7 +75,8 @@ class FoolboxAttack(Attack):
         return clipped
 
     def _native(self, model, eps, *, input_shape, num_classes):
-        return Native(self._fmodel(model, model_device(model)), self._make(eps, num_classes or 10), {"epsilons": eps})
+        fmodel = self._fmodel(model, model_device(model), keep_modes=True)
+        return Native(fmodel, self._make(eps, num_classes or 10), {"epsilons": eps})
 
 
 class _FastGradient(FoolboxAttack):
@@ -73,9 +84,8 @@ class _FastGradient(FoolboxAttack):
 
     family = "FGSM"
     losses = ("ce",)
-
-    def _kwargs(self, eps, num_classes):
-        return {"random_start": False}
+    harness = {"random_start": "False (one step from the clean input)"}
+    defaults = {"random_start": False}
 
 
 class LinfFastGradientAttack(_FastGradient):
@@ -91,15 +101,9 @@ class L2FastGradientAttack(_FastGradient):
 class LinfPGD(FoolboxAttack):
     family = "PGD"
     native_name = cls_name = "LinfPGD"
-    norms = ("Linf",)
-    losses = ("ce",)
-
-    def _kwargs(self, eps, num_classes):
-        tm = self.threat_model
-        return {"abs_stepsize": tm.step_size_for(eps), "steps": tm.steps, "random_start": tm.random_start}
-
-    def _mapped_parameters(self):
-        return {**super()._mapped_parameters(), "rel_stepsize": "unused: abs_stepsize takes precedence"}
+    norms, losses = ("Linf",), ("ce",)
+    mapping = {"abs_stepsize": "step_size", "steps": "steps", "random_start": "random_start"}
+    harness = {"rel_stepsize": "unused: abs_stepsize takes precedence"}
 
 
 class L2PGD(LinfPGD):
@@ -112,12 +116,8 @@ class L2CarliniWagnerAttack(FoolboxAttack):
     native_name = cls_name = "L2CarliniWagnerAttack"
     norms = ("L2",)
     minimum_norm = True
-
-    def _kwargs(self, eps, num_classes):
-        return {"steps": self.threat_model.steps}
-
-    def _library_defaults(self, num_classes):
-        return {"binary_search_steps": 9, "stepsize": 0.01, "confidence": 0.0, "initial_const": 1e-3,
+    mapping = {"steps": "steps"}
+    defaults = {"binary_search_steps": 9, "stepsize": 0.01, "confidence": 0.0, "initial_const": 1e-3,
                 "abort_early": True}
 
 
@@ -127,14 +127,9 @@ class LinfDeepFoolAttack(FoolboxAttack):
     family = "DeepFool"
     native_name = cls_name = "LinfDeepFoolAttack"
     norms = ("Linf",)
-    minimum_norm = True
-    supports_targeted = False
-
-    def _kwargs(self, eps, num_classes):
-        return {"steps": self.threat_model.steps}
-
-    def _library_defaults(self, num_classes):
-        return {"candidates": min(10, num_classes), "overshoot": 0.02}
+    minimum_norm, supports_targeted = True, False
+    mapping = {"steps": "steps"}
+    defaults = {"candidates": From("candidate_classes"), "overshoot": 0.02}
 
 
 class L2DeepFoolAttack(LinfDeepFoolAttack):
@@ -146,17 +141,12 @@ class BoundaryAttack(FoolboxAttack):
     """Decision-based; ``steps`` is its iteration count. Needs no gradients."""
 
     family = "Boundary"
-    dtypes = (torch.float32, torch.float64)  # fails in float16/bfloat16
     native_name = cls_name = "BoundaryAttack"
+    dtypes = (torch.float32, torch.float64)  # fails in float16/bfloat16
     norms = ("L2",)
-    minimum_norm = True
-    supports_targeted = False
-
-    def _kwargs(self, eps, num_classes):
-        return {"steps": self.threat_model.steps}
-
-    def _library_defaults(self, num_classes):
-        return {"spherical_step": 1e-2, "source_step": 1e-2, "step_adaptation": 1.5}
+    minimum_norm, supports_targeted = True, False
+    mapping = {"steps": "steps"}
+    defaults = {"spherical_step": 1e-2, "source_step": 1e-2, "step_adaptation": 1.5}
 
 
 class HopSkipJumpAttack(FoolboxAttack):
@@ -165,17 +155,12 @@ class HopSkipJumpAttack(FoolboxAttack):
     family = "HopSkipJump"
     dtypes = (torch.float32, torch.float64)  # fails in float16/bfloat16
     native_name = cls_name = "HopSkipJumpAttack"
-    minimum_norm = True
-    supports_targeted = False
-
-    def _kwargs(self, eps, num_classes):
-        return {"steps": self.threat_model.steps, "constraint": self.threat_model.norm.lower()}
-
-    def _library_defaults(self, num_classes):
-        return {"initial_gradient_eval_steps": 100, "max_gradient_eval_steps": 10000, "gamma": 1.0}
+    minimum_norm, supports_targeted = True, False
+    mapping = {"steps": "steps", "constraint": "norm"}
+    defaults = {"initial_gradient_eval_steps": 100, "max_gradient_eval_steps": 10000, "gamma": 1.0}
 
 
-ATTACKS: dict[str, type[Attack]] = {
+ATTACKS: dict[str, type[FoolboxAttack]] = {
     cls.native_name: cls
     for cls in (
         LinfFastGradientAttack, L2FastGradientAttack, LinfPGD, L2PGD, L2CarliniWagnerAttack,
@@ -198,5 +183,11 @@ ALIASES: dict[str, tuple[Any, dict[str, Any]]] = {
 
 
 def build(name, threat_model, overrides, batch_size=None):
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     return build_attack(LIBRARY, ATTACKS, ALIASES, name, threat_model, overrides, batch_size)
+
+
+def from_native(obj, threat_model, eps=None, batch_size=None):
+    """The attack configured like the Foolbox attack object ``obj`` run at ``eps`` (its
+    epsilons; None: the threat model's), or None if ``obj`` is not one of ours."""
+    member = FoolboxAttack.member_for(ATTACKS, obj)
+    return None if member is None else member.from_native(obj, threat_model, eps, batch_size=batch_size)
