@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,7 +41,7 @@ from .data import DataLike, as_dataset, as_loader, unpack_batch
 from .results import Results, ResultsWriter, open_results_file
 from .threat import EvalConfig, ThreatModel
 
-__all__ = ["RTOL", "evaluate", "norm_tolerance", "verify"]
+__all__ = ["RTOL", "AttackFailedError", "evaluate", "norm_tolerance", "verify"]
 
 #: Relative slack on the budget: an example passes if ``norm <= eps * (1 + RTOL) + atol``.
 RTOL = 1e-5
@@ -149,7 +150,9 @@ def _as_config(config: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
 def _as_attacks(
     attacks: AttackLike | Sequence[AttackLike], tm: ThreatModel, cfg: EvalConfig
 ) -> list[Attack]:
-    if isinstance(attacks, (str, Attack)) or callable(attacks):
+    from .adapters import native_library, read_native
+
+    if isinstance(attacks, (str, Attack)) or callable(attacks) or native_library(attacks):
         attacks = [attacks]
     if not isinstance(attacks, Sequence) or not attacks:
         raise ValueError(
@@ -162,12 +165,14 @@ def _as_attacks(
             out.append(get_attack(a, tm, batch_size=cfg.batch_size))
         elif isinstance(a, Attack):
             out.append(get_attack(a, tm))
+        elif native_library(a):
+            out.append(read_native(a, tm, batch_size=cfg.batch_size))
         elif callable(a):
             out.append(make_attack(a, threat_model=tm))
         else:
             raise TypeError(
-                f"cannot use {a!r} as an attack: pass a spec string, an Attack or a "
-                "function fn(model, x, y, eps) -> x_adv"
+                f"cannot use {a!r} as an attack: pass a spec string, an Attack, a configured "
+                "torchattacks/ART/Foolbox attack object or a function fn(model, x, y, eps) -> x_adv"
             )
     specs = [a.spec for a in out]
     dupes = sorted({s for s in specs if specs.count(s) > 1})
@@ -484,7 +489,12 @@ def evaluate(
 
     ``data``: an ``(x, y)`` pair, a ``Dataset`` or any ``DataLoader`` (kept as given; a sample's
     index is its position in iteration order). ``attacks``: spec strings (``"art:PGD"``),
-    :class:`~relucap_plugin.attacks.Attack` objects or functions ``fn(model, x, y, eps)``.
+    :class:`~relucap_plugin.attacks.Attack` objects, configured attack objects of the libraries
+    (a torchattacks ``Attack``, an ART ``EvasionAttack``, a Foolbox ``Attack`` or
+    ``(foolbox_attack, epsilons)``: their budget must match ``threat_model``, their other settings
+    are read into the attack's threat model and named on stderr) or functions
+    ``fn(model, x, y, eps)``. An attack that fails on every sample it attacks raises
+    :class:`AttackFailedError` at the end (its rows are kept).
     ``config``: batch size, device (``"auto"``), seed, ``n_samples`` (the first N).
     ``output``: index, key or function selecting the logits of a model returning a tuple/dict.
 
@@ -509,6 +519,11 @@ def evaluate(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(data, Tensor) and isinstance(attacks, Tensor):
+        raise TypeError(
+            "evaluate takes the data as one argument: evaluate(model, (x, y), attacks, threat_model, "
+            "...), not evaluate(model, x, y, ...)"
+        )
     if output is not None and not isinstance(output, (int, str)) and not callable(output):
         raise TypeError(f"output must be an int index, a str key or a function, got {output!r}")
     if not isinstance(resume, bool):
@@ -519,6 +534,7 @@ def evaluate(
     device = cfg.resolve_device() if ctx is None else ctx.device
     net = model if output is None else _SelectOutput(model, output)
     attack_list = _as_attacks(attacks, tm, cfg)
+    _announce_native(attack_list, progress and get_rank() == 0)
     for attack in attack_list:
         attack.check_dtype(_float_dtype(net, torch.float32))
     loader = as_loader(data, batch_size=cfg.batch_size)
@@ -588,4 +604,41 @@ def evaluate(
     finally:
         if writer is not None:
             writer.close()
-    return results if ctx is None else ctx.gather(results, None if out is None else path)
+    final = results if ctx is None else ctx.gather(results, None if out is None else path)
+    _refuse_total_failure(final, attack_list, None if out is None else path)
+    return final
+
+
+class AttackFailedError(RuntimeError):
+    """Every attack failed on every sample it attacked: there is no number to report.
+
+    ``results`` holds the rows (also in the ``out`` file, if one was given)."""
+
+    def __init__(self, message: str, results: Results) -> None:
+        super().__init__(message)
+        self.results = results
+
+
+def _refuse_total_failure(results: Results, attacks: Sequence[Attack], path: str | None) -> None:
+    """Raise :class:`AttackFailedError` when no attacked row has an outcome: a misconfigured run
+    must not return normally with robust accuracy None (one failing attack among working ones
+    gives failed rows, a warning and a note in the table)."""
+    rows = [r for r in results if not r["skipped"]]
+    if rows and all(r["status"] == "failed" for r in rows):
+        raise AttackFailedError(
+            f"every attack failed on all {len(rows)} attacked rows, e.g. {rows[0]['attack']}: "
+            f"{rows[0]['reason']}; fix the attack (configured torchattacks/ART/Foolbox objects are "
+            "read directly, a function must take (model, x, y, eps)); the rows are in the "
+            "exception's .results" + (f" and in {path}" if path else ""),
+            results,
+        )
+
+
+def _announce_native(attacks: Sequence[Attack], enabled: bool) -> None:
+    """Say, on stderr, which threat-model fields were read from configured library objects."""
+    for attack in attacks:
+        fields_read = getattr(attack, "native_fields", None)
+        if fields_read and enabled:
+            read = ", ".join(f"{k}={v!r}" for k, v in fields_read.items())
+            print(f"relucap: read from the {attack.library} object: {read}; evaluated as {attack.spec}",
+                  file=sys.stderr)

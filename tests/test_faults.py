@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from relucap_plugin.attacks import make_attack
-from relucap_plugin.evaluation import evaluate
+from relucap_plugin.evaluation import AttackFailedError, evaluate
 from relucap_plugin.models import mlp
 from relucap_plugin.results import Results, ResultsFileWarning
 from relucap_plugin.threat import EvalConfig, ThreatModel
@@ -219,8 +219,10 @@ def test_out_of_memory_on_a_single_sample_is_a_failed_row():
     model, data = tiny_setup(n=10)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = evaluate(model, data, make_attack(MemoryLimit(fgsm, 0, OOM_ERRORS["cuda-oom"]), name="a"),
-                       ThreatModel("Linf", eps=0.1), EvalConfig(batch_size=10), progress=False)
+        with pytest.raises(AttackFailedError, match="every attack failed") as info:  # nothing measured
+            evaluate(model, data, make_attack(MemoryLimit(fgsm, 0, OOM_ERRORS["cuda-oom"]), name="a"),
+                     ThreatModel("Linf", eps=0.1), EvalConfig(batch_size=10), progress=False)
+    res = info.value.results
     n_correct = round(10 * res.clean_accuracy())
     assert len(res.failed()) == n_correct
     assert all(r["reason"].startswith("OutOfMemoryError: CUDA out of memory") for r in res.failed())
@@ -232,7 +234,7 @@ def test_out_of_memory_on_a_single_sample_is_a_failed_row():
 def test_other_runtime_errors_are_not_retried():
     model, data = tiny_setup(n=10)
     limited = MemoryLimit(fgsm, 0, RuntimeError("shape mismatch"))
-    with pytest.warns(RuntimeWarning, match="custom:a failed"):
-        res = evaluate(model, data, make_attack(limited, name="a"), ThreatModel("Linf", eps=0.1),
-                       EvalConfig(batch_size=10), progress=False)
-    assert len(limited.sizes) == 1 and res.failed()
+    with pytest.warns(RuntimeWarning, match="custom:a failed"), pytest.raises(AttackFailedError) as info:
+        evaluate(model, data, make_attack(limited, name="a"), ThreatModel("Linf", eps=0.1),
+                 EvalConfig(batch_size=10), progress=False)
+    assert len(limited.sizes) == 1 and info.value.results.failed()

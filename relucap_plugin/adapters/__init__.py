@@ -22,7 +22,10 @@ from torch import nn
 from ..threat import ThreatModel
 from .base import _TM_FIELDS, LibraryAttack
 
-__all__ = ["LIBRARIES", "LibraryAttack", "LibraryInfo", "ModelView", "build_attack", "load_adapter"]
+__all__ = [
+    "LIBRARIES", "LibraryAttack", "LibraryInfo", "ModelView", "build_attack", "load_adapter",
+    "native_library", "read_native",
+]
 
 
 @dataclass(frozen=True)
@@ -209,3 +212,42 @@ class ModelView(nn.Module):
         finally:
             for m, training in modes:
                 m.training = training
+
+
+_NATIVE_MODULES = {"torchattacks": "torchattacks", "art": "art", "foolbox": "foolbox"}
+
+
+def native_library(obj: Any) -> str | None:
+    """The attack library whose object ``obj`` is (``"art"``...), from its class's module, or
+    None; ``(foolbox_attack, epsilons)`` counts as Foolbox's. No library is imported."""
+    if isinstance(obj, tuple) and len(obj) == 2:
+        return "foolbox" if native_library(obj[0]) == "foolbox" and _is_budget(obj[1]) else None
+    root = type(obj).__module__.partition(".")[0]
+    return _NATIVE_MODULES.get(root)
+
+
+def _is_budget(value: Any) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def read_native(obj: Any, threat_model: ThreatModel, batch_size: int | None = None) -> LibraryAttack:
+    """The attack configured like the library attack object ``obj`` (a torchattacks ``Attack``, an
+    ART ``EvasionAttack``, a Foolbox ``Attack`` or ``(foolbox_attack, epsilons)``), for
+    ``threat_model``: its budget must match the threat model (ValueError otherwise); its other
+    mapped settings change the attack's copy of the threat model. ``attack.native_fields``
+    says which threat-model fields were read from it."""
+    library = native_library(obj)
+    if library is None:
+        raise TypeError(f"{type(obj).__name__} is not an attack object of {', '.join(_NATIVE_MODULES)}")
+    eps = None
+    if isinstance(obj, tuple):
+        obj, eps = obj
+    attack = load_adapter(library).from_native(obj, threat_model, eps, batch_size=batch_size)
+    if attack is None:
+        names = sorted({cls.cls_name for cls in load_adapter(library).ATTACKS.values()})
+        raise TypeError(
+            f"{library} {type(obj).__name__} objects are not supported; supported classes: "
+            f"{', '.join(names)} (or pass a spec string such as '{library}:{names[0]}')"
+        )
+    return attack

@@ -201,8 +201,10 @@ class LibraryAttack(Attack):
             default = ours.get(name, param.default)
             if not isinstance(value, (bool, int, float, str, type(None))):
                 continue
-            if default is inspect.Parameter.empty or value != default:
-                out[name] = value
+            comparable = default in (inspect.Parameter.empty, None) or isinstance(value, type(default)) or (
+                isinstance(value, (int, float)) and isinstance(default, (int, float)))
+            if comparable and (default is inspect.Parameter.empty or value != default):
+                out[name] = value  # (an attribute of another type is the library's own state)
         return out
 
 
