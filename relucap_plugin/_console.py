@@ -31,16 +31,17 @@ def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def print_table(
     columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None, file=None
 ) -> None:
-    """Print a table to ``file`` (stdout): a rich table if rich is installed."""
+    """Print a table to ``file`` (stdout): a rich table if rich is installed and ``file`` is a
+    terminal, plain aligned text otherwise (piped output stays parseable); names are never cut."""
     rows = list(rows)
     file = sys.stdout if file is None else file
-    if _have_rich():
+    if _have_rich() and getattr(file, "isatty", lambda: False)():
         from rich.console import Console
         from rich.table import Table
 
         table = Table(title=title)
         for c in columns:
-            table.add_column(str(c))
+            table.add_column(str(c), overflow="fold")
         for r in rows:
             table.add_row(*["" if v is None else str(v) for v in r])
         Console(file=file, width=max(100, Console(file=file).width)).print(table)

@@ -1,13 +1,92 @@
-"""The ``relucap`` command line. Each subcommand is one ``_cmd_*`` function registered below."""
+"""The ``relucap`` command line. Each subcommand is one ``_cmd_*`` function registered below.
+
+Built for scripts and CI as well as for people: ``--format json|md|table`` (``--json``) on the
+commands that report, only the report on stdout (progress and notes go to stderr), exit code 2
+for a rejected run, 1 for a run that measured nothing or (``audit --fail-on masking``) found
+signs of gradient masking. torch and the package's modules are imported inside the commands,
+so ``relucap --help`` starts without them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Sequence
+from fractions import Fraction
 
-from . import __version__
 from ._console import print_table
+from ._version import __version__
+
+#: API argument names in library messages -> the flag that sets them (our own wording table)
+_FLAGS = {
+    r"\bresume=False\b": "--no-resume",
+    r"\banother out= path\b": "another --out folder",
+    r"\bout=": "--out ",
+    r"\bstep_size=": "--step-size ",
+}
+_PREFIX_FLAGS = {"step_size": "--step-size", "batch_size": "--batch-size", "n_samples": "--n-samples",
+                 "restarts": "--restarts", "steps": "--steps", "norm": "--norm"}
+
+
+def _cli_message(exc: BaseException) -> str:
+    """``exc``'s message in the CLI's words: API arguments replaced by (or prefixed with) flags."""
+    text = str(exc)
+    for pattern, flag in _FLAGS.items():
+        text = re.sub(pattern, flag, text)
+    named = [flag for name, flag in _PREFIX_FLAGS.items() if re.match(rf"{name} must\b", text)]
+    return f"{named[0]}: {text}" if named else text
+
+
+def _eps_value(text: str) -> float:
+    """An ``--eps`` value: a number (0.3) or a fraction (8/255)."""
+    try:
+        return float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"invalid float value: {text!r} (write a number like 0.3 or a fraction like 8/255)") from None
+
+
+def _add_format_arguments(p: argparse.ArgumentParser) -> None:
+    """``--format`` and its ``--json`` alias, for every command that reports."""
+    p.add_argument("--format", choices=("table", "md", "json"), default="table",
+                   help="stdout: table (default), md (Markdown) or json (one JSON document)")
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
+
+
+def _emit(args: argparse.Namespace, payload: dict, table, print_it) -> None:
+    """The report on stdout in ``args.format``: ``payload`` as JSON, ``table(markdown=True)``, or
+    ``print_it()`` (aligned tables)."""
+    if args.format == "json":
+        import json
+
+        print(json.dumps(payload, indent=1, default=str))
+    elif args.format == "md":
+        print(table(markdown=True))
+    else:
+        print_it()
+
+
+def _results_payload(command: str, args: argparse.Namespace, results) -> dict:
+    """What a script needs from a run: settings, clean accuracy, every aggregate, the worst case."""
+    return {
+        "command": command, "model": args.model, "out": args.out,
+        "threat_model": results.metadata.get("threat_model"),
+        "clean_accuracy": results.clean_accuracy(),
+        "summary": results.summary(),
+        "worst_case": [{"eps": e, "robust_accuracy": results.worst_case(e)} for e in results.eps],
+    }
+
+
+def _out_guard(out: str):
+    """Remove ``--out`` again if this run created it and the run was rejected before writing."""
+    existed = os.path.exists(out)
+
+    def cleanup() -> None:
+        if not existed and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+    return cleanup
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -90,8 +169,6 @@ def _load_model(spec: str):
 def _load_eval_data(spec: str):
     """``mnist5k`` (its 1000-sample test split), a folder of MNIST IDX files or CIFAR-10 python
     batches (test split), a ``.npz`` with arrays ``x``, ``y``, or a ``.pt`` holding ``(x, y)``."""
-    import os
-
     import numpy as np
     import torch
 
@@ -126,8 +203,6 @@ def _load_eval_data(spec: str):
 
 def _prepare_run(args: argparse.Namespace) -> tuple:
     """Model (with --checkpoint), data and EvalConfig of `evaluate` and `audit`; --out created."""
-    import os
-
     import torch
 
     from .distributed import is_main_process
@@ -150,8 +225,6 @@ def _prepare_run(args: argparse.Namespace) -> tuple:
 
 def _write_tables(out: str, stem: str, table, files: dict[str, object] | None = None) -> None:
     """``stem``.txt and ``stem``.md from ``table(markdown=...)``, plus extra text files."""
-    import os
-
     texts = {f"{stem}.txt": table(), f"{stem}.md": table(markdown=True), **(files or {})}
     for name, text in texts.items():
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
@@ -160,12 +233,11 @@ def _write_tables(out: str, stem: str, table, files: dict[str, object] | None = 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Attack a model with one or more attacks; write results.jsonl, tables and a plot to --out."""
-    import os
-
     from .distributed import is_main_process
-    from .evaluation import evaluate
+    from .evaluation import AttackFailedError, evaluate
     from .threat import ThreatModel
 
+    cleanup = _out_guard(args.out)
     try:
         if not args.attack and not args.suite:
             raise ValueError("name the attacks: --attack SPEC (repeatable) and/or --suite standard")
@@ -181,15 +253,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         results = evaluate(model, dataset, attacks, tm, cfg, out=os.path.join(args.out, "results.jsonl"),
                            resume=not args.no_resume, output=output, progress=not args.quiet,
                            model_name=args.model)
+    except AttackFailedError as exc:
+        print(f"relucap evaluate: error: {_cli_message(exc)}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"relucap evaluate: error: {exc}", file=sys.stderr)
+        cleanup()
+        print(f"relucap evaluate: error: {_cli_message(exc)}", file=sys.stderr)
         return 2
     if not is_main_process():  # under torchrun rank 0 writes and prints the merged table
         return 0
     _write_tables(args.out, "results", results.table)
-    results.plot(os.path.join(args.out, "robust_accuracy.png"))
-    results.print()
-    print(f"results written to {args.out}/ (results.jsonl, results.txt, results.md, robust_accuracy.png)")
+    written = ["results.jsonl", "results.txt", "results.md"]
+    try:
+        results.plot(os.path.join(args.out, "robust_accuracy.png"))
+        written.append("robust_accuracy.png")
+    except ImportError:
+        print('relucap evaluate: no plot: matplotlib is not installed (pip install "relucap-plugin[demo]")',
+              file=sys.stderr)
+    _emit(args, _results_payload("evaluate", args, results), results.table, results.print)
+    print(f"results written to {args.out}/ ({', '.join(written)})", file=sys.stderr)
     return 0
 
 
@@ -200,7 +282,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str, steps: str, n_sampl
     p.add_argument("--checkpoint", help="weights: safetensors or a weights-only torch state dict")
     p.add_argument("--data", default="mnist5k",
                    help="mnist5k (default), a folder of MNIST/CIFAR-10 files, a .npz or a .pt")
-    p.add_argument("--eps", type=float, nargs="+", required=True, help="budgets, e.g. 0.1 0.3")
+    p.add_argument("--eps", type=_eps_value, nargs="+", required=True,
+                   help="budgets, e.g. 0.1 0.3 or 8/255")
     p.add_argument("--norm", default="Linf", help="Linf (default) or L2")
     p.add_argument("--steps", type=int, default=40, help=f"{steps} (default 40)")
     p.add_argument("--n-samples", type=int, default=n_samples,
@@ -212,6 +295,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str, steps: str, n_sampl
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--square-queries", type=int, default=5000,
                    help="query budget of the suite's Square attack (default 5000)")
+    _add_format_arguments(p)
 
 
 def _add_evaluate_parser(sub) -> None:
@@ -237,13 +321,14 @@ def _add_evaluate_parser(sub) -> None:
 def _cmd_audit(args: argparse.Namespace) -> int:
     """Run the standard suite and every gradient-masking check; print flags and the verdict."""
     import json
-    import os
 
     from .adaptive import evaluate_suite
     from .data import as_tensors
     from .diagnostics import audit
+    from .evaluation import AttackFailedError
     from .threat import ThreatModel
 
+    cleanup = _out_guard(args.out)
     try:
         model, dataset, cfg = _prepare_run(args)
         tm = ThreatModel(norm=args.norm, eps=tuple(args.eps), steps=args.steps)
@@ -253,13 +338,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                                  out=os.path.join(args.out, "results.jsonl"), resume=False,
                                  progress=not args.quiet, model_name=args.model)
         report = audit(model, data, tm, cfg, results=results, model_name=args.model)
+    except AttackFailedError as exc:
+        print(f"relucap audit: error: {_cli_message(exc)}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"relucap audit: error: {exc}", file=sys.stderr)
+        cleanup()
+        print(f"relucap audit: error: {_cli_message(exc)}", file=sys.stderr)
         return 2
     _write_tables(args.out, "audit", report.table,
                   {"flags.json": json.dumps(report.to_dict(), indent=1, default=str)})
-    report.print()
-    print(f"audit written to {args.out}/ (results.jsonl, audit.txt, audit.md, flags.json)")
+    payload = {**_results_payload("audit", args, results), "verdict": report.verdict,
+               "masking_likely": report.masking_likely, "flags": report.to_dict().get("flags")}
+    _emit(args, payload, report.table, report.print)
+    print(f"audit written to {args.out}/ (results.jsonl, audit.txt, audit.md, flags.json)", file=sys.stderr)
+    if args.fail_on == "masking" and report.masking_likely:
+        print(f"relucap audit: --fail-on masking: {report.verdict}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -270,6 +364,8 @@ def _add_audit_parser(sub) -> None:
                        "check and print the flags, the per-sample worst case and a verdict.")
     _add_run_arguments(p, "relucap-audit", "PGD iterations", 200)
     p.add_argument("--suite", default="standard", help="attack suite (default: standard)")
+    p.add_argument("--fail-on", choices=("masking",), default=None,
+                   help="masking: exit 1 when a check finds signs of gradient masking (for CI)")
     p.set_defaults(func=_cmd_audit)
 
 
@@ -331,7 +427,16 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_experiment_parser(sub, name: str) -> None:
+_EXPERIMENT_HELP = {"demo": "the paper's experiment in about a minute (offline, CPU)",
+                    "reproduce": "the full grid: cap x layer position x training (a bigger budget)"}
+
+
+def _add_experiment_parser(sub, name: str, detailed: bool = True) -> None:
+    """The ``demo``/``reproduce`` parser; its defaults come from :func:`experiment.preset`, which
+    imports torch, so it is only built in full when that command is asked for."""
+    if not detailed:
+        sub.add_parser(name, help=_EXPERIMENT_HELP[name]).set_defaults(func=_cmd_experiment)
+        return
     from .experiment import preset
 
     d = preset(name)
@@ -340,8 +445,7 @@ def _add_experiment_parser(sub, name: str) -> None:
         return " ".join(f"{v:g}" for v in values)
 
     p = sub.add_parser(
-        name, help="the paper's experiment in about a minute (offline, CPU)" if name == "demo"
-        else "the full grid: cap x layer position x training (a bigger budget)",
+        name, help=_EXPERIMENT_HELP[name],
         description=f"Train an MLP on the embedded MNIST digits with plain ReLU and capped ReLUs "
         f"(caps {listed(d.caps)} at positions {', '.join(d.positions)}; training "
         f"{', '.join(d.trainings)}{'; FGSM training of ReLU and of the best cap' if d.fgsm_best else ''}"
@@ -371,7 +475,9 @@ def _add_experiment_parser(sub, name: str) -> None:
     p.set_defaults(func=_cmd_experiment)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``relucap`` parser; ``command`` (the subcommand about to run, None: all) is built in
+    full, the experiment commands only when asked for (see :func:`_add_experiment_parser`)."""
     parser = argparse.ArgumentParser(
         prog="relucap",
         description="Capped ReLU activations, model surgery and honest adversarial evaluation.",
@@ -383,13 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub)
     _add_audit_parser(sub)
     _add_inspect_parser(sub)
-    _add_experiment_parser(sub, "demo")
-    _add_experiment_parser(sub, "reproduce")
+    for name in ("demo", "reproduce"):
+        _add_experiment_parser(sub, name, detailed=command in (None, name))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -117,7 +117,10 @@ def _pct(value: float | None) -> str:
 
 
 def _fmt_eps(eps: float) -> str:
-    return f"{eps:g}"
+    """``eps`` as people write it: ``0.3``, or ``8/255`` for a budget in 255ths with no short
+    decimal form."""
+    short, k = f"{eps:g}", round(eps * 255)
+    return f"{k}/255" if len(short) > 6 and k > 0 and math.isclose(eps * 255, k, rel_tol=1e-9) else short
 
 
 def _markdown(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

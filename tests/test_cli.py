@@ -32,3 +32,93 @@ def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "relucap_plugin.cli", "--version"],
                           capture_output=True, text=True)
     assert done.returncode == 0 and "relucap-plugin" in done.stdout
+
+
+# --- scripts and CI (issue 17) -----------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+
+def _evaluate(tmp_path, *extra):
+    return main(["evaluate", "mlp:16", "--attack", "torch:FGSM", "--n-samples", "8", "--batch-size", "8",
+                 "--out", str(tmp_path / "out"), *extra])
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from relucap_plugin.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "evaluate" in done.stdout and done.stdout.strip().endswith("no torch")
+
+
+def test_evaluate_json_is_the_only_stdout_and_eps_fractions_are_kept(tmp_path, capsys):
+    assert _evaluate(tmp_path, "--eps", "8/255", "0.1", "--json") == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert payload["command"] == "evaluate" and payload["threat_model"]["eps"] == [8 / 255, 0.1]
+    assert {s["attack"] for s in payload["summary"]} == {"torch:FGSM"}
+    assert [w["eps"] for w in payload["worst_case"]] == [8 / 255, 0.1]
+    assert "results written to" in captured.err and "no --checkpoint" in captured.err
+    table = (tmp_path / "out" / "results.txt").read_text()
+    assert "8/255" in table and "0.1" in table
+
+
+def test_evaluate_markdown_format(tmp_path, capsys):
+    assert _evaluate(tmp_path, "--eps", "0.1", "--format", "md", "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "| attack | eps |" in out.replace("  ", " ") and "torch:FGSM" in out
+
+
+def test_evaluate_prints_the_table_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert _evaluate(tmp_path, "--eps", "0.1", "--quiet") == 0
+    captured = capsys.readouterr()
+    assert "torch:FGSM" in captured.out and "robust acc" in captured.out
+    assert "no plot: matplotlib is not installed" in captured.err
+    assert not (tmp_path / "out" / "robust_accuracy.png").exists() and (tmp_path / "out" / "results.md").exists()
+
+
+def test_cli_errors_name_flags_and_leave_no_empty_out_folder(tmp_path, capsys):
+    assert _evaluate(tmp_path, "--eps", "0.1", "--step-size", "-1", "--quiet") == 2
+    assert "relucap evaluate: error: --step-size: step_size must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["evaluate", "mlp:16", "--attack", "torch:Nope", "--eps", "0.1", "--n-samples", "4",
+                 "--quiet", "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+    assert _evaluate(tmp_path, "--eps", "0.1", "--quiet") == 0
+    assert _evaluate(tmp_path, "--eps", "0.1", "--quiet", "--seed", "1") == 2  # another run in --out
+    err = capsys.readouterr().err
+    assert "pass --no-resume to start over" in err and "another --out folder" in err
+    assert "resume=False" not in err and "out= path" not in err
+    assert (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_foolbox_run_leaves_os_environ_alone(tmp_path):
+    code = ("import os, sys; from relucap_plugin.cli import main\n"
+            f"rc = main(['evaluate', 'mlp:16', '--attack', 'foolbox:PGD', '--eps', '0.1', '--n-samples', '4',"
+            f" '--quiet', '--json', '--out', {str(tmp_path / 'o')!r}])\n"
+            "print(rc, 'GIT_PYTHON_REFRESH' in os.environ, file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if k != "GIT_PYTHON_REFRESH"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stderr.strip().endswith("0 False"), done.stderr[-2000:]
+    assert json.loads(done.stdout)["summary"][0]["attack"] == "foolbox:LinfPGD"
+
+
+def test_audit_json_and_fail_on_masking(capped_mlp, tmp_path, capsys):
+    from relucap_plugin.training import save_checkpoint
+
+    ckpt = save_checkpoint(capped_mlp, tmp_path / "capped.safetensors")
+    argv = ["audit", "mlp:256,32,256:capped_relu(cap=0.1)", "--checkpoint", str(ckpt), "--eps", "0.3",
+            "--n-samples", "20", "--steps", "10", "--square-queries", "100", "--quiet", "--json",
+            "--out", str(tmp_path / "audit")]
+    code = main([*argv, "--fail-on", "masking"])
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert payload["masking_likely"] is True and code == 1
+    assert "--fail-on masking: " in captured.err and "gradient masking likely" in payload["verdict"]
+    fired = [f["name"] for f in payload["flags"] if f["fired"]]
+    assert fired and all(name in (tmp_path / "audit" / "audit.txt").read_text() for name in fired)
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["masking_likely"] is True
