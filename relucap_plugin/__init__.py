@@ -6,6 +6,7 @@ Foolbox and torchattacks are imported by their adapters only when an attack from
 asked for.
 """
 
+# ruff: noqa: F401  (the TYPE_CHECKING imports are for static readers; names resolve lazily)
 from __future__ import annotations
 
 import importlib
