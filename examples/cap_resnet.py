@@ -13,6 +13,7 @@ Run ``python examples/cap_resnet.py`` (about a minute on a 2-core CPU) or add ``
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
     parser.add_argument("--tiny", action="store_true", help="4 inputs, 2 PGD steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
+                        help="torch CPU threads (default min(4, cores))")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     n, steps = (4, 2) if args.tiny else (args.n, args.steps)
 
     torch.manual_seed(args.seed)

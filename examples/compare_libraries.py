@@ -29,7 +29,10 @@ def main(argv: Sequence[str] | None = None):
     parser.add_argument("--tiny", action="store_true", help="600 training digits, 30 test "
                         "digits, PGD-5")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the model is small; more threads oversubscribe a shared machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     train_set, test_set = load_mnist5k(seed=args.seed)
     x, y = train_set.tensors
     n_train, n_test, steps = (600, 30, 5) if args.tiny else (len(x), args.n_samples, args.steps)

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from relucap_plugin import accuracy, mlp, train
-from relucap_plugin._console import print_table
 
 
 def make_subspace_data(
@@ -147,19 +146,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float | str]]:
     parser.add_argument("--k", type=int, default=5, help="dimension of the data subspace")
     parser.add_argument("--small-init", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the model is small; more threads oversubscribe a shared machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     size = {"width": 100, "n_train": 100, "n_test": 100, "epochs": 200} if args.tiny else {}
     rows = run(d=args.d, k=args.k, small_init=args.small_init, weight_decay=args.weight_decay,
                seed=args.seed, **size)
-    print_table(
-        ["setting", "train acc", "test acc", "|P_perp grad| / |P_par grad|", "off-subspace flip",
-         "on-subspace flip", "|W1 P_perp|"],
-        [(r["setting"], f"{r['train_acc']:.3f}", f"{r['test_acc']:.3f}",
-          f"{r['grad_ratio']:.3f}", f"{r['off_flip']:.3g}", f"{r['on_flip']:.3g}",
-          f"{r['perp_weight_norm']:.3g}") for r in rows],
-        title=f"two-layer ReLU net, data on a {args.k}-dim subspace of R^{args.d} (medians over "
-              "test points)",
-    )
+    print(f"two-layer ReLU net, data on a {args.k}-dim subspace of R^{args.d} (medians over test points)")
+    print("setting | train acc | test acc | |P_perp grad| / |P_par grad| | off-subspace flip | "
+          "on-subspace flip | |W1 P_perp|")
+    for r in rows:
+        print(f"{r['setting']} | {r['train_acc']:.3f} | {r['test_acc']:.3f} | {r['grad_ratio']:.3f} | "
+              f"{r['off_flip']:.3g} | {r['on_flip']:.3g} | {r['perp_weight_norm']:.3g}")
     return rows
 
 
