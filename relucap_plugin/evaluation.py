@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import distributed as _distributed
 from .distributed import get_rank
 from ._console import progress as _progress
+from .adapters import native_library, native_notes, read_native
 from .attacks import (
     Attack,
     _float_dtype,
@@ -150,8 +151,6 @@ def _as_config(config: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
 def _as_attacks(
     attacks: AttackLike | Sequence[AttackLike], tm: ThreatModel, cfg: EvalConfig
 ) -> list[Attack]:
-    from .adapters import native_library, read_native
-
     if isinstance(attacks, (str, Attack)) or callable(attacks) or native_library(attacks):
         attacks = [attacks]
     if not isinstance(attacks, Sequence) or not attacks:
@@ -171,8 +170,8 @@ def _as_attacks(
             out.append(make_attack(a, threat_model=tm))
         else:
             raise TypeError(
-                f"cannot use {a!r} as an attack: pass a spec string, an Attack, a configured "
-                "torchattacks/ART/Foolbox attack object or a function fn(model, x, y, eps) -> x_adv"
+                f"cannot use {a!r} as an attack: pass a spec string, an Attack or a function "
+                "fn(model, x, y, eps) -> x_adv, or a configured torchattacks/ART/Foolbox attack object"
             )
     specs = [a.spec for a in out]
     dupes = sorted({s for s in specs if specs.count(s) > 1})
@@ -534,7 +533,9 @@ def evaluate(
     device = cfg.resolve_device() if ctx is None else ctx.device
     net = model if output is None else _SelectOutput(model, output)
     attack_list = _as_attacks(attacks, tm, cfg)
-    _announce_native(attack_list, progress and get_rank() == 0)
+    if progress and get_rank() == 0:
+        for line in native_notes(attack_list):
+            print(line, file=sys.stderr)
     for attack in attack_list:
         attack.check_dtype(_float_dtype(net, torch.float32))
     loader = as_loader(data, batch_size=cfg.batch_size)
@@ -605,40 +606,24 @@ def evaluate(
         if writer is not None:
             writer.close()
     final = results if ctx is None else ctx.gather(results, None if out is None else path)
-    _refuse_total_failure(final, attack_list, None if out is None else path)
+    _refuse_total_failure(final, None if out is None else path)
     return final
 
 
 class AttackFailedError(RuntimeError):
-    """Every attack failed on every sample it attacked: there is no number to report.
-
-    ``results`` holds the rows (also in the ``out`` file, if one was given)."""
+    """Every attack failed on every sample it attacked: nothing was measured. ``results`` holds
+    the rows (also in ``out=``); one failing attack among working ones only warns."""
 
     def __init__(self, message: str, results: Results) -> None:
         super().__init__(message)
         self.results = results
 
 
-def _refuse_total_failure(results: Results, attacks: Sequence[Attack], path: str | None) -> None:
-    """Raise :class:`AttackFailedError` when no attacked row has an outcome: a misconfigured run
-    must not return normally with robust accuracy None (one failing attack among working ones
-    gives failed rows, a warning and a note in the table)."""
+def _refuse_total_failure(results: Results, path: str | None) -> None:
     rows = [r for r in results if not r["skipped"]]
     if rows and all(r["status"] == "failed" for r in rows):
         raise AttackFailedError(
             f"every attack failed on all {len(rows)} attacked rows, e.g. {rows[0]['attack']}: "
             f"{rows[0]['reason']}; fix the attack (configured torchattacks/ART/Foolbox objects are "
             "read directly, a function must take (model, x, y, eps)); the rows are in the "
-            "exception's .results" + (f" and in {path}" if path else ""),
-            results,
-        )
-
-
-def _announce_native(attacks: Sequence[Attack], enabled: bool) -> None:
-    """Say, on stderr, which threat-model fields were read from configured library objects."""
-    for attack in attacks:
-        fields_read = getattr(attack, "native_fields", None)
-        if fields_read and enabled:
-            read = ", ".join(f"{k}={v!r}" for k, v in fields_read.items())
-            print(f"relucap: read from the {attack.library} object: {read}; evaluated as {attack.spec}",
-                  file=sys.stderr)
+            "exception's .results" + (f" and in {path}" if path else ""), results)

@@ -24,7 +24,7 @@ from .base import _TM_FIELDS, LibraryAttack
 
 __all__ = [
     "LIBRARIES", "LibraryAttack", "LibraryInfo", "ModelView", "build_attack", "load_adapter",
-    "native_library", "read_native",
+    "native_library", "native_notes", "read_native",
 ]
 
 
@@ -251,3 +251,12 @@ def read_native(obj: Any, threat_model: ThreatModel, batch_size: int | None = No
             f"{', '.join(names)} (or pass a spec string such as '{library}:{names[0]}')"
         )
     return attack
+
+
+def native_notes(attacks: list) -> list[str]:
+    """One line per attack read from a library object: the threat-model fields read from it."""
+    return [
+        f"relucap: read from the {a.library} object: "
+        + ", ".join(f"{k}={v!r}" for k, v in a.native_fields.items()) + f"; evaluated as {a.spec}"
+        for a in attacks if getattr(a, "native_fields", None)
+    ]
