@@ -11,6 +11,7 @@ and ``z == cap``. At 0 this is what ``torch.relu`` does; at the cap it is what
 """
 
 import math
+from typing import Any
 import numbers
 from collections.abc import Iterable, Sequence
 
@@ -501,3 +502,39 @@ class SpatialAttentionReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.attention.kernel_size[0]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Caps in checkpoints: CappedReLU's cap is a non-persistent buffer (not in the state dict), so a
+# checkpoint records the caps next to the weights. Our own design.
+
+
+def saved_caps(model: nn.Module) -> dict[str, float | list[float]]:
+    """``{module path: cap}`` of every finite :class:`CappedReLU` in ``model`` (what
+    ``save_checkpoint`` stores next to the weights)."""
+    return {name: m.cap_tensor.tolist() if m.per_channel else m.cap_value
+            for name, m in model.named_modules()
+            if isinstance(m, CappedReLU) and (m.per_channel or math.isfinite(m.cap_value))}
+
+
+def apply_saved_caps(model: nn.Module, caps: dict[str, Any], *, restore: bool, where: str) -> None:
+    """Check that ``model`` has the ``caps`` a checkpoint was saved with (extra caps in ``model``
+    are its own choice). With ``restore``, a plain ``nn.ReLU`` (or another cap) at a saved site is
+    replaced by the saved ``CappedReLU``; any other difference is a ``ValueError`` naming the
+    sites, raised before ``model`` is changed. Never silently another model."""
+    modules = dict(model.named_modules())
+    wrong = {p: c for p, c in caps.items() if saved_caps(model).get(p) != c}
+    if not wrong:
+        return
+    fixable = {p for p in wrong if p and type(modules.get(p)) in (nn.ReLU, CappedReLU)}
+    if not restore or set(wrong) - fixable:
+        shown = ", ".join(f"{p or '(root)'}: cap {_format_cap(torch.tensor(c) if isinstance(c, list) else c)} "
+                          f"(model: {type(modules[p]).__name__ if p in modules else 'no module'})"
+                          for p, c in list(wrong.items())[:5])
+        fix = ("pass restore_caps=True to put them back" if not set(wrong) - fixable else
+               "build the model with them, e.g. cap_relus(model, {site: cap}) before loading")
+        raise ValueError(f"{where} was saved from a model with caps this model lacks ({shown}); "
+                         f"evaluating it would measure another model: {fix}")
+    for p in wrong:
+        parent, _, name = p.rpartition(".")
+        setattr(modules[parent] if parent else model, name, CappedReLU(caps[p]))

@@ -25,6 +25,7 @@ _FLAGS = {
     r"\banother out= path\b": "another --out folder",
     r"\bout=": "--out ",
     r"\bstep_size=": "--step-size ",
+    r"\bpass restore_caps=True\b": "pass --restore-caps",
 }
 _PREFIX_FLAGS = {"step_size": "--step-size", "batch_size": "--batch-size", "n_samples": "--n-samples",
                  "restarts": "--restarts", "steps": "--steps", "norm": "--norm"}
@@ -212,7 +213,7 @@ def _prepare_run(args: argparse.Namespace) -> tuple:
     torch.manual_seed(args.seed)  # the same random weights on every torchrun rank
     model = _load_model(args.model)
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+        load_checkpoint(model, args.checkpoint, restore_caps=args.restore_caps)
     elif is_main_process():
         print(f"relucap {args.command}: no --checkpoint given: the model has random weights",
               file=sys.stderr)
@@ -280,6 +281,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str, steps: str, n_sampl
     p.add_argument("model", metavar="MODEL",
                    help="mlp:256,32,256[:activation], package.module:factory, or a torchvision name")
     p.add_argument("--checkpoint", help="weights: safetensors or a weights-only torch state dict")
+    p.add_argument("--restore-caps", action="store_true",
+                   help="put back the caps saved with --checkpoint where MODEL has plain ReLU modules")
     p.add_argument("--data", default="mnist5k",
                    help="mnist5k (default), a folder of MNIST/CIFAR-10 files, a .npz or a .pt")
     p.add_argument("--eps", type=_eps_value, nargs="+", required=True,

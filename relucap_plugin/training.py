@@ -11,6 +11,7 @@ Madry et al. and Wong et al. do; their gradients never reach the parameters' ``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._console import progress as _progress
+from .activations import apply_saved_caps, saved_caps
 from .data import DataLike, as_loader, unpack_batch
 from .threat import resolve_device
 
@@ -333,6 +335,9 @@ def _checkpoint_format(path: str | os.PathLike) -> str:
     return "torch"
 
 
+_CAPS = "relucap.caps"
+
+
 def _safetensors() -> Any:
     try:
         import safetensors.torch
@@ -350,24 +355,29 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
 
     A path ending in ``.safetensors`` gives a safetensors file (needs ``safetensors``); any
     other path a torch state dict of CPU tensors that :func:`load_checkpoint` reads with
-    ``torch.load(weights_only=True)``. Non-persistent buffers (e.g. fixed caps) are not saved:
-    they belong to the architecture.
+    ``torch.load(weights_only=True)``. The caps of ``CappedReLU`` modules (non-persistent
+    buffers) are stored next to the weights (safetensors metadata, or the entry
+    ``"relucap.caps"``), so :func:`load_checkpoint` can restore or refuse a model without them.
     """
     fmt = _checkpoint_format(path)
     path = os.fspath(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    caps = json.dumps(saved_caps(model)) if saved_caps(model) else None
     if fmt == "safetensors":
-        _safetensors().save_file(state, path)
+        _safetensors().save_file(state, path, metadata=None if caps is None else {_CAPS: caps})
     else:
-        torch.save(state, path)
+        torch.save(state if caps is None else {**state, _CAPS: torch.tensor(list(caps.encode()), dtype=torch.uint8)},
+                   path)
     return path
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, restore_caps: bool = False) -> nn.Module:
     """Load weights saved by :func:`save_checkpoint` into ``model``; returns ``model``.
 
     The keys and shapes are checked first: on a mismatch a ``ValueError`` names the missing,
-    unexpected and mis-shaped entries and ``model`` is left unchanged.
+    unexpected and mis-shaped entries and ``model`` is left unchanged. So are the caps saved
+    with the weights: a model without them is refused, or with ``restore_caps=True`` gets them
+    back where it has a ``nn.ReLU`` module (see :func:`~relucap_plugin.activations.apply_saved_caps`).
     """
     fmt = _checkpoint_format(path)
     path = os.fspath(path)
@@ -389,6 +399,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{path!r} is not a weights-only torch state dict ({exc.__class__.__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); save it with save_checkpoint"
             ) from None
+    caps = _caps_in(state, path, fmt)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path!r} does not hold a state dict of tensors; save it with "
                          "save_checkpoint")
@@ -408,5 +419,17 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             "model with the same architecture (layers, widths, activations with parameters) "
             "as the one that was saved"
         )
+    apply_saved_caps(model, caps, restore=restore_caps, where=f"checkpoint {path!r}")
     model.load_state_dict(state)
     return model
+
+
+def _caps_in(state: Any, path: str, fmt: str) -> dict[str, Any]:
+    """The caps stored by :func:`save_checkpoint` (taken out of a torch ``state``)."""
+    if fmt == "safetensors":
+        with _safetensors().safe_open(path, "pt") as f:
+            text = (f.metadata() or {}).get(_CAPS)
+    else:
+        entry = state.pop(_CAPS, None) if isinstance(state, dict) else None
+        text = None if entry is None else bytes(entry.tolist()).decode()
+    return json.loads(text) if text else {}

@@ -122,3 +122,17 @@ def test_audit_json_and_fail_on_masking(capped_mlp, tmp_path, capsys):
     fired = [f["name"] for f in payload["flags"] if f["fired"]]
     assert fired and all(name in (tmp_path / "audit" / "audit.txt").read_text() for name in fired)
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["masking_likely"] is True
+
+
+def test_capped_checkpoint_into_a_plain_model_is_refused_or_restored(capped_mlp, tmp_path, capsys):
+    from relucap_plugin.training import save_checkpoint
+
+    ckpt = str(save_checkpoint(capped_mlp, tmp_path / "capped.safetensors"))
+    argv = ["evaluate", "mlp:256,32,256", "--checkpoint", ckpt, "--attack", "torch:FGSM", "--eps", "0.1",
+            "--n-samples", "40", "--quiet", "--json", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "saved from a model with caps this model lacks" in err and "pass --restore-caps" in err
+    assert not (tmp_path / "out").exists()
+    assert main([*argv, "--restore-caps"]) == 0
+    assert json.loads(capsys.readouterr().out)["clean_accuracy"] > 0.8

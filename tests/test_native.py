@@ -139,3 +139,24 @@ def test_a_run_where_every_attack_fails_raises_with_its_rows(mnist_mlp, data, tm
 def test_evaluate_with_x_and_y_apart_shows_the_pair_form(mnist_mlp, data):
     with pytest.raises(TypeError, match=r"evaluate\(model, \(x, y\), attacks, threat_model"):
         evaluate(mnist_mlp, data[0], data[1], ["torch:PGD"], TM)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_checkpoint_carries_its_caps(capped_mlp, mnist5k, tmp_path, suffix):
+    """A capped model's checkpoint loaded into the plain architecture was evaluated silently as the
+    ReLU model; now it is refused, or restored with restore_caps=True to the same logits."""
+    from relucap_plugin import load_checkpoint, mlp, save_checkpoint
+
+    path = save_checkpoint(capped_mlp, tmp_path / f"capped{suffix}")
+    plain = mlp((256, 32, 256))
+    before = copy.deepcopy(plain.state_dict())
+    with pytest.raises(ValueError, match=r"saved from a model with caps this model lacks \(4: cap 0.1 "
+                                         r"\(model: ReLU\)\).*restore_caps=True"):
+        load_checkpoint(plain, path)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in before.items())
+    assert type(plain[4]).__name__ == "ReLU"
+    load_checkpoint(plain, path, restore_caps=True)
+    x = mnist5k[1].tensors[0][:64]
+    assert torch.equal(plain.eval()(x), capped_mlp(x))
+    everywhere = mlp((256, 32, 256), "capped_relu(cap=0.1)")  # extra caps are the model's own choice
+    load_checkpoint(everywhere, path)
