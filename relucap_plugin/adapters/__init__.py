@@ -214,7 +214,7 @@ class ModelView(nn.Module):
                 m.training = training
 
 
-_NATIVE_MODULES = {"torchattacks": "torchattacks", "art": "art", "foolbox": "foolbox"}
+_NATIVE_ROOTS = ("torchattacks", "art", "foolbox")
 
 
 def native_library(obj: Any) -> str | None:
@@ -223,7 +223,7 @@ def native_library(obj: Any) -> str | None:
     if isinstance(obj, tuple) and len(obj) == 2:
         return "foolbox" if native_library(obj[0]) == "foolbox" and _is_budget(obj[1]) else None
     root = type(obj).__module__.partition(".")[0]
-    return _NATIVE_MODULES.get(root)
+    return root if root in _NATIVE_ROOTS else None
 
 
 def _is_budget(value: Any) -> bool:
@@ -239,7 +239,7 @@ def read_native(obj: Any, threat_model: ThreatModel, batch_size: int | None = No
     says which threat-model fields were read from it."""
     library = native_library(obj)
     if library is None:
-        raise TypeError(f"{type(obj).__name__} is not an attack object of {', '.join(_NATIVE_MODULES)}")
+        raise TypeError(f"{type(obj).__name__} is not an attack object of {', '.join(_NATIVE_ROOTS)}")
     eps = None
     if isinstance(obj, tuple):
         obj, eps = obj

@@ -9,6 +9,15 @@ user's configured library object back into a threat model (:meth:`LibraryAttack.
 Each library's base converts units (:meth:`LibraryAttack._to_native`,
 :meth:`LibraryAttack._from_native`); a member has at most one hook, :meth:`LibraryAttack._adjust`.
 Reading native objects back is our own design.
+
+A member is a few lines; torchattacks' PGD::
+
+    class PGD(TorchattacksAttack):
+        family = native_name = cls_name = "PGD"
+        norms, losses = ("Linf",), ("ce",)
+        mapping = {"eps": "eps", "alpha": "step_size", "steps": "steps", "random_start": "random_start"}
+
+Add it to the adapter's ``ATTACKS``; ``tests/test_adapters.py`` then runs it for every norm.
 """
 
 from __future__ import annotations
