@@ -10,7 +10,7 @@ Each library's base converts units (:meth:`LibraryAttack._to_native`,
 :meth:`LibraryAttack._from_native`); a member has at most one hook, :meth:`LibraryAttack._adjust`.
 Reading native objects back is our own design.
 
-A member is a few lines; torchattacks' PGD::
+A member is a few lines; torchattacks' PGD:
 
     class PGD(TorchattacksAttack):
         family = native_name = cls_name = "PGD"
