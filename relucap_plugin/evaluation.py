@@ -460,6 +460,17 @@ class _Runner:
         self.labels.update((r["sample"], r["label"]) for r in rows)
 
 
+def _layout(attacks: list[Attack], cfg: EvalConfig, data: DataLike) -> tuple[list[Attack], list[str]]:
+    """Black-box attacks on the real input layout (issue 14): the config's, else the data's."""
+    from .adaptive import black_box_layout
+
+    try:
+        sample = tuple(torch.as_tensor(unpack_batch(as_dataset(data)[0])[0]).shape)
+    except Exception:  # a peek only: data the loop cannot read fail there, with its message
+        sample = None
+    return black_box_layout(attacks, cfg.input_shape, sample)
+
+
 def _family(attack: Attack) -> str:
     """Agreement key: the attack family plus any threat-model fields the attack changes."""
     changes = getattr(attack, "changes", None) or {}
@@ -479,6 +490,7 @@ def evaluate(
     output: OutputSelector | None = None,
     progress: bool = True,
     model_name: str | None = None,
+    notes: Sequence[str] = (),
 ) -> Results:
     """Attack ``model`` on ``data`` with every attack at every budget of ``threat_model``.
 
@@ -506,6 +518,10 @@ def evaluate(
     with ``out=`` each rank streams to its shard ``results.rankR-of-W.jsonl`` next to ``out`` and
     resumes from it. Rank 0 returns the merged table (and writes it to ``out``), the other ranks
     the rows of their own batches; only rank 0 shows progress (see :mod:`.distributed`).
+
+    Black-box attacks search on the input's real layout: ``config.input_shape``, else the data's
+    (see :func:`~relucap_plugin.adaptive.black_box_layout`). ``notes`` (and a note when a
+    black-box attack could only run on a flat layout) go to ``results.metadata["notes"]``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -519,6 +535,7 @@ def evaluate(
     device = cfg.resolve_device() if ctx is None else ctx.device
     net = model if output is None else _SelectOutput(model, output)
     attack_list = _as_attacks(attacks, tm, cfg)
+    attack_list, layout_notes = _layout(attack_list, cfg, data)
     for attack in attack_list:
         attack.check_dtype(_float_dtype(net, torch.float32))
     loader = as_loader(data, batch_size=cfg.batch_size)
@@ -537,6 +554,8 @@ def evaluate(
         "package_version": versions["relucap-plugin"],
         "rtol": RTOL,
     }
+    if [*notes, *layout_notes]:
+        metadata["notes"] = [*notes, *layout_notes]
     if ctx is not None:
         metadata["world_size"] = ctx.world_size
         ctx.check_same(model, metadata)
