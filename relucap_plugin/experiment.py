@@ -233,6 +233,8 @@ class ModelResult:
     seconds: float
     versions: dict[str, str] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
+    level: str = "no sign"
+    over_report: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -262,9 +264,14 @@ FLAG_LABELS = {
 }
 
 
-def short_verdict(fired: Sequence[str]) -> str:
-    """``"likely (k checks)"`` or ``"none found"``, for a table cell."""
-    return f"likely ({len(fired)} check{'s' if len(fired) > 1 else ''})" if fired else "none found"
+def short_verdict(level: str, over: dict[str, Any] | None = None) -> str:
+    """The calibrated verdict for a table cell: ``"measured: +X pts [lo, hi]"``, ``"risk
+    factors only"`` or ``"no sign"`` (levels of :func:`relucap_plugin.diagnostics.verdict`)."""
+    if level == "masking measured" and over:
+        lo, hi = over["interval"]
+        return (f"measured: +{100 * over['over_report']:.1f} pts "
+                f"[{100 * lo:.1f}, {100 * hi:.1f}] at eps {over['eps']:g}")
+    return level
 
 
 def fired_labels(fired: Sequence[str]) -> str:
@@ -294,7 +301,7 @@ class ExperimentResult:
         eps = self.config.headline_eps if eps is None else float(eps)
         return [
             (m.name, _pct(m.clean), *(_pct(m.pgd[lib].get(eps)) for lib in LIBRARY_PGD),
-             _pct(m.worst_case.get(eps)), short_verdict(m.fired))
+             _pct(m.worst_case.get(eps)), short_verdict(m.level, m.over_report))
             for m in self.models
         ]
 
@@ -435,6 +442,8 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
         attacks={a: {e: results.robust_accuracy(a, e) for e in tm.eps} for a in results.attacks},
         verdict=report.verdict,
         fired=[f.name for f in report.flags if f.fired],
+        level=report.level,
+        over_report=_plain(report.over_report),
         capped_sites=sites,
         train_history=history.to_dict(),
         versions=dict(results.metadata.get("versions") or {}),
@@ -443,6 +452,13 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
         seconds=time.perf_counter() - start,
         model=net,
     )
+
+
+def _plain(over: dict[str, Any] | None) -> dict[str, Any] | None:
+    """:func:`~relucap_plugin.diagnostics.over_report` without its per-eps detail (JSON-able)."""
+    if over is None:
+        return None
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in over.items() if k != "per_eps"}
 
 
 def _growth(best: ModelResult | None, eval_data, config: ExperimentConfig):
