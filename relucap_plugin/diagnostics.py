@@ -542,6 +542,7 @@ def audit(
     *,
     results: Results | None = None,
     suite: str = "standard",
+    suite_kwargs: dict[str, Any] | None = None,
     model_name: str | None = None,
     progress: bool = False,
     out: str | os.PathLike | None = None,
@@ -551,7 +552,8 @@ def audit(
 
     ``data`` as for :func:`~relucap_plugin.evaluation.evaluate` (``config.n_samples`` limits it);
     the model checks use the largest budget of ``threat_model``. Pass several budgets for a
-    stronger ``accuracy_rises_with_eps`` check.
+    stronger ``accuracy_rises_with_eps`` check. ``suite_kwargs`` go to the suite (e.g.
+    ``{"square_queries": 1000}``).
     """
     from .data import as_tensors
 
@@ -559,7 +561,8 @@ def audit(
     x, y = as_tensors(data, limit=config.n_samples)
     if results is None:
         results = evaluate_suite(model, (x, y), threat_model, suite, config, extra_attacks=["torch:FGSM"],
-                                 progress=progress, model_name=model_name, out=out)
+                                 suite_kwargs=suite_kwargs, progress=progress, model_name=model_name,
+                                 out=out)
     eps = max(threat_model.eps)
     pgd = get_attack("torch:PGD", threat_model.replace(eps=(eps,)))
     x_adv = pgd(model, x, y, eps, seed=config.seed)

@@ -343,6 +343,8 @@ def tracking(model: nn.Module, action: str, handler, module_handler=None) -> _Tr
 # ------------------------------------------------------------------------------ record
 def _site_stats(x: Tensor, low: Tensor, high: Tensor) -> dict[str, float]:
     x = x.detach()
+    if not bool(torch.isfinite(low).all()) and x.numel() and float(x.min()) >= 0:
+        low = torch.zeros_like(low)  # minimum(relu(z), c): relu's zero is the flat lower region
     lo_flat = x <= low
     hi_flat = x >= high
     flat = (lo_flat | hi_flat).reshape(x.shape[0], -1) if x.dim() > 1 else (lo_flat | hi_flat)[None]
