@@ -124,6 +124,19 @@ def _load_eval_data(spec: str):
     return data.as_dataset(tuple(loaded))
 
 
+def _shape_arg(text: str | None, example: str) -> tuple[int, ...] | None:
+    """``--input-shape 1,28,28`` as a tuple of positive ints (``None`` if not given)."""
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape {text!r}: write sizes like {example}") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--input-shape {text!r}: sizes must be positive, e.g. {example}")
+    return shape
+
+
 def _prepare_run(args: argparse.Namespace) -> tuple:
     """Model (with --checkpoint), data and EvalConfig of `evaluate` and `audit`; --out created."""
     import os
@@ -142,7 +155,7 @@ def _prepare_run(args: argparse.Namespace) -> tuple:
         print(f"relucap {args.command}: no --checkpoint given: the model has random weights",
               file=sys.stderr)
     cfg = EvalConfig(batch_size=args.batch_size, device=args.device, seed=args.seed,
-                     n_samples=args.n_samples)
+                     n_samples=args.n_samples, input_shape=_shape_arg(args.input_shape, "1,28,28"))
     dataset = _load_eval_data(args.data)
     os.makedirs(args.out, exist_ok=True)
     return model, dataset, cfg
@@ -212,6 +225,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str, steps: str, n_sampl
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--square-queries", type=int, default=5000,
                    help="query budget of the suite's Square attack (default 5000)")
+    p.add_argument("--input-shape", metavar="C,H,W", default=None,
+                   help="layout of one sample when the data are flat vectors, e.g. 1,28,28: "
+                        "black-box attacks search on it")
 
 
 def _add_evaluate_parser(sub) -> None:
@@ -281,14 +297,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     try:
         model = _load_model(args.model).eval()
-        shape = None
-        if args.input_shape:
-            try:
-                shape = tuple(int(v) for v in args.input_shape.split(","))
-            except ValueError:
-                raise ValueError(f"--input-shape {args.input_shape!r}: write sizes like 1,3,224,224") from None
-            if not shape or min(shape) < 1:
-                raise ValueError(f"--input-shape {args.input_shape!r}: sizes must be positive")
+        shape = _shape_arg(args.input_shape, "1,3,224,224")
         sites = find_relus(model, None if shape is None else torch.zeros(shape), mode=args.mode)
     except (ValueError, TypeError, ImportError) as exc:
         print(f"relucap inspect: error: {exc}", file=sys.stderr)

@@ -172,3 +172,51 @@ def test_square_on_flat_mlp_with_input_shape_matches_square_on_images(mnist5k, e
     assert abs(a_shaped - a_image) <= 0.03, (a_shaped, a_image, strip.robust_accuracy(square, 0.1))
     assert "1-D layout" in " ".join(strip.metadata["notes"]) and "notes" not in shaped.metadata
     assert shaped.metadata["config"]["input_shape"] == [1, 28, 28]
+
+
+def test_cli_input_shape_reaches_the_black_box_attack(tmp_path, capsys):
+    """`--input-shape 1,28,28` on flat data runs Square on the image layout; without it the results
+    carry the 1-D note; a wrong shape is refused before any attack runs."""
+    import json
+
+    from relucap_plugin.cli import main
+
+    torch.save({"x": torch.rand(12, 784), "y": torch.arange(12) % 10}, tmp_path / "flat.pt")
+    common = ["evaluate", "mlp:16", "--data", str(tmp_path / "flat.pt"), "--attack", "torchattacks:Square",
+              "--eps", "0.1", "--steps", "5", "--quiet"]
+    assert main([*common, "--input-shape", "1,28,28", "--out", str(tmp_path / "a")]) == 0
+    lines = (tmp_path / "a" / "results.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])["metadata"]
+    assert header["attacks"] == ["torchattacks:Square@1x28x28"] and "notes" not in header
+    assert header["config"]["input_shape"] == [1, 28, 28]
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    header = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[0])["metadata"]
+    assert "1-D layout" in header["notes"][0]
+    capsys.readouterr()
+    assert main([*common, "--input-shape", "1,20,20", "--out", str(tmp_path / "c")]) == 2
+    assert "input_shape (1, 20, 20) holds 400 values but a sample of the data has 784" in capsys.readouterr().err
+    assert main([*common, "--input-shape", "1,x", "--out", str(tmp_path / "d")]) == 2
+    assert "--input-shape '1,x': write sizes like 1,28,28" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="input_shape must be the positive sizes"):
+        EvalConfig(input_shape=(1, 0, 28))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_scripted_caps_are_reported_not_silently_missed(eval_batch):
+    """Caps inside a scripted module cannot be reached: find_caps says so and the suite's
+    results carry the warning; a torch.compile-d model is read through its eager module."""
+    from relucap_plugin.adaptive import evaluate_suite, find_caps
+
+    torch.manual_seed(0)
+    x, y = eval_batch
+    inner = torch.jit.script(nn.Sequential(nn.Linear(784, 32), ClampCap(0.1), nn.Linear(32, 10)))
+    model = nn.Sequential(nn.Flatten(), inner).eval()
+    scan = find_caps(model, x[:4])
+    assert scan.sites == [] and scan.opaque == ["1"] and "cannot be reached" in scan.warning
+    with pytest.warns(RuntimeWarning, match="cannot be reached"):
+        results = evaluate_suite(model, (x[:20], y[:20]), TM.replace(steps=2), config=CFG,
+                                 suite_kwargs={"square_queries": 5}, progress=False)
+    assert any("cannot be reached" in n for n in results.metadata["notes"])
+    eager = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), ClampCap(0.1), nn.Linear(32, 10)).eval()
+    compiled = torch.compile(eager)  # not run: the caps are found in the eager module behind it
+    assert [s.key for s in find_caps(compiled, x[:4]).sites] == ["2:clamp"]

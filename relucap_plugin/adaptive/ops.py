@@ -66,9 +66,14 @@ def eager_module(model: nn.Module) -> nn.Module:
 
 
 def opaque_modules(model: nn.Module) -> list[str]:
-    """Paths of scripted or traced submodules (``""`` = the model): no op inside them is seen."""
-    return [name for name, m in eager_module(model).named_modules()
-            if isinstance(m, torch.jit.ScriptModule)]
+    """Paths of the outermost scripted or traced submodules (``""`` = the model): no op inside
+    them is seen."""
+    out: list[str] = []
+    for name, m in eager_module(model).named_modules():
+        inside = any(name == p or name.startswith(p + ".") or p == "" for p in out)
+        if isinstance(m, torch.jit.ScriptModule) and not inside:
+            out.append(name)
+    return out
 
 
 # ------------------------------------------------------------------------------ op table

@@ -225,6 +225,10 @@ def black_box_layout(attacks: Sequence[Attack], input_shape: Sequence[int] | Non
     sample = None if sample_shape is None else tuple(sample_shape)
     if shape is None and sample is not None and len(sample) == 2:
         shape = (1, *sample)
+    if shape is not None and sample is not None and math.prod(shape) != math.prod(sample):
+        raise ValueError(f"input_shape {shape} holds {math.prod(shape)} values but a sample of the "
+                         f"data has {math.prod(sample)} (shape {sample}); pass the layout of one "
+                         "sample, e.g. input_shape=(1, 28, 28) for flat MNIST vectors of 784")
     if shape is not None and (sample is None or tuple(shape) != sample):
         for i in blind:
             out[i] = LayoutAttack(out[i], shape)
