@@ -402,12 +402,12 @@ def build_model(spec: ModelSpec, config: ExperimentConfig, example: torch.Tensor
     return net, dict(report.replaced)
 
 
-def _attacks(config: ExperimentConfig, tm: ThreatModel, model: Any) -> list[Any]:
+def _attacks(config: ExperimentConfig, tm: ThreatModel, model: Any, example: torch.Tensor) -> list[Any]:
     from .adaptive import get_suite
     from .attacks import get_attack
 
     library = [get_attack(spec, tm) for spec in LIBRARY_PGD.values()]
-    suite = get_suite("standard", tm, model, square_queries=config.square_queries)
+    suite = get_suite("standard", tm, model, example, square_queries=config.square_queries)
     return [*library, *suite, get_attack("torch:FGSM", tm)]
 
 
@@ -424,7 +424,7 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
                     batch_size=config.batch_size, eps=config.train_eps, seed=config.seed,
                     device=config.device, progress=progress)
     tm, cfg = config.threat_model(), config.eval_config()
-    attacks = _attacks(config, tm, net)
+    attacks = _attacks(config, tm, net, eval_data[0][:8])
     results_file = checkpoint = None
     if out is not None:
         results_file = os.path.join(out, "results", f"{spec.slug}.jsonl")
