@@ -220,3 +220,10 @@ def test_scripted_caps_are_reported_not_silently_missed(eval_batch):
     eager = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), ClampCap(0.1), nn.Linear(32, 10)).eval()
     compiled = torch.compile(eager)  # not run: the caps are found in the eager module behind it
     assert [s.key for s in find_caps(compiled, x[:4]).sites] == ["2:clamp"]
+
+
+def test_find_caps_refuses_what_it_cannot_run():
+    with pytest.raises(TypeError, match=r"example_input must be a tensor \(N, \.\.\.\) the model accepts"):
+        find_caps(nn.Linear(3, 3), [[0.0, 1.0, 2.0]])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        find_caps(lambda x: x, torch.zeros(1, 3))
