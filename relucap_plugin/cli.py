@@ -186,14 +186,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tm = ThreatModel(norm=args.norm, eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
                          restarts=args.restarts)
         attacks = list(args.attack or [])
+        notes: list[str] = []
         if args.suite:
-            from .adaptive import get_suite
+            from .adaptive import first_inputs, get_suite, suite_notes
 
-            attacks += get_suite(args.suite, tm, model, square_queries=args.square_queries)
+            example = first_inputs(dataset)
+            attacks += get_suite(args.suite, tm, model, example, square_queries=args.square_queries)
+            notes = [] if example is None else suite_notes(model, example)
         output = int(args.output) if args.output and args.output.lstrip("-").isdigit() else args.output
         results = evaluate(model, dataset, attacks, tm, cfg, out=os.path.join(args.out, "results.jsonl"),
                            resume=not args.no_resume, output=output, progress=not args.quiet,
-                           model_name=args.model)
+                           model_name=args.model, notes=notes)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"relucap evaluate: error: {exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ __all__ = [
     "black_box_layout",
     "bpda",
     "evaluate_suite",
+    "first_inputs",
     "get_suite",
     "standard_suite",
     "suite_notes",
@@ -329,20 +330,21 @@ def evaluate_suite(model: nn.Module, data: Any, threat_model: ThreatModel, suite
     The first samples of ``data`` show which caps the forward reaches (however written); a model
     whose caps sit inside scripted code gets a warning in ``results.metadata["notes"]``.
     """
-    from ..data import as_dataset
     from ..evaluation import evaluate
 
-    example = _example_input(as_dataset(data))
+    example = first_inputs(data)
     attacks = [*get_suite(suite, threat_model, model, example, **(suite_kwargs or {})), *extra_attacks]
     notes = [] if example is None else suite_notes(model, example)
     return evaluate(model, data, attacks, threat_model, config, notes=notes, **evaluate_kwargs)
 
 
-def _example_input(dataset: Any, n: int = 8) -> Tensor | None:
-    """The first ``n`` inputs of ``dataset`` stacked (N, ...), or ``None`` if it cannot be indexed."""
-    from ..data import unpack_batch
+def first_inputs(data: Any, n: int = 8) -> Tensor | None:
+    """The first ``n`` inputs of ``data`` (a pair, Dataset or DataLoader) stacked (N, ...), to
+    find caps with; ``None`` if it cannot be indexed."""
+    from ..data import as_dataset, unpack_batch
 
     try:
+        dataset = as_dataset(data)
         xs = [torch.as_tensor(unpack_batch(dataset[i])[0]) for i in range(min(n, len(dataset)))]
     except Exception:  # a peek only: data the evaluation cannot read fail there, with its message
         return None
