@@ -227,3 +227,50 @@ def test_find_caps_refuses_what_it_cannot_run():
         find_caps(nn.Linear(3, 3), [[0.0, 1.0, 2.0]])
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         find_caps(lambda x: x, torch.zeros(1, 3))
+
+
+class _Mixed(nn.Module):
+    """Input clipping (not a cap), then caps written in-place, with tensor bounds and as a method."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU6(inplace=True)
+        self.register_buffer("hi", torch.full((8,), 0.5))
+        self.fail = False
+
+    def forward(self, x):
+        x = x.clamp(0, 1)  # the input's own bounds: not a hidden activation
+        h = self.fc1(x).clamp_(0, 0.3)
+        h = self.act(self.fc2(h) * 4)
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.fc3(torch.clamp(h, torch.zeros(8), self.hi))
+
+
+def test_inplace_tensor_bounds_and_input_clipping():
+    torch.manual_seed(0)
+    model = _Mixed().eval()
+    x = torch.rand(32, 6) * 2 - 0.5
+    scan = find_caps(model, x)
+    assert [str(s) for s in scan.sites] == ["<model>:clamp_ [0, 0.3]", "act:hardtanh [0, 6]",
+                                            "<model>:clamp [0, 0.5]"]
+    before = model(x)
+    xs = x.clone().requires_grad_(True)
+    with surrogate_gradients(model):
+        out = model(xs)
+        assert torch.equal(out, before)
+        out.sum().backward()
+    assert model.act.inplace  # restored
+    plain = x.clone().requires_grad_(True)
+    model(plain).sum().backward()
+    assert (xs.grad != 0).sum() > (plain.grad != 0).sum()  # the caps pass a gradient now
+    model.fail = True
+    with surrogate_gradients(model), pytest.raises(RuntimeError, match="boom"):
+        model(x)
+    assert torch._C._len_torch_function_stack() == 0  # the mode left with the failed forward
+    model.fail = False
+    twin = uncapped_twin(model)
+    h = torch.relu(model.fc1(x.clamp(0, 1)))
+    expected = model.fc3(torch.clamp(torch.relu(model.fc2(h) * 4), min=0))
+    torch.testing.assert_close(twin(x), expected)

@@ -155,9 +155,8 @@ def _bound_text(v: Any) -> str:
     if v is None:
         return "-inf"
     if isinstance(v, Tensor):
-        if v.numel() == 1:
-            return f"{v.item():g}"
-        return f"[{v.min().item():g}..{v.max().item():g}] ({v.numel()} values)"
+        lo, hi = v.min().item(), v.max().item()
+        return f"{lo:g}" if lo == hi else f"[{lo:g}..{hi:g}] ({v.numel()} values)"
     return f"{v:g}"
 
 
@@ -278,7 +277,8 @@ class _Tracker(TorchFunctionMode):
         def hook(module, args, output):
             out = None
             try:
-                if type(module) in CAPPED_TYPES and self.module_handler is not None and self.stack:
+                if (type(module) in CAPPED_TYPES and self.module_handler is not None and self.stack
+                        and isinstance(output, Tensor)):
                     out = self.module_handler(self.stack[-1][0], module, args, output)
             finally:
                 if self.stack:
