@@ -460,17 +460,6 @@ class _Runner:
         self.labels.update((r["sample"], r["label"]) for r in rows)
 
 
-def _layout(attacks: list[Attack], cfg: EvalConfig, data: DataLike) -> tuple[list[Attack], list[str]]:
-    """Black-box attacks on the real input layout (issue 14): the config's, else the data's."""
-    from .adaptive import black_box_layout
-
-    try:
-        sample = tuple(torch.as_tensor(unpack_batch(as_dataset(data)[0])[0]).shape)
-    except Exception:  # a peek only: data the loop cannot read fail there, with its message
-        sample = None
-    return black_box_layout(attacks, cfg.input_shape, sample)
-
-
 def _family(attack: Attack) -> str:
     """Agreement key: the attack family plus any threat-model fields the attack changes."""
     changes = getattr(attack, "changes", None) or {}
@@ -523,6 +512,8 @@ def evaluate(
     (see :func:`~relucap_plugin.adaptive.black_box_layout`). ``notes`` (and a note when a
     black-box attack could only run on a flat layout) go to ``results.metadata["notes"]``.
     """
+    from .adaptive import black_box_layout, first_inputs
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if output is not None and not isinstance(output, (int, str)) and not callable(output):
@@ -535,7 +526,9 @@ def evaluate(
     device = cfg.resolve_device() if ctx is None else ctx.device
     net = model if output is None else _SelectOutput(model, output)
     attack_list = _as_attacks(attacks, tm, cfg)
-    attack_list, layout_notes = _layout(attack_list, cfg, data)
+    first = first_inputs(data, 1)
+    attack_list, layout_notes = black_box_layout(
+        attack_list, cfg.input_shape, None if first is None else tuple(first.shape[1:]))
     for attack in attack_list:
         attack.check_dtype(_float_dtype(net, torch.float32))
     loader = as_loader(data, batch_size=cfg.batch_size)
