@@ -264,13 +264,14 @@ FLAG_LABELS = {
 }
 
 
-def short_verdict(level: str, over: dict[str, Any] | None = None) -> str:
-    """The calibrated verdict for a table cell: ``"measured: +X pts [lo, hi]"``, ``"risk
-    factors only"`` or ``"no sign"`` (levels of :func:`relucap_plugin.diagnostics.verdict`)."""
+def short_verdict(level: str, over: dict[str, Any] | None = None, eps: float | None = None) -> str:
+    """The calibrated verdict for a table cell: ``"measured +X pts [lo, hi]"`` (PGD's
+    over-report at ``eps``, default the audit's headline eps), ``"risk factors only"`` or
+    ``"no sign"`` (levels of :func:`relucap_plugin.diagnostics.verdict`)."""
     if level == "masking measured" and over:
-        lo, hi = over["interval"]
-        return (f"measured: +{100 * over['over_report']:.1f} pts "
-                f"[{100 * lo:.1f}, {100 * hi:.1f}] at eps {over['eps']:g}")
+        at = (over.get("per_eps") or {}).get(eps, over) if eps is not None else over
+        lo, hi = at["interval"]
+        return f"measured +{100 * at['over_report']:.1f} pts [{100 * lo:.1f}, {100 * hi:.1f}]"
     return level
 
 
@@ -301,7 +302,7 @@ class ExperimentResult:
         eps = self.config.headline_eps if eps is None else float(eps)
         return [
             (m.name, _pct(m.clean), *(_pct(m.pgd[lib].get(eps)) for lib in LIBRARY_PGD),
-             _pct(m.worst_case.get(eps)), short_verdict(m.level, m.over_report))
+             _pct(m.worst_case.get(eps)), short_verdict(m.level, m.over_report, eps))
             for m in self.models
         ]
 
@@ -455,10 +456,13 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
 
 
 def _plain(over: dict[str, Any] | None) -> dict[str, Any] | None:
-    """:func:`~relucap_plugin.diagnostics.over_report` without its per-eps detail (JSON-able)."""
+    """:func:`~relucap_plugin.diagnostics.over_report` with lists for tuples (JSON-able)."""
     if over is None:
         return None
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in over.items() if k != "per_eps"}
+    out = {k: v for k, v in over.items() if k != "per_eps"}
+    out["interval"] = list(out["interval"])
+    out["per_eps"] = {e: {**v, "interval": list(v["interval"])} for e, v in over["per_eps"].items()}
+    return out
 
 
 def _growth(best: ModelResult | None, eval_data, config: ExperimentConfig):

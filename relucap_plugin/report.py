@@ -179,8 +179,8 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
         "library. *worst case*: per sample, the minimum over every attack of the run. *masking "
         "verdict*: *measured* when an attack gap (black-box, transfer, BPDA, single step or more "
         "steps beating white-box PGD) is significant on paired per-sample outcomes (exact McNemar "
-        "test, Bonferroni), with PGD's over-report (PGD minus worst case, points) and its 95% "
-        "interval; *risk factors only* when only zero gradients, saturated caps and the like "
+        "test, Bonferroni), with PGD's over-report at this eps (the white-box PGDs minus the worst "
+        "case, points) and its 95% interval; *risk factors only* when only zero gradients, saturated caps and the like "
         "fired; *no sign* otherwise.",
         "",
     ]

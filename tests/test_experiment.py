@@ -107,8 +107,8 @@ def test_table_rows_and_printed_table(tiny, capsys):
         assert m.level in ("masking measured", "risk factors only", "no sign")
         assert (m.level == "no sign") == (not m.fired)
         if m.level == "masking measured":
-            over = m.over_report
-            assert r[-1].startswith(f"measured: +{100 * over['over_report']:.1f} pts [")
+            at = m.over_report["per_eps"][result.config.headline_eps]
+            assert r[-1].startswith(f"measured +{100 * at['over_report']:.1f} pts [")
         else:
             assert r[-1] == m.level
     result.print()
