@@ -112,30 +112,23 @@ def test_eps_check_fires_on_accuracy_rising_with_eps_or_above_clean():
     assert not eps_check(rising, tolerance=0.5).fired
 
 
+def _pgd_vs_square(pgd: list[bool], square: list[bool]) -> tuple[Results, dict[str, Flag]]:
+    results = _rows({"torch:PGD": {0.3: pgd}, "torchattacks:Square": {0.3: square},
+                     "torch:FGSM": {0.3: [True] * len(pgd)}}, [True] * len(pgd))
+    return results, {f.name: f for f in other_attacks_check(results)}
+
+
 def test_other_attacks_check_is_per_sample():
-    clean = [True] * 10
-    # same accuracy (50%) but Square breaks 5 samples PGD did not: per sample it beats PGD
-    results = _rows({
-        "torch:PGD": {0.3: [True] * 5 + [False] * 5},
-        "torchattacks:Square": {0.3: [False] * 5 + [True] * 5},
-        "torch:FGSM": {0.3: [True] * 10},
-    }, clean)
-    flags = {f.name: f for f in other_attacks_check(results)}
-    # Square breaks 5 samples PGD did not, but PGD breaks 5 Square did not: no evidence either way
+    # same accuracy (50%): Square breaks 5 samples PGD did not, PGD 5 Square did not: no evidence
+    _, flags = _pgd_vs_square([True] * 5 + [False] * 5, [False] * 5 + [True] * 5)
     assert not flags["blackbox_beats_whitebox"].fired
     assert flags["blackbox_beats_whitebox"].evidence["max_fraction"] == 0.5
     assert flags["blackbox_beats_whitebox"].evidence["per_eps"][0.3]["c"] == 5
     assert flags["blackbox_beats_whitebox"].evidence["p_value"] == 1.0
     assert not flags["single_step_beats_iterative"].fired
     assert flags["transfer_beats_whitebox"].skipped and not flags["transfer_beats_whitebox"].fired
-    # the same pattern on 40 samples is far beyond noise
-    clean = [True] * 40
-    results = _rows({
-        "torch:PGD": {0.3: [True] * 20 + [False] * 20},
-        "torchattacks:Square": {0.3: [False] * 38 + [True] * 2},
-        "torch:FGSM": {0.3: [True] * 40},
-    }, clean)
-    flags = {f.name: f for f in other_attacks_check(results)}
+    # 20 samples broken by Square alone against 2 by PGD alone: far beyond noise
+    results, flags = _pgd_vs_square([True] * 20 + [False] * 20, [False] * 38 + [True] * 2)
     assert flags["blackbox_beats_whitebox"].fired
     assert flags["blackbox_beats_whitebox"].evidence["per_eps"][0.3]["b"] == 20
     assert verdict_level(list(flags.values())) == "masking measured"
