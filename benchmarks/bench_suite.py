@@ -62,7 +62,7 @@ def main() -> None:
     rows, summary = [], []
     for label, cap in (("capped 0.1 (bottleneck)", 0.1), ("plain ReLU", None)):
         model = build(cap, train_set)
-        suite, t_suite = timed(model, (x, y), get_suite("standard", tm, model), tm, cfg)
+        suite, t_suite = timed(model, (x, y), get_suite("standard", tm, model, x[:8]), tm, cfg)
         aa_attack = get_attack("torchattacks:AutoAttack", aa_tm)
         aa, t_aa = timed(model, (x, y), [aa_attack], aa_tm, cfg)
         for attack in suite.attacks:

@@ -202,6 +202,19 @@ def _load_eval_data(spec: str):
     return data.as_dataset(tuple(loaded))
 
 
+def _shape_arg(text: str | None, example: str) -> tuple[int, ...] | None:
+    """``--input-shape 1,28,28`` as a tuple of positive ints (``None`` if not given)."""
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape {text!r}: write sizes like {example}") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--input-shape {text!r}: sizes must be positive, e.g. {example}")
+    return shape
+
+
 def _prepare_run(args: argparse.Namespace) -> tuple:
     """Model (with --checkpoint), data and EvalConfig of `evaluate` and `audit`; --out created."""
     import torch
@@ -218,7 +231,7 @@ def _prepare_run(args: argparse.Namespace) -> tuple:
         print(f"relucap {args.command}: no --checkpoint given: the model has random weights",
               file=sys.stderr)
     cfg = EvalConfig(batch_size=args.batch_size, device=args.device, seed=args.seed,
-                     n_samples=args.n_samples)
+                     n_samples=args.n_samples, input_shape=_shape_arg(args.input_shape, "1,28,28"))
     dataset = _load_eval_data(args.data)
     os.makedirs(args.out, exist_ok=True)
     return model, dataset, cfg
@@ -246,14 +259,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tm = ThreatModel(norm=args.norm, eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
                          restarts=args.restarts)
         attacks = list(args.attack or [])
+        notes: list[str] = []
         if args.suite:
-            from .adaptive import get_suite
+            from .adaptive import first_inputs, get_suite, suite_notes
 
-            attacks += get_suite(args.suite, tm, model, square_queries=args.square_queries)
+            example = first_inputs(dataset)
+            attacks += get_suite(args.suite, tm, model, example, square_queries=args.square_queries)
+            notes = [] if example is None else suite_notes(model, example)
         output = int(args.output) if args.output and args.output.lstrip("-").isdigit() else args.output
         results = evaluate(model, dataset, attacks, tm, cfg, out=os.path.join(args.out, "results.jsonl"),
                            resume=not args.no_resume, output=output, progress=not args.quiet,
-                           model_name=args.model)
+                           model_name=args.model, notes=notes)
     except AttackFailedError as exc:
         print(f"relucap evaluate: error: {_cli_message(exc)}", file=sys.stderr)
         return 1
@@ -299,6 +315,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str, steps: str, n_sampl
     p.add_argument("--square-queries", type=int, default=5000,
                    help="query budget of the suite's Square attack (default 5000)")
     _add_format_arguments(p)
+    p.add_argument("--input-shape", metavar="C,H,W", default=None,
+                   help="layout of one sample when the data are flat vectors, e.g. 1,28,28: "
+                        "black-box attacks search on it")
 
 
 def _add_evaluate_parser(sub) -> None:
@@ -380,14 +399,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     try:
         model = _load_model(args.model).eval()
-        shape = None
-        if args.input_shape:
-            try:
-                shape = tuple(int(v) for v in args.input_shape.split(","))
-            except ValueError:
-                raise ValueError(f"--input-shape {args.input_shape!r}: write sizes like 1,3,224,224") from None
-            if not shape or min(shape) < 1:
-                raise ValueError(f"--input-shape {args.input_shape!r}: sizes must be positive")
+        shape = _shape_arg(args.input_shape, "1,3,224,224")
         sites = find_relus(model, None if shape is None else torch.zeros(shape), mode=args.mode)
     except (ValueError, TypeError, ImportError) as exc:
         print(f"relucap inspect: error: {exc}", file=sys.stderr)

@@ -2,14 +2,20 @@
 
 Every check returns a :class:`Flag`: its ``name``, whether it ``fired``, a one-line ``meaning``
 (what a fired flag says about the evaluation) and the ``evidence`` (numbers) it judged by. A
-check that could not run (e.g. no capped activation, no transfer attack in the results) says so
-in ``evidence["skipped"]`` and does not fire. :func:`audit` runs them all on one model;
-:func:`verdict` turns the flags into a sentence. The checks follow Carlini et al. 2019, Athalye
+check that could not run (e.g. no cap, no transfer attack in the results) says so in
+``evidence["skipped"]`` and does not fire. :func:`audit` runs them all on one model.
+
+The verdict is calibrated (our own design): checks are either *evidence* (:data:`EVIDENCE`: an
+attack gap on paired per-sample outcomes, significant by an exact one-sided McNemar test with a
+Bonferroni correction, :mod:`relucap_plugin.significance`) or *risk factors* (:data:`RISK`:
+zero gradients, saturated caps, ...). :func:`verdict` has three levels: ``"masking measured:
+PGD over-reports by X points [interval]"``, ``"risk factors only"``, ``"no sign"``; its number
+is :func:`over_report`, PGD (the plain white-box attacks) minus the worst case. The checks follow Carlini et al. 2019, Athalye
 et al. 2018 and AutoAttack's own checks; ``docs/honest-evaluation.md`` explains each one and
 what to do when it fires.
 
-:func:`perturbation_growth` shows the mechanism of arXiv 2405.03777 on a user's model: how much
-an input perturbation grows layer by layer, for the capped model and its uncapped twin.
+:func:`perturbation_growth` (from :mod:`relucap_plugin.growth`) shows the mechanism of arXiv
+2405.03777 on a user's model: how much an input perturbation grows layer by layer.
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ import torch
 from torch import Tensor, nn
 
 from ._console import format_table, print_table
-from .adaptive import attack_kind, capped_sites, evaluate_suite, module_cap, uncapped_twin
+from .adaptive import attack_kind, cap_statistics, evaluate_suite, find_caps
 from .attacks import caller_state, get_attack, model_device
 from .results import Results
+from .significance import ALPHA, clopper_pearson, mcnemar_exact
 from .threat import EvalConfig, ThreatModel
+from .growth import GrowthTable, perturbation_growth  # noqa: F401  (re-exported: issue 5's home)
 
 __all__ = [
     "CHECKS",
+    "EVIDENCE",
+    "LEVELS",
+    "RISK",
     "TOLERANCE",
     "Audit",
     "Flag",
@@ -40,11 +51,14 @@ __all__ = [
     "eps_check",
     "gradient_check",
     "other_attacks_check",
+    "over_report",
     "perturbation_growth",
     "saturation_check",
     "steps_restarts_check",
     "unbounded_check",
     "verdict",
+    "verdict_level",
+    "zero_gradient_layers",
 ]
 
 #: Accuracy gap (fraction, 2 points) above which two attacks are said to disagree.
@@ -70,11 +84,20 @@ CHECKS: dict[str, str] = {
                                 "breaks samples plain white-box did not",
     "single_step_beats_iterative": "a single-step attack breaks samples the iterative ones did "
                                    "not: the iterative attacks are stuck",
-    "more_steps_change_verdict": "more steps or restarts change robust accuracy by more than 2 "
-                                 "points: the attack has not converged",
+    "more_steps_change_verdict": "more steps or restarts break samples the base attack did not, "
+                                 "beyond sampling noise: the attack has not converged",
     "nondeterministic_logits": "repeated forward passes give different logits: randomness can "
                                "hide gradients (use EOT attacks)",
 }
+
+#: Checks that measure an attack gap on paired per-sample outcomes (fire only when significant).
+EVIDENCE = ("blackbox_beats_whitebox", "transfer_beats_whitebox", "surrogate_beats_whitebox",
+            "single_step_beats_iterative", "more_steps_change_verdict")
+#: Checks that say masking may happen but measure no gap.
+RISK = ("zero_gradients", "saturated_caps", "accuracy_rises_with_eps", "unbounded_not_chance",
+        "nondeterministic_logits")
+#: The verdict's three levels, strongest first.
+LEVELS = ("masking measured", "risk factors only", "no sign")
 
 
 @dataclass(frozen=True)
@@ -122,12 +145,41 @@ def _evidence_text(evidence: Mapping[str, Any]) -> str:
     return "; ".join(f"{k}={_fmt(v)}" for k, v in evidence.items())
 
 
-def verdict(flags: Sequence[Flag], model_name: str | None = None) -> str:
-    """``"gradient masking likely: <reasons>"`` or ``"no sign of gradient masking in N checks"``."""
+def verdict_level(flags: Sequence[Flag]) -> str:
+    """One of :data:`LEVELS`: evidence fired, only risk factors fired, or nothing fired."""
+    fired = {f.name for f in flags if f.fired}
+    if fired & set(EVIDENCE):
+        return LEVELS[0]
+    return LEVELS[1] if fired else LEVELS[2]
+
+
+def _points(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def verdict(flags: Sequence[Flag], model_name: str | None = None,
+            over: Mapping[str, Any] | None = None) -> str:
+    """The calibrated verdict as a sentence (see the module docstring).
+
+    ``"masking measured: PGD over-reports by X points [lo, hi] at eps e (evidence: ...)"``,
+    ``"risk factors only (...): no attack gap beyond sampling noise"`` or ``"no sign of gradient
+    masking in N checks"``; ``over`` is :func:`over_report`'s headline.
+    """
     who = f"{model_name}: " if model_name else ""
+    level = verdict_level(flags)
     fired = [f for f in flags if f.fired]
-    if fired:
-        return who + "gradient masking likely: " + "; ".join(f.meaning for f in fired)
+    head = ""
+    if over:
+        lo, hi = over["interval"]
+        head = (f"PGD over-reports by {_points(over['over_report'])} points "
+                f"[{_points(lo)}, {_points(hi)}] at eps {over['eps']:g}")
+    if level == LEVELS[0]:
+        names = ", ".join(f.name for f in fired if f.name in EVIDENCE)
+        return who + "masking measured: " + (head or "attack gap") + f" (evidence: {names})"
+    if level == LEVELS[1]:
+        names = ", ".join(f.name for f in fired)
+        return who + f"risk factors only ({names}): no attack gap beyond sampling noise" + (
+            f"; {head}" if head else "")
     ran = [f for f in flags if not f.skipped]
     skipped = len(flags) - len(ran)
     note = f" ({skipped} skipped)" if skipped else ""
@@ -159,43 +211,18 @@ def gradient_check(model: nn.Module, x: Tensor, y: Tensor, *, threshold: float =
                  nonfinite_fraction=bad_f, n=len(x), threshold=threshold)
 
 
-@torch.no_grad()
-def _site_statistics(model: nn.Module, x: Tensor) -> dict[str, dict[str, float]]:
-    """Per capped site: fraction of units below/at 0, at/above the cap, and of samples with all
-    units in those flat regions (``blocked``)."""
-    stats: dict[str, dict[str, float]] = {}
-
-    def hook(name):
-        def record(module, args, output):
-            z = args[0]
-            low = z <= 0
-            high = z >= module_cap(module, z)
-            flat = (low | high).flatten(1)
-            stats[name] = {"below_zero": low.float().mean().item(),
-                           "at_cap": high.float().mean().item(),
-                           "blocked": flat.all(1).float().mean().item()}
-        return record
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in capped_sites(model)]
-    try:
-        with caller_state(model):
-            model(x.to(model_device(model, x.device)))
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
 def saturation_check(model: nn.Module, x: Tensor, x_adv: Tensor | None = None, *,
                      threshold: float = ZERO_FRACTION) -> Flag:
-    """``saturated_caps``: per capped site, the fraction of units below 0 and at the cap on
-    clean ``x`` (and adversarial ``x_adv``) inputs; fires if at some site more than
-    ``threshold`` of the samples have *every* unit in a flat region (no gradient passes)."""
-    if not capped_sites(model):
-        return _skip("saturated_caps", "the model has no capped activation")
-    evidence: dict[str, Any] = {"clean": _site_statistics(model, x)}
+    """``saturated_caps``: per cap site (however written, ``"path:op"``), the fraction of units
+    at or below the lower bound and at the cap on clean ``x`` (and adversarial ``x_adv``) inputs;
+    fires if at some site more than ``threshold`` of the samples have *every* unit in a flat
+    region (no gradient passes)."""
+    clean = cap_statistics(model, x)
+    if not clean:
+        return _skip("saturated_caps", "the forward reaches no cap")
+    evidence: dict[str, Any] = {"clean": clean}
     if x_adv is not None:
-        evidence["adversarial"] = _site_statistics(model, x_adv)
+        evidence["adversarial"] = cap_statistics(model, x_adv)
     worst = max(s["blocked"] for part in evidence.values() for s in part.values())
     return _flag("saturated_caps", worst > threshold, **evidence, max_blocked_fraction=worst,
                  threshold=threshold)
@@ -214,17 +241,23 @@ def determinism_check(model: nn.Module, x: Tensor, *, repeats: int = 3, rtol: fl
                  max_abs_logit=scale, repeats=len(outs))
 
 
-def _robust_fraction(model: nn.Module, attack: Any, x: Tensor, y: Tensor, eps: float, seed: int) -> float:
-    """Robust accuracy of ``attack`` on ``x``: clean errors count as not robust."""
+def _robust(model: nn.Module, attack: Any, x: Tensor, y: Tensor, eps: float, seed: int) -> Tensor:
+    """Per sample (N,) bool: robust to ``attack`` (clean errors count as not robust)."""
     device = model_device(model, x.device)
     with torch.no_grad(), caller_state(model):
         correct = model(x.to(device)).argmax(1).cpu() == y.cpu()
+    robust = torch.zeros(len(x), dtype=torch.bool)
     if not bool(correct.any()):
-        return 0.0
+        return robust
     x_adv = attack(model, x[correct], y[correct], eps, seed=seed)
     with torch.no_grad(), caller_state(model):
-        robust = model(x_adv.to(device)).argmax(1).cpu() == y[correct].cpu()
-    return robust.sum().item() / len(x)
+        robust[correct] = model(x_adv.to(device)).argmax(1).cpu() == y[correct].cpu()
+    return robust
+
+
+def _robust_fraction(model: nn.Module, attack: Any, x: Tensor, y: Tensor, eps: float, seed: int) -> float:
+    """Robust accuracy of ``attack`` on ``x``: clean errors count as not robust."""
+    return _robust(model, attack, x, y, eps, seed).float().mean().item()
 
 
 def unbounded_check(model: nn.Module, x: Tensor, y: Tensor, threat_model: ThreatModel, *,
@@ -243,9 +276,11 @@ def unbounded_check(model: nn.Module, x: Tensor, y: Tensor, threat_model: Threat
 
 def steps_restarts_check(model: nn.Module, x: Tensor, y: Tensor, threat_model: ThreatModel, *,
                          attack: str = "torch:PGD", eps: float | None = None, step_factor: int = 4,
-                         restarts: int = 5, seed: int = 0, tolerance: float = TOLERANCE) -> Flag:
+                         restarts: int = 5, seed: int = 0, alpha: float = ALPHA) -> Flag:
     """``more_steps_change_verdict``: ``attack`` at ``eps`` (default the largest budget) against
-    itself with ``step_factor`` times the steps and with ``restarts`` restarts."""
+    itself with ``step_factor`` times the steps and with ``restarts`` restarts, per sample; fires
+    when a stronger run breaks samples the base run did not, significant by an exact McNemar
+    test (Bonferroni over the two runs)."""
     eps = max(threat_model.eps) if eps is None else float(eps)
     tm = threat_model.replace(eps=(eps,))
     runs = {
@@ -253,10 +288,22 @@ def steps_restarts_check(model: nn.Module, x: Tensor, y: Tensor, threat_model: T
         f"steps x{step_factor}": tm.replace(steps=tm.steps * step_factor),
         f"restarts {restarts}": tm.replace(restarts=max(restarts, tm.restarts)),
     }
-    acc = {k: _robust_fraction(model, get_attack(attack, t), x, y, eps, seed) for k, t in runs.items()}
+    robust = {k: _robust(model, get_attack(attack, t), x, y, eps, seed) for k, t in runs.items()}
+    acc = {k: r.float().mean().item() for k, r in robust.items()}
+    base = robust.pop("base")
+    tests = {k: _paired(base, r) for k, r in robust.items()}
+    p_min = min(t["p_value"] for t in tests.values()) * len(tests)
     change = max(abs(a - acc["base"]) for a in acc.values())
-    return _flag("more_steps_change_verdict", change > tolerance, attack=attack, eps=eps,
-                 robust_accuracy=acc, max_change=change, tolerance=tolerance)
+    return _flag("more_steps_change_verdict", p_min < alpha, attack=attack, eps=eps,
+                 robust_accuracy=acc, max_change=change, tests=tests, p_value=min(1.0, p_min),
+                 alpha=alpha)
+
+
+def _paired(reference: Tensor, challenger: Tensor) -> dict[str, Any]:
+    """Exact McNemar on per-sample robust flags: ``b`` broken by the challenger alone."""
+    b = int((reference & ~challenger).sum())
+    c = int((~reference & challenger).sum())
+    return {"b": b, "c": c, "p_value": mcnemar_exact(b, c)}
 
 
 # ------------------------------------------------------------------------------ results checks
@@ -278,12 +325,18 @@ def eps_check(results: Results, *, tolerance: float = TOLERANCE) -> Flag:
                  rises=rises, tolerance=tolerance)
 
 
-def _beats(results: Results, kind: str, reference: str = "white-box", *,
-           tolerance: float = TOLERANCE) -> dict[str, Any] | str:
-    """Per eps, the fraction of samples robust to every ``reference`` attack but broken by some
-    ``kind`` attack; the largest one decides. Returns the reason if there is nothing to compare."""
+def _kinds(results: Results) -> dict[str, str]:
     families = {r["attack"]: r["family"] for r in results.rows}
-    kinds = {a: attack_kind(a, families.get(a)) for a in results.attacks}
+    return {a: attack_kind(a, families.get(a)) for a in results.attacks}
+
+
+def _beats(results: Results, kind: str, reference: str = "white-box", *, tests: int = 1,
+           alpha: float = ALPHA) -> dict[str, Any] | str:
+    """Per eps, the samples robust to every ``reference`` attack but broken by some ``kind``
+    attack (``b``) and the reverse (``c``), with the exact one-sided McNemar p-value; fires when
+    the smallest p-value times ``tests`` (Bonferroni) is below ``alpha``. Returns the reason if
+    there is nothing to compare."""
+    kinds = _kinds(results)
     ref = [a for a, k in kinds.items() if k == reference]
     others = [a for a, k in kinds.items() if k == kind]
     if not ref or not others:
@@ -293,35 +346,110 @@ def _beats(results: Results, kind: str, reference: str = "white-box", *,
     for eps in results.eps:
         robust_ref = results.per_sample_worst_case(eps, ref)
         robust_other = results.per_sample_worst_case(eps, others)
-        common = set(robust_ref) & set(robust_other)
+        common = sorted(set(robust_ref) & set(robust_other))
         if not common:
             continue
-        broken = sum(robust_ref[s] and not robust_other[s] for s in common)
+        b = sum(robust_ref[s] and not robust_other[s] for s in common)
+        c = sum(robust_other[s] and not robust_ref[s] for s in common)
         per_eps[eps] = {
             f"{reference} accuracy": sum(robust_ref[s] for s in common) / len(common),
             f"{kind} accuracy": sum(robust_other[s] for s in common) / len(common),
-            "broken only by " + kind: broken / len(common), "n": len(common)}
+            "broken only by " + kind: b / len(common), "b": b, "c": c,
+            "p_value": mcnemar_exact(b, c), "n": len(common)}
     if not per_eps:
         return "no sample was attacked by both"
     worst = max(v["broken only by " + kind] for v in per_eps.values())
-    return {"fired": worst > tolerance, "per_eps": per_eps, "reference_attacks": ref,
-            f"{kind}_attacks": others, "max_fraction": worst, "tolerance": tolerance}
+    p_min = min(1.0, min(v["p_value"] for v in per_eps.values()) * tests * len(per_eps))
+    return {"fired": p_min < alpha, "per_eps": per_eps, "reference_attacks": ref,
+            f"{kind}_attacks": others, "max_fraction": worst, "p_value": p_min, "alpha": alpha}
 
 
-def other_attacks_check(results: Results, *, tolerance: float = TOLERANCE) -> list[Flag]:
+def other_attacks_check(results: Results, *, alpha: float = ALPHA) -> list[Flag]:
     """The black-box, transfer, surrogate-gradient (BPDA) and single-step attacks in ``results``
-    against the plain white-box iterative ones, per sample: four flags."""
+    against the plain white-box iterative ones, per sample: four flags, each fired by an exact
+    McNemar test significant at ``alpha`` after Bonferroni over the kinds and budgets compared."""
     flags = []
-    for name, kind in (("blackbox_beats_whitebox", "black-box"), ("transfer_beats_whitebox", "transfer"),
-                       ("surrogate_beats_whitebox", "surrogate"),
-                       ("single_step_beats_iterative", "single-step")):
-        outcome = _beats(results, kind, tolerance=tolerance)
+    pairs = (("blackbox_beats_whitebox", "black-box"), ("transfer_beats_whitebox", "transfer"),
+             ("surrogate_beats_whitebox", "surrogate"), ("single_step_beats_iterative", "single-step"))
+    present = set(_kinds(results).values())
+    tests = max(1, sum(kind in present for _, kind in pairs))
+    for name, kind in pairs:
+        outcome = _beats(results, kind, tests=tests, alpha=alpha)
         if isinstance(outcome, str):
             flags.append(_skip(name, outcome))
         else:
             fired = outcome.pop("fired")
             flags.append(_flag(name, fired, **outcome))
     return flags
+
+
+def over_report(results: Results, *, alpha: float = ALPHA) -> dict[str, Any] | None:
+    """How much PGD over-reports: per eps, robust accuracy under the plain white-box attacks
+    (per-sample worst case over them) minus the worst case over every attack, with its exact
+    ``1 - alpha`` interval (Clopper-Pearson on the samples only the other attacks broke).
+
+    Returns ``{"per_eps": {...}, "eps", "over_report", "interval", ...}`` for the eps with the
+    largest over-report (the headline), or ``None`` without a white-box attack in ``results``.
+    """
+    ref = [a for a, k in _kinds(results).items() if k == "white-box"]
+    if not ref:
+        return None
+    per_eps = {}
+    for eps in results.eps:
+        white = results.per_sample_worst_case(eps, ref)
+        every = results.per_sample_worst_case(eps)
+        common = sorted(set(white) & set(every))
+        if not common:
+            continue
+        b = sum(white[s] and not every[s] for s in common)
+        n = len(common)
+        per_eps[eps] = {"pgd": sum(white[s] for s in common) / n,
+                        "worst_case": sum(every[s] for s in common) / n,
+                        "over_report": b / n, "interval": clopper_pearson(b, n, alpha), "n": n}
+    if not per_eps:
+        return None
+    eps = max(per_eps, key=lambda e: (per_eps[e]["over_report"], -e))
+    return {"per_eps": per_eps, "eps": eps, **per_eps[eps], "pgd_attacks": ref}
+
+
+def zero_gradient_layers(model: nn.Module, x: Tensor, y: Tensor, *, top: int = 3) -> list[dict[str, Any]]:
+    """Where the input gradient of the logit margin dies: per leaf module, the fraction of
+    samples whose gradient is non-zero at the module's output but all zero at its input; the
+    ``top`` modules with the largest fraction (above 0), deepest first in a tie."""
+    device = model_device(model, x.device)
+    seen: list[tuple[str, Tensor, Tensor]] = []
+
+    def hook(name):
+        def record(module, args, output):
+            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor) \
+                    and args[0].requires_grad and output.requires_grad:
+                seen.append((name, args[0], output))
+        return record
+
+    leaves = [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
+    try:
+        with caller_state(model), torch.enable_grad():
+            xd = x.detach().to(device).requires_grad_(True)
+            margin = _margin(model(xd), y.to(device)).sum()
+            tensors = [t for _, a, o in seen for t in (a, o)]
+            grads = torch.autograd.grad(margin, tensors, allow_unused=True) if tensors else []
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for k, (name, _, _) in enumerate(seen):
+        g_in, g_out = grads[2 * k], grads[2 * k + 1]
+        if g_in is None or g_out is None:
+            continue
+        alive = (g_out.flatten(1) != 0).any(1)
+        dead = (g_in.flatten(1) == 0).all(1)
+        frac = (alive & dead).float().mean().item()
+        if frac > 0:
+            out.append({"layer": name, "type": type(model.get_submodule(name)).__name__,
+                        "fraction": frac, "order": k})
+    out.sort(key=lambda r: (-r["fraction"], -r["order"]))
+    return [{k: v for k, v in r.items() if k != "order"} for r in out[:top]]
 
 
 # ------------------------------------------------------------------------------ the audit
@@ -332,14 +460,38 @@ class Audit:
     flags: list[Flag]
     results: Results
     model_name: str | None = None
+    caps: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def over_report(self) -> dict[str, Any] | None:
+        """:func:`over_report` of the results: the headline number, PGD minus worst case."""
+        return over_report(self.results)
+
+    @property
+    def level(self) -> str:
+        """One of :data:`LEVELS`."""
+        return verdict_level(self.flags)
 
     @property
     def verdict(self) -> str:
-        return verdict(self.flags, self.model_name)
+        return verdict(self.flags, self.model_name, self.over_report)
+
+    @property
+    def headline(self) -> str:
+        """``"PGD X%, worst case Y%: PGD over-reports by Z points [lo, hi] at eps e"``."""
+        over = self.over_report
+        if over is None:
+            return "no white-box attack in the results: no over-report to measure"
+        lo, hi = over["interval"]
+        return (f"PGD {_points(over['pgd'])}%, worst case {_points(over['worst_case'])}%: PGD "
+                f"over-reports by {_points(over['over_report'])} points [{_points(lo)}, "
+                f"{_points(hi)}] at eps {over['eps']:g}")
 
     @property
     def masking_likely(self) -> bool:
-        return any(f.fired for f in self.flags)
+        """Whether masking is *measured* (an evidence check fired); risk factors alone are not."""
+        return self.level == LEVELS[0]
 
     def flag(self, name: str) -> Flag:
         """The flag called ``name`` (see :data:`CHECKS`)."""
@@ -362,16 +514,23 @@ class Audit:
         else:
             flags = format_table(columns, self._cells())
         return "\n\n".join([self.results.table(markdown).rstrip(), "Gradient-masking checks",
-                            flags, "Verdict: " + self.verdict]) + "\n"
+                            flags, *self._lines()]) + "\n"
+
+    def _lines(self) -> list[str]:
+        caps = ", ".join(self.caps[:8]) + (f" (+{len(self.caps) - 8})" if len(self.caps) > 8 else "")
+        return ["Headline: " + self.headline, "Caps reached: " + (caps or "none"),
+                *("Note: " + n for n in self.notes), "Verdict: " + self.verdict]
 
     def print(self, file=None) -> None:
         self.results.print(file=file)
         print_table(("check", "status", "evidence"), self._cells(), title="Gradient-masking checks",
                     file=file)
-        print("Verdict: " + self.verdict, file=file)
+        for line in self._lines():
+            print(line, file=file)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model_name, "verdict": self.verdict,
+        return {"model": self.model_name, "verdict": self.verdict, "level": self.level,
+                "over_report": self.over_report, "caps": list(self.caps), "notes": list(self.notes),
                 "flags": [f.to_dict() for f in self.flags]}
 
 
@@ -383,6 +542,7 @@ def audit(
     *,
     results: Results | None = None,
     suite: str = "standard",
+    suite_kwargs: dict[str, Any] | None = None,
     model_name: str | None = None,
     progress: bool = False,
     out: str | os.PathLike | None = None,
@@ -392,7 +552,8 @@ def audit(
 
     ``data`` as for :func:`~relucap_plugin.evaluation.evaluate` (``config.n_samples`` limits it);
     the model checks use the largest budget of ``threat_model``. Pass several budgets for a
-    stronger ``accuracy_rises_with_eps`` check.
+    stronger ``accuracy_rises_with_eps`` check. ``suite_kwargs`` go to the suite (e.g.
+    ``{"square_queries": 1000}``).
     """
     from .data import as_tensors
 
@@ -400,12 +561,24 @@ def audit(
     x, y = as_tensors(data, limit=config.n_samples)
     if results is None:
         results = evaluate_suite(model, (x, y), threat_model, suite, config, extra_attacks=["torch:FGSM"],
-                                 progress=progress, model_name=model_name, out=out)
+                                 suite_kwargs=suite_kwargs, progress=progress, model_name=model_name,
+                                 out=out)
     eps = max(threat_model.eps)
     pgd = get_attack("torch:PGD", threat_model.replace(eps=(eps,)))
     x_adv = pgd(model, x, y, eps, seed=config.seed)
+    scan = find_caps(model, x[:8])
+    notes = [*results.metadata.get("notes", [])]
+    if scan.warning and scan.warning not in notes:
+        notes.append(scan.warning)
+    grad = gradient_check(model, x, y)
+    if grad.fired and not scan.sites:
+        layers = zero_gradient_layers(model, x, y)
+        grad = _flag("zero_gradients", True, **grad.evidence, no_cap_reached=True, zero_at=layers)
+        notes.append("gradients vanish at ops that are not a known cap (no cap reached); they "
+                     "become zero at " + (", ".join(f"{r['layer']} ({r['type']}, {_points(r['fraction'])}% "
+                                                     "of samples)" for r in layers) or "the input"))
     flags = [
-        gradient_check(model, x, y),
+        grad,
         saturation_check(model, x, x_adv),
         eps_check(results),
         unbounded_check(model, x, y, threat_model, seed=config.seed),
@@ -415,99 +588,4 @@ def audit(
     ]
     order = list(CHECKS)
     flags.sort(key=lambda f: order.index(f.name))
-    return Audit(flags, results, model_name)
-
-
-# ------------------------------------------------------------------------------ growth
-_SKIP_LAYERS = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-
-
-@torch.no_grad()
-def _layer_growth(model: nn.Module, x: Tensor, x_adv: Tensor) -> dict[str, tuple[str, float]]:
-    """layer name -> (type, mean over samples of ||h(x_adv) - h(x)||_2 / ||x_adv - x||_2)."""
-    outputs: dict[str, list[Tensor]] = {}
-    types: dict[str, str] = {}
-
-    def hook(name):
-        def record(module, args, output):
-            if isinstance(output, Tensor):
-                outputs.setdefault(name, []).append(output.detach().flatten(1).double())
-                types[name] = type(module).__name__
-        return record
-
-    leaves = [(n, m) for n, m in model.named_modules()
-              if n and not any(True for _ in m.children()) and not isinstance(m, _SKIP_LAYERS)]
-    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
-    try:
-        with caller_state(model):
-            device = model_device(model, x.device)
-            model(x.to(device))
-            model(x_adv.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    d_in = (x_adv - x).flatten(1).double().norm(dim=1).to(device)
-    moved = d_in > 0
-    out = {}
-    for name, (clean, adv) in ((n, o) for n, o in outputs.items() if len(o) == 2):
-        ratio = (adv - clean).norm(dim=1)[moved] / d_in[moved]
-        out[name] = (types[name], ratio.mean().item() if len(ratio) else math.nan)
-    return out
-
-
-@dataclass
-class GrowthTable:
-    """Per layer, the perturbation growth of the model and of its uncapped twin."""
-
-    rows: list[dict[str, Any]]
-
-    def table(self) -> str:
-        return format_table(("layer", "type", "capped", "uncapped"), self._cells())
-
-    def _cells(self) -> list[list[str]]:
-        return [[r["layer"], r["type"], f"{r['capped']:.4g}",
-                 "" if r["uncapped"] is None else f"{r['uncapped']:.4g}"] for r in self.rows]
-
-    def print(self, file=None) -> None:
-        print_table(("layer", "type", "capped", "uncapped"), self._cells(),
-                    title="perturbation growth ||h(x_adv) - h(x)|| / ||x_adv - x||", file=file)
-
-    def plot(self, path: str | os.PathLike | None = None):
-        """Growth per layer (log scale) for both models; saved as PNG to ``path`` if given.
-        Returns the matplotlib ``Figure`` (Agg, pyplot untouched)."""
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise ImportError("GrowthTable.plot() needs matplotlib: pip install matplotlib") from None
-        fig = Figure(figsize=(7, 4), layout="constrained")
-        ax = fig.add_subplot()
-        idx = range(len(self.rows))
-        ax.plot(idx, [r["capped"] for r in self.rows], marker="o", label="capped")
-        if any(r["uncapped"] is not None for r in self.rows):
-            ax.plot(idx, [r["uncapped"] for r in self.rows], marker="s", label="uncapped twin")
-        ax.set_xticks(list(idx), [f"{r['layer']}\n{r['type']}" for r in self.rows], fontsize="x-small")
-        ax.set_yscale("log")
-        ax.set_ylabel("||h(x_adv) - h(x)|| / ||x_adv - x||")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        if path is not None:
-            fig.savefig(os.fspath(path), dpi=120)
-        return fig
-
-
-def perturbation_growth(model: nn.Module, x: Tensor, x_adv: Tensor, *, twin: bool = True) -> GrowthTable:
-    """Per layer (each leaf module's output), ``||h_l(x_adv) - h_l(x)||_2 / ||x_adv - x||_2``,
-    mean over the samples of ``x``/``x_adv`` (N, ...) that differ, for ``model`` and (with
-    ``twin``) its uncapped twin fed the same inputs. Flatten, Identity and Dropout are left out.
-    """
-    if not isinstance(x, Tensor) or not isinstance(x_adv, Tensor) or x.shape != x_adv.shape:
-        raise ValueError("x and x_adv must be tensors of the same shape (N, ...), the clean inputs "
-                         "and their perturbed versions")
-    if not bool(((x_adv - x).flatten(1).abs().amax(1) > 0).any()):
-        raise ValueError("x_adv equals x for every sample: there is no perturbation to follow; "
-                         "pass adversarial (or noisy) inputs")
-    capped = _layer_growth(model, x, x_adv)
-    uncapped = _layer_growth(uncapped_twin(model), x, x_adv) if twin else {}
-    rows = [{"layer": n, "type": t, "capped": g, "uncapped": uncapped[n][1] if n in uncapped else None}
-            for n, (t, g) in capped.items()]
-    return GrowthTable(rows)
+    return Audit(flags, results, model_name, [str(site) for site in scan.sites], notes)

@@ -483,6 +483,7 @@ def evaluate(
     output: OutputSelector | None = None,
     progress: bool = True,
     model_name: str | None = None,
+    notes: Sequence[str] = (),
 ) -> Results:
     """Attack ``model`` on ``data`` with every attack at every budget of ``threat_model``.
 
@@ -515,7 +516,13 @@ def evaluate(
     with ``out=`` each rank streams to its shard ``results.rankR-of-W.jsonl`` next to ``out`` and
     resumes from it. Rank 0 returns the merged table (and writes it to ``out``), the other ranks
     the rows of their own batches; only rank 0 shows progress (see :mod:`.distributed`).
+
+    Black-box attacks search on the input's real layout: ``config.input_shape``, else the data's
+    (see :func:`~relucap_plugin.adaptive.black_box_layout`). ``notes`` (and a note when a
+    black-box attack could only run on a flat layout) go to ``results.metadata["notes"]``.
     """
+    from .adaptive import black_box_layout, first_inputs
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(data, Tensor) and isinstance(attacks, Tensor):
@@ -533,6 +540,9 @@ def evaluate(
     device = cfg.resolve_device() if ctx is None else ctx.device
     net = model if output is None else _SelectOutput(model, output)
     attack_list = _as_attacks(attacks, tm, cfg)
+    first = first_inputs(data, 1)
+    attack_list, layout_notes = black_box_layout(
+        attack_list, cfg.input_shape, None if first is None else tuple(first.shape[1:]))
     if progress and get_rank() == 0:
         for line in native_notes(attack_list):
             print(line, file=sys.stderr)
@@ -554,6 +564,8 @@ def evaluate(
         "package_version": versions["relucap-plugin"],
         "rtol": RTOL,
     }
+    if [*notes, *layout_notes]:
+        metadata["notes"] = [*notes, *layout_notes]
     if ctx is not None:
         metadata["world_size"] = ctx.world_size
         ctx.check_same(model, metadata)

@@ -233,6 +233,8 @@ class ModelResult:
     seconds: float
     versions: dict[str, str] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
+    level: str = "no sign"
+    over_report: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -262,9 +264,15 @@ FLAG_LABELS = {
 }
 
 
-def short_verdict(fired: Sequence[str]) -> str:
-    """``"likely (k checks)"`` or ``"none found"``, for a table cell."""
-    return f"likely ({len(fired)} check{'s' if len(fired) > 1 else ''})" if fired else "none found"
+def short_verdict(level: str, over: dict[str, Any] | None = None, eps: float | None = None) -> str:
+    """The calibrated verdict for a table cell: ``"measured +X pts [lo, hi]"`` (PGD's
+    over-report at ``eps``, default the audit's headline eps), ``"risk factors only"`` or
+    ``"no sign"`` (levels of :func:`relucap_plugin.diagnostics.verdict`)."""
+    if level == "masking measured" and over:
+        at = (over.get("per_eps") or {}).get(eps, over) if eps is not None else over
+        lo, hi = at["interval"]
+        return f"measured +{100 * at['over_report']:.1f} pts [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return level
 
 
 def fired_labels(fired: Sequence[str]) -> str:
@@ -294,7 +302,7 @@ class ExperimentResult:
         eps = self.config.headline_eps if eps is None else float(eps)
         return [
             (m.name, _pct(m.clean), *(_pct(m.pgd[lib].get(eps)) for lib in LIBRARY_PGD),
-             _pct(m.worst_case.get(eps)), short_verdict(m.fired))
+             _pct(m.worst_case.get(eps)), short_verdict(m.level, m.over_report, eps))
             for m in self.models
         ]
 
@@ -395,12 +403,12 @@ def build_model(spec: ModelSpec, config: ExperimentConfig, example: torch.Tensor
     return net, dict(report.replaced)
 
 
-def _attacks(config: ExperimentConfig, tm: ThreatModel, model: Any) -> list[Any]:
+def _attacks(config: ExperimentConfig, tm: ThreatModel, model: Any, example: torch.Tensor) -> list[Any]:
     from .adaptive import get_suite
     from .attacks import get_attack
 
     library = [get_attack(spec, tm) for spec in LIBRARY_PGD.values()]
-    suite = get_suite("standard", tm, model, square_queries=config.square_queries)
+    suite = get_suite("standard", tm, model, example, square_queries=config.square_queries)
     return [*library, *suite, get_attack("torch:FGSM", tm)]
 
 
@@ -417,7 +425,7 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
                     batch_size=config.batch_size, eps=config.train_eps, seed=config.seed,
                     device=config.device, progress=progress)
     tm, cfg = config.threat_model(), config.eval_config()
-    attacks = _attacks(config, tm, net)
+    attacks = _attacks(config, tm, net, eval_data[0][:8])
     results_file = checkpoint = None
     if out is not None:
         results_file = os.path.join(out, "results", f"{spec.slug}.jsonl")
@@ -435,6 +443,8 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
         attacks={a: {e: results.robust_accuracy(a, e) for e in tm.eps} for a in results.attacks},
         verdict=report.verdict,
         fired=[f.name for f in report.flags if f.fired],
+        level=report.level,
+        over_report=_plain(report.over_report),
         capped_sites=sites,
         train_history=history.to_dict(),
         versions=dict(results.metadata.get("versions") or {}),
@@ -443,6 +453,16 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
         seconds=time.perf_counter() - start,
         model=net,
     )
+
+
+def _plain(over: dict[str, Any] | None) -> dict[str, Any] | None:
+    """:func:`~relucap_plugin.diagnostics.over_report` with lists for tuples (JSON-able)."""
+    if over is None:
+        return None
+    out = {k: v for k, v in over.items() if k != "per_eps"}
+    out["interval"] = list(out["interval"])
+    out["per_eps"] = {e: {**v, "interval": list(v["interval"])} for e, v in over["per_eps"].items()}
+    return out
 
 
 def _growth(best: ModelResult | None, eval_data, config: ExperimentConfig):

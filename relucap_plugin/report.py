@@ -130,7 +130,8 @@ def _settings(result: ExperimentResult) -> list[tuple[str, Any]]:
                            "PGD transferred from the uncapped twin; plus torch:FGSM"),
         ("worst case", "per sample, the minimum over every attack of the run (the three library "
                        "PGDs, the suite and FGSM), then the mean over samples"),
-        ("masking verdict", "relucap_plugin.diagnostics.audit: ten checks, see "
+        ("masking verdict", "relucap_plugin.diagnostics.audit: ten checks, evidence (exact "
+                            "McNemar, family-wise alpha 0.05) vs risk factors, three levels; see "
                             "docs/honest-evaluation.md"),
         ("best cap", "the capped model (first training method) with the highest worst-case "
                      f"robust accuracy at eps {c.headline_eps:g}; ties: higher clean accuracy, "
@@ -176,7 +177,11 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
         "Robust accuracy counts a sample as robust only if it is classified correctly clean and "
         "on the verified adversarial example. *PGD <library>*: the same PGD through each "
         "library. *worst case*: per sample, the minimum over every attack of the run. *masking "
-        "verdict*: the names of the gradient-masking checks that fired.",
+        "verdict*: *measured* when an attack gap (black-box, transfer, BPDA, single step or more "
+        "steps beating white-box PGD) is significant on paired per-sample outcomes (exact McNemar "
+        "test, Bonferroni), with PGD's over-report at this eps (the white-box PGDs minus the worst "
+        "case, points) and its 95% interval; *risk factors only* when only zero gradients, saturated caps and the like "
+        "fired; *no sign* otherwise.",
         "",
     ]
     if result.best is not None:

@@ -163,15 +163,25 @@ class EvalConfig:
     """How an evaluation runs: batch size, device, seed and how many samples (None = all).
 
     ``device`` is ``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"``, ``"cuda:1"``
-    or a :class:`torch.device`.
+    or a :class:`torch.device`. ``input_shape`` is the real layout of one sample (e.g.
+    ``(1, 28, 28)``) when the model takes flat vectors: black-box attacks search on it.
     """
 
     batch_size: int = 256
     device: str | torch.device = "auto"
     seed: int = 0
     n_samples: int | None = None
+    input_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.input_shape is not None:
+            shape = self.input_shape
+            if (isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__")
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+                    or not len(tuple(shape))):
+                raise ValueError(f"input_shape must be the positive sizes of one sample, e.g. (1, 28, 28); "
+                                 f"got {shape!r}")
+            object.__setattr__(self, "input_shape", tuple(shape))
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -202,12 +212,17 @@ class EvalConfig:
         """Plain JSON-able dict; a torch.device is stored as its string."""
         d = asdict(self)
         d["device"] = str(self.device)
+        if self.input_shape is not None:
+            d["input_shape"] = list(self.input_shape)
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
         _check_fields(cls, data)
+        data = dict(data)
+        if data.get("input_shape") is not None:
+            data["input_shape"] = tuple(data["input_shape"])
         return cls(**data)
 
 

@@ -224,13 +224,19 @@ def test_standard_suite_composition():
         get_suite("strong", TM)
 
 
-def test_suite_for_a_model_without_caps_leaves_out_what_only_repeats_white_box_pgd(capped_mlp):
+def test_suite_for_a_model_without_caps_leaves_out_what_only_repeats_white_box_pgd(capped_mlp, test_batch):
+    x = test_batch[0][:8]
     relu_net = uncapped_twin(capped_mlp)
     assert [a.spec for a in get_suite("standard", TM, capped_mlp)] == [a.spec for a in get_suite("standard", TM)]
-    kept = get_suite("standard", TM, relu_net)
+    kept = get_suite("standard", TM, relu_net, x)
     assert [attack_kind(a.spec, a.family) for a in kept] == ["white-box", "white-box", "black-box"]
-    own_source = get_suite("standard", TM, relu_net, surrogate=copy.deepcopy(relu_net))
+    own_source = get_suite("standard", TM, relu_net, x, surrogate=copy.deepcopy(relu_net))
     assert attack_kind(own_source[-1].spec, own_source[-1].family) == "transfer"  # a chosen source stays
+    # without an example input a model without cap modules may cap with ops: every member stays
+    assert len(get_suite("standard", TM, relu_net)) == 6
+    clamp_net = copy.deepcopy(relu_net)
+    clamp_net[4] = nn.Hardtanh(0.0, 0.1)
+    assert len(get_suite("standard", TM, clamp_net, x)) == 6
 
 
 @pytest.mark.slow

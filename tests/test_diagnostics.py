@@ -9,15 +9,20 @@ from torch import nn
 from relucap_plugin import EvalConfig, Results, ThreatModel, get_attack
 from relucap_plugin.diagnostics import (
     CHECKS,
+    EVIDENCE,
+    RISK,
     Flag,
     audit,
     determinism_check,
     eps_check,
     gradient_check,
     other_attacks_check,
+    over_report,
     perturbation_growth,
     saturation_check,
     verdict,
+    verdict_level,
+    zero_gradient_layers,
 )
 
 TM = ThreatModel("Linf", eps=(0.3,))
@@ -44,18 +49,25 @@ def relu_audit(mnist_mlp, test_batch):
 def test_capped_bottleneck_is_flagged_and_the_suite_finds_the_truth(capped_audit):
     a = capped_audit
     assert [f.name for f in a.flags] == list(CHECKS)
-    assert a.masking_likely
+    assert a.masking_likely and a.level == "masking measured"
     for name in ("zero_gradients", "saturated_caps", "surrogate_beats_whitebox", "transfer_beats_whitebox",
                  "blackbox_beats_whitebox"):
         assert a.flag(name).fired, a.flag(name)
     assert a.flag("zero_gradients").evidence["zero_fraction"] > 0.3
+    assert a.flag("surrogate_beats_whitebox").evidence["p_value"] < 0.05
     sat = a.flag("saturated_caps").evidence
-    assert set(sat["clean"]) == {"4"} and sat["adversarial"]["4"]["blocked"] >= sat["clean"]["4"]["blocked"]
+    key = "4:CappedReLU"
+    assert set(sat["clean"]) == {key} and sat["adversarial"][key]["blocked"] >= sat["clean"][key]["blocked"]
+    assert a.caps == ["4:CappedReLU [0, 0.1]"]
     assert not a.flag("nondeterministic_logits").fired
-    assert a.verdict.startswith("capped: gradient masking likely: ")
-    assert CHECKS["zero_gradients"] in a.verdict
+    over = a.over_report
+    assert a.verdict.startswith(f"capped: masking measured: PGD over-reports by {100 * over['over_report']:.1f} "
+                                "points [")
     pgd, worst = a.results.robust_accuracy("torch:PGD", 0.3), a.results.worst_case(0.3)
     assert pgd > 0.20 and worst < 0.05, (pgd, worst)
+    assert over["interval"][0] <= over["over_report"] <= over["interval"][1]
+    assert over["over_report"] == pytest.approx(over["pgd"] - over["worst_case"])
+    assert "Headline: PGD " in a.table()
 
 
 def test_plain_relu_model_raises_no_flag(relu_audit):
@@ -65,6 +77,7 @@ def test_plain_relu_model_raises_no_flag(relu_audit):
     skipped = {f.name for f in a.flags if f.skipped}
     assert skipped == {"saturated_caps", "transfer_beats_whitebox", "surrogate_beats_whitebox"}
     assert a.verdict == "relu: no sign of gradient masking in 7 checks (3 skipped)"
+    assert a.level == "no sign" and a.caps == []
     pgd, worst = a.results.robust_accuracy("torch:PGD", 0.3), a.results.worst_case(0.3)
     assert abs(worst - pgd) <= 0.02
     assert a.flag("unbounded_not_chance").evidence["robust_accuracy"] <= 0.1
@@ -99,19 +112,42 @@ def test_eps_check_fires_on_accuracy_rising_with_eps_or_above_clean():
     assert not eps_check(rising, tolerance=0.5).fired
 
 
+def _pgd_vs_square(pgd: list[bool], square: list[bool]) -> tuple[Results, dict[str, Flag]]:
+    results = _rows({"torch:PGD": {0.3: pgd}, "torchattacks:Square": {0.3: square},
+                     "torch:FGSM": {0.3: [True] * len(pgd)}}, [True] * len(pgd))
+    return results, {f.name: f for f in other_attacks_check(results)}
+
+
 def test_other_attacks_check_is_per_sample():
-    clean = [True] * 10
-    # same accuracy (50%) but Square breaks 5 samples PGD did not: per sample it beats PGD
-    results = _rows({
-        "torch:PGD": {0.3: [True] * 5 + [False] * 5},
-        "torchattacks:Square": {0.3: [False] * 5 + [True] * 5},
-        "torch:FGSM": {0.3: [True] * 10},
-    }, clean)
-    flags = {f.name: f for f in other_attacks_check(results)}
-    assert flags["blackbox_beats_whitebox"].fired
+    # same accuracy (50%): Square breaks 5 samples PGD did not, PGD 5 Square did not: no evidence
+    _, flags = _pgd_vs_square([True] * 5 + [False] * 5, [False] * 5 + [True] * 5)
+    assert not flags["blackbox_beats_whitebox"].fired
     assert flags["blackbox_beats_whitebox"].evidence["max_fraction"] == 0.5
+    assert flags["blackbox_beats_whitebox"].evidence["per_eps"][0.3]["c"] == 5
+    assert flags["blackbox_beats_whitebox"].evidence["p_value"] == 1.0
     assert not flags["single_step_beats_iterative"].fired
     assert flags["transfer_beats_whitebox"].skipped and not flags["transfer_beats_whitebox"].fired
+    # 20 samples broken by Square alone against 2 by PGD alone: far beyond noise
+    results, flags = _pgd_vs_square([True] * 20 + [False] * 20, [False] * 38 + [True] * 2)
+    assert flags["blackbox_beats_whitebox"].fired
+    assert flags["blackbox_beats_whitebox"].evidence["per_eps"][0.3]["b"] == 20
+    assert verdict_level(list(flags.values())) == "masking measured"
+    over = over_report(results)
+    assert over["over_report"] == 0.5 and over["pgd"] == 0.5 and over["worst_case"] == 0.0
+    lo, hi = over["interval"]
+    assert 0.33 < lo < 0.5 < hi < 0.67
+
+
+def test_exact_tests_against_known_values():
+    from relucap_plugin.significance import binomial_tail, clopper_pearson, mcnemar_exact
+
+    assert mcnemar_exact(8, 2) == pytest.approx(56 / 1024)  # P(X >= 8), X ~ Bin(10, 1/2)
+    assert mcnemar_exact(0, 5) == 1.0 and binomial_tail(3, 2) == 0.0
+    lo, hi = clopper_pearson(5, 200)  # scipy.stats.beta.ppf(0.025, 5, 196), (0.975, 6, 195)
+    assert lo == pytest.approx(0.0081662, abs=1e-6) and hi == pytest.approx(0.0573744, abs=1e-6)
+    assert clopper_pearson(0, 200) == (0.0, pytest.approx(0.0182753, abs=1e-6))
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        clopper_pearson(3, 2)
 
 
 class _Noisy(nn.Module):
@@ -137,12 +173,40 @@ def test_determinism_and_gradient_checks_on_small_models():
     assert saturation_check(nn.Linear(4, 3), x).skipped
 
 
-def test_verdict_wording():
+def test_verdict_levels_separate_evidence_from_risk_factors():
     ok = Flag("zero_gradients", False, CHECKS["zero_gradients"], {"zero_fraction": 0.0})
-    bad = Flag("nondeterministic_logits", True, CHECKS["nondeterministic_logits"], {})
+    risk = Flag("saturated_caps", True, CHECKS["saturated_caps"], {})
+    gap = Flag("transfer_beats_whitebox", True, CHECKS["transfer_beats_whitebox"], {})
+    over = {"over_report": 0.125, "interval": (0.08, 0.18), "eps": 0.1}
     assert verdict([ok]) == "no sign of gradient masking in 1 checks"
-    assert verdict([ok, bad], "m") == "m: gradient masking likely: " + CHECKS["nondeterministic_logits"]
-    assert "FIRED" in str(bad) and "[ok]" in str(ok)
+    assert verdict_level([ok]) == "no sign"
+    assert verdict([ok, risk], "m") == ("m: risk factors only (saturated_caps): no attack gap beyond "
+                                        "sampling noise")
+    assert verdict_level([ok, risk]) == "risk factors only"
+    assert verdict([risk, gap], "m", over) == ("m: masking measured: PGD over-reports by 12.5 points "
+                                               "[8.0, 18.0] at eps 0.1 (evidence: transfer_beats_whitebox)")
+    assert set(EVIDENCE) | set(RISK) == set(CHECKS) and not set(EVIDENCE) & set(RISK)
+    assert "FIRED" in str(gap) and "[ok]" in str(ok)
+
+
+def test_vanishing_gradients_without_a_cap_name_the_layer(test_batch):
+    """Gradients die at an op that is not a known cap (a hard threshold): the audit says so and
+    names the layer."""
+
+    class Step(nn.Module):
+        def forward(self, x):
+            return (x > 0).float() * x.detach() + 0 * x
+
+    torch.manual_seed(0)
+    x, y = test_batch
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), Step(), nn.Linear(32, 10)).eval()
+    layers = zero_gradient_layers(model, x[:50], y[:50])
+    assert layers[0]["layer"] == "2" and layers[0]["type"] == "Step" and layers[0]["fraction"] == 1.0
+    a = audit(model, (x[:40], y[:40]), TM.replace(steps=3), CFG, suite_kwargs={"square_queries": 20})
+    flag = a.flag("zero_gradients")
+    assert flag.fired and flag.evidence["no_cap_reached"] and flag.evidence["zero_at"][0]["layer"] == "2"
+    assert any("not a known cap" in n and "2 (Step" in n for n in a.notes)
+    assert a.caps == [] and "Note: gradients vanish" in a.table()
 
 
 def test_perturbation_growth_cap_stops_growth(capped_mlp, test_batch, tmp_path):

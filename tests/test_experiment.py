@@ -103,8 +103,14 @@ def test_table_rows_and_printed_table(tiny, capsys):
     assert all(len(r) == len(ExperimentResult.TABLE_COLUMNS) for r in rows)
     for r, m in zip(rows, result.models):
         assert r[1] == f"{100 * m.clean:.1f}%"
-        assert r[-1] == ("none found" if not m.fired else f"likely ({len(m.fired)} check"
-                         + ("s)" if len(m.fired) > 1 else ")"))
+        # the calibrated verdict (issue 14): measured with its over-report, else the level
+        assert m.level in ("masking measured", "risk factors only", "no sign")
+        assert (m.level == "no sign") == (not m.fired)
+        if m.level == "masking measured":
+            at = m.over_report["per_eps"][result.config.headline_eps]
+            assert r[-1].startswith(f"measured +{100 * at['over_report']:.1f} pts [")
+        else:
+            assert r[-1] == m.level
     result.print()
     out = capsys.readouterr().out
     assert "worst" in out and "masking" in out and "best cap" in out
