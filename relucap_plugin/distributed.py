@@ -13,7 +13,6 @@ A rerun of the same command resumes from the shards and the merged file (any wor
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from ._fingerprint import DataDigest, differences, model_digest
 from .data import unpack_batch
 from .results import Results, ResultsWriter, load_same_evaluation, open_results_file
 from .threat import resolve_device
@@ -203,13 +203,9 @@ def setup(device: str | torch.device = "auto") -> DistContext | None:
 
 
 def _fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """Digest of the model's parameters and buffers, hashed on their device (see
+    :mod:`._fingerprint`)."""
+    return model_digest(model)
 
 
 # ------------------------------------------------------------------------------ sharding
@@ -274,12 +270,20 @@ class DistContext:
         """How many of ``n_batches`` batches this rank evaluates."""
         return len(range(self.rank, n_batches, self.world_size))
 
+    def data_digest(self, loader: DataLoader, limit: int | None) -> DataDigest:
+        """Digest of every batch of the single-process batching (not only this rank's), so
+        that ranks compare the whole data they were given."""
+        digest = DataDigest()
+        for start, x, y in self.batches(loader, limit, every=True):
+            digest.update(start, x, y)
+        return digest
+
     def batches(
-        self, loader: DataLoader, limit: int | None
+        self, loader: DataLoader, limit: int | None, every: bool = False
     ) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """(global index of the first sample, x, y) of this rank's batches, up to ``limit``
-        samples. Only this rank's batches are loaded when the sampler tells the batches apart;
-        otherwise every batch is read and the others' skipped."""
+        """(global index of the first sample, x, y) of this rank's batches (``every``: of all
+        batches), up to ``limit`` samples. Only this rank's batches are loaded when the sampler
+        tells the batches apart; otherwise every batch is read and the others' skipped."""
         sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
         if isinstance(sampler, RandomSampler) and sampler.generator is None:
             raise ValueError(
@@ -291,8 +295,9 @@ class DistContext:
             from .evaluation import _batches
 
             for number, (start, x, y) in enumerate(_batches(loader, limit)):
-                if self.owns(number):
-                    self.samples.update(range(start, start + len(x)))
+                if every or self.owns(number):
+                    if not every:
+                        self.samples.update(range(start, start + len(x)))
                     yield start, x, y
             return
         starts, start = [], 0
@@ -300,7 +305,8 @@ class DistContext:
             starts.append(start)
             start += len(keys)
         owned = [
-            b for b in range(len(plan)) if self.owns(b) and (limit is None or starts[b] < limit)
+            b for b in range(len(plan))
+            if (every or self.owns(b)) and (limit is None or starts[b] < limit)
         ]
         sub = _subset_loader(loader, [plan[b] for b in owned])
         for b, batch in zip(owned, sub):
@@ -308,17 +314,21 @@ class DistContext:
             x, y = torch.as_tensor(x), torch.as_tensor(y).reshape(-1)
             if limit is not None and starts[b] + len(x) > limit:
                 x, y = x[: limit - starts[b]], y[: limit - starts[b]]
-            self.samples.update(range(starts[b], starts[b] + len(x)))
+            if not every:
+                self.samples.update(range(starts[b], starts[b] + len(x)))
             yield starts[b], x, y
 
     def check_same(self, model: nn.Module, metadata: Mapping[str, Any]) -> None:
         """Raise on every rank if the ranks disagree on the model weights or the evaluation."""
         mine = {k: v for k, v in metadata.items() if k != "device"}
-        mine["model weights (SHA-256)"] = _fingerprint(model)
+        if "fingerprint" not in mine:
+            mine["fingerprint"] = {"model": _fingerprint(model)}
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=_gloo_group())
         for rank, theirs in enumerate(everyone):
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            diff = sorted(k for k in set(mine) | set(theirs)
+                          if k != "fingerprint" and mine.get(k) != theirs.get(k))
+            diff += differences(mine["fingerprint"], theirs.get("fingerprint") or {})
             if diff and rank != self.rank:
                 raise ValueError(
                     f"rank {self.rank} and rank {rank} differ in {', '.join(diff)}: every rank "
