@@ -44,6 +44,9 @@ __all__ = [
 #: Seconds a rank waits for the others in the final gather (``RELUCAP_DIST_TIMEOUT`` overrides):
 #: a resumed run can leave one rank with hours more work than the others.
 DEFAULT_TIMEOUT = 24 * 3600
+#: Seconds a rank waits for the others to join at the start (``RELUCAP_RENDEZVOUS_TIMEOUT``
+#: overrides): ranks start within seconds of each other, so minutes mean one never comes.
+RENDEZVOUS_TIMEOUT = 300
 
 _SHARD = re.compile(r"\.rank(\d+)-of-(\d+)$")
 
@@ -52,14 +55,53 @@ def get_rank() -> int:
     """This process's rank: the process group's, else torchrun's ``RANK``, else 0."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK", "0")) if _env_world() > 1 else 0
 
 
 def get_world_size() -> int:
     """Number of processes: the process group's, else torchrun's ``WORLD_SIZE``, else 1."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _env_world()
+
+
+def _env_int(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer; unset it "
+                         "unless torchrun set it") from None
+
+
+def _env_world() -> int:
+    return _env_int("WORLD_SIZE", "1")
+
+
+def check_environment() -> int:
+    """The world size torchrun's variables describe, after refusing a half-set or leftover
+    environment (before any rendezvous, which would wait for ranks that never come)."""
+    world = _env_world()
+    if world <= 1:
+        return 1
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} not: launch with torchrun "
+            "(torchrun --nproc-per-node N ...), or unset WORLD_SIZE to run in one process"
+        )
+    rank = _env_int("RANK", "0")
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world}): the "
+                         "environment is not torchrun's; unset RANK and WORLD_SIZE")
+    if "TORCHELASTIC_RUN_ID" not in os.environ and os.environ.get("RELUCAP_DISTRIBUTED") != "1":
+        raise ValueError(
+            f"WORLD_SIZE={world} and RANK={rank} are set but this process was not started by "
+            "torchrun (TORCHELASTIC_RUN_ID is unset): leftover variables would make it wait for "
+            "processes that never come. Unset WORLD_SIZE and RANK to run in one process, launch "
+            "with torchrun, or set RELUCAP_DISTRIBUTED=1 if another launcher started the ranks"
+        )
+    return world
 
 
 def is_main_process() -> bool:
@@ -134,14 +176,15 @@ def _rank_device(device: str | torch.device, local_rank: int) -> torch.device:
     return resolve_device(device)
 
 
-def _timeout() -> timedelta:
-    value = os.environ.get("RELUCAP_DIST_TIMEOUT", str(DEFAULT_TIMEOUT))
+def _timeout(name: str = "RELUCAP_DIST_TIMEOUT", default: float = DEFAULT_TIMEOUT) -> timedelta:
+    value = os.environ.get(name, str(default))
     try:
-        return timedelta(seconds=float(value))
+        seconds = float(value)
     except ValueError:
-        raise ValueError(
-            f"RELUCAP_DIST_TIMEOUT={value!r} must be a number of seconds, e.g. 86400"
-        ) from None
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{name}={value!r} must be a positive number of seconds, e.g. {default}")
+    return timedelta(seconds=seconds)
 
 
 _GLOO_GROUPS: dict[int, Any] = {}
@@ -169,7 +212,7 @@ def setup(device: str | torch.device = "auto") -> DistContext | None:
     CPU. ``device`` ``"auto"``/``"cuda"`` becomes ``cuda:LOCAL_RANK`` when CUDA is available.
     """
     if not dist.is_available():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if _env_world() > 1:
             raise RuntimeError(
                 "torchrun started several processes but this torch build has no "
                 "torch.distributed; install a torch with distributed support or run one process"
@@ -181,21 +224,25 @@ def setup(device: str | torch.device = "auto") -> DistContext | None:
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
         rank_device = _rank_device(device, local_rank)
     else:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = check_environment()
         if world <= 1:
             return None
-        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise ValueError(
-                f"WORLD_SIZE={world} is set but {', '.join(missing)} not: launch with torchrun "
-                "(torchrun --nproc-per-node N ...), or unset WORLD_SIZE to run in one process"
-            )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         rank_device = _rank_device(device, local_rank)
         if rank_device.type == "cuda":
             torch.cuda.set_device(rank_device)
         backend = "nccl" if rank_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=_timeout())
+        wait = _timeout("RELUCAP_RENDEZVOUS_TIMEOUT", RENDEZVOUS_TIMEOUT)
+        try:
+            dist.init_process_group(backend, timeout=wait)
+        except (RuntimeError, dist.DistStoreError) as exc:
+            raise RuntimeError(
+                f"rank {os.environ['RANK']} waited {wait.total_seconds():g} s for the other "
+                f"{world - 1} process(es) at {os.environ['MASTER_ADDR']}:"
+                f"{os.environ['MASTER_PORT']} and they did not all join ({type(exc).__name__}); "
+                "start every rank (torchrun --nproc-per-node N), unset leftover WORLD_SIZE/"
+                "RANK variables, or raise RELUCAP_RENDEZVOUS_TIMEOUT"
+            ) from exc
         atexit.register(_destroy)
     if rank_device.type == "cuda" and dist.get_backend() == "nccl":
         torch.cuda.set_device(rank_device)

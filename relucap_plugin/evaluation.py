@@ -251,7 +251,7 @@ def _attack_identity(attack: Attack) -> str:
         "family": attack.family,
     }
     fn = getattr(attack, "fn", None)
-    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
+    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
     if fn is not None:
         parts["fn"] = getattr(fn, "__qualname__", type(fn).__qualname__)
     if code is not None:
