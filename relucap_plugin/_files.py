@@ -8,7 +8,7 @@
   0600), replaced files keep their mode.
 - :func:`lock`: an advisory lock (``fcntl.flock``, POSIX only; a no-op elsewhere) on a sidecar
   ``.NAME.lock`` next to a results file, held while a run appends to it, so two processes
-  never write one file. The sidecar is left in place (deleting it would race).
+  never write one file; the sidecar is removed when the run ends.
 
 Every error names the path the user gave, never a temporary file. Our own design.
 """
@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FileRefusedError", "atomic_write", "check_target", "lock", "read_head"]
+__all__ = ["FileRefusedError", "Lock", "atomic_write", "check_target", "is_ours", "lock", "lock_path"]
 
 #: The first bytes of the files we write, per kind.
 _MAGIC = {
@@ -149,26 +149,40 @@ def lock_path(path: str) -> str:
 
 
 class Lock:
-    """An exclusive advisory lock on ``path``'s sidecar, taken without waiting."""
+    """An exclusive advisory lock on ``path``'s sidecar, taken without waiting; the sidecar is
+    removed on release (a lock taken on a sidecar that was removed meanwhile is taken again)."""
 
     def __init__(self, path: str):
         self.path = path
         self._fd: int | None = None
         if fcntl is None:  # pragma: no cover
             return
-        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        sidecar = lock_path(path)
+        while True:
+            fd = os.open(sidecar, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise FileRefusedError(
+                    f"{path!r} is being written by another process (it holds the lock "
+                    f"{sidecar!r}); wait for that run to finish or write to another out= path"
+                ) from None
+            try:
+                same = os.stat(sidecar).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return
             os.close(fd)
-            raise FileRefusedError(
-                f"{path!r} is being written by another process (it holds the lock "
-                f"{lock_path(path)!r}); wait for that run to finish or write to another out= path"
-            ) from None
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
+            try:
+                os.unlink(lock_path(self.path))
+            except FileNotFoundError:  # pragma: no cover
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -251,9 +251,12 @@ def _attack_identity(attack: Attack) -> str:
         "family": attack.family,
     }
     fn = getattr(attack, "fn", None)
-    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
     if fn is not None:
         parts["fn"] = getattr(fn, "__qualname__", type(fn).__qualname__)
+        code = getattr(fn, "__code__", None) or getattr(
+            getattr(type(fn), "__call__", None), "__code__", None)
+    else:
+        code = None
     if code is not None:
         parts["code"] = hashlib.sha256(code.co_code).hexdigest()
         parts["consts"] = repr([c for c in code.co_consts if not hasattr(c, "co_code")])
@@ -606,7 +609,10 @@ def evaluate(
     loader = as_loader(data, batch_size=cfg.batch_size)
     if _expected_samples(data, cfg) == 0:
         raise ValueError("the data set is empty; pass at least one (x, y) sample")
-    with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws a base seed
+    with torch.random.fork_rng(devices=[]):
+        # another random stream than the run's, so a loader that draws from torch's RNG
+        # (shuffle=True, random transforms) shows up as data that changed between passes
+        torch.random.default_generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         data_digest = _data_digest(loader, cfg.n_samples) if ctx is None else ctx.data_digest(
             loader, cfg.n_samples)
     n_expected = data_digest.n

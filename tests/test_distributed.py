@@ -288,8 +288,12 @@ def test_killed_rank_resumes_to_the_uninterrupted_table(tmp_path, reference):
     assert "robust acc" in logs[0, "stdout"] and logs[1, "stdout"] == ""
     loader_rows = Results.load(tmp_path / "loader.rank0.jsonl")
     assert loader_rows.outcomes() == reference.outcomes()  # DataLoader + DistributedSampler
-    assert "differ in model weights (SHA-256)" in (tmp_path / "mismatch.rank0.txt").read_text()
-    assert "differ in model weights (SHA-256)" in (tmp_path / "mismatch.rank1.txt").read_text()
+    assert "differ in the model's weights" in (tmp_path / "mismatch.rank0.txt").read_text()
+    assert "differ in the model's weights" in (tmp_path / "mismatch.rank1.txt").read_text()
+    # (issue 12) ranks holding different data are refused, on every rank, before any attack
+    for rank in (0, 1):
+        text = (tmp_path / f"datamismatch.rank{rank}.txt").read_text()
+        assert "differ in the inputs or labels" in text and "weights" not in text
 
 
 # ------------------------------------------------------------------------------ worker
@@ -317,6 +321,16 @@ def _worker(out: str) -> None:
         evaluate(model, (x, y), attacks, tm, cfg, progress=False, model_name="tiny")
     except ValueError as exc:
         with open(f"mismatch.rank{rank}.txt", "w") as f:
+            f.write(str(exc))
+    if rank == 1:
+        with torch.no_grad():
+            model[1].bias.sub_(1e-3)
+        x = x.clone()
+        x[-1] = 1 - x[-1]  # the last sample differs on rank 1 only (rank 0 never attacks it)
+    try:
+        evaluate(model, (x, y), attacks, tm, cfg, progress=False, model_name="tiny")
+    except ValueError as exc:
+        with open(f"datamismatch.rank{rank}.txt", "w") as f:
             f.write(str(exc))
 
 
