@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FileRefusedError", "Lock", "atomic_write", "check_target", "is_ours", "lock", "lock_path"]
+__all__ = ["FileRefusedError", "Lock", "atomic_write", "check_target", "is_ours", "lock", "lock_path", "save_figure"]
 
 #: The first bytes of the files we write, per kind.
 _MAGIC = {
@@ -127,6 +127,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[str], No
         raise
     _fsync_folder(folder)
     return path
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> str:
+    """``fig.savefig`` through :func:`atomic_write` (format from ``path``'s suffix, else PNG)."""
+    path = check_target(path, None, what="figure")
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
 
 
 def _fsync_folder(folder: str) -> None:

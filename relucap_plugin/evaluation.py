@@ -251,13 +251,12 @@ def _attack_identity(attack: Attack) -> str:
         "family": attack.family,
     }
     fn = getattr(attack, "fn", None)
+    code = None
     if fn is not None:
         parts["fn"] = getattr(fn, "__qualname__", type(fn).__qualname__)
-        code = getattr(fn, "__code__", None) or getattr(
-            getattr(type(fn), "__call__", None), "__code__", None)
-    else:
-        code = None
-    if code is not None:
+        code = getattr(fn, "__code__", None) or vars(type(fn)).get("__call__")
+        code = getattr(code, "__code__", code)
+    if code is not None and hasattr(code, "co_code"):
         parts["code"] = hashlib.sha256(code.co_code).hexdigest()
         parts["consts"] = repr([c for c in code.co_consts if not hasattr(c, "co_code")])
     return json_digest(parts)

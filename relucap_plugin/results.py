@@ -495,7 +495,7 @@ class Results:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         if path is not None:
-            fig.savefig(os.fspath(path), dpi=120)
+            _files.save_figure(fig, path, dpi=120)
         return fig
 
     # ------------------------------------------------------- files, merging

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relucap_plugin._files import FileRefusedError, atomic_write, lock
 from relucap_plugin.attacks import get_attack, make_attack
 from relucap_plugin.data import as_dataset
 from relucap_plugin.evaluation import evaluate
@@ -112,7 +111,7 @@ def test_4_out_naming_a_checkpoint_leaves_it_whole(tmp_path):
     save_checkpoint(model, ckpt)
     before = ckpt.read_bytes()
     for resume in (True, False):
-        with pytest.raises(FileRefusedError, match=f"{ckpt}.*is not a relucap results file"):
+        with pytest.raises(ValueError, match=f"{ckpt}.*is not a relucap results file"):
             run(model, (x, y), ckpt, resume=resume)
         assert ckpt.read_bytes() == before
 
@@ -121,7 +120,7 @@ def test_4_resume_false_never_overwrites_a_file_that_is_not_ours(tmp_path):
     model, x, y = tiny()
     notes = tmp_path / "notes.txt"
     notes.write_text("my thesis\n")
-    with pytest.raises(FileRefusedError, match="notes.txt.*left untouched"):
+    with pytest.raises(ValueError, match="notes.txt.*left untouched"):
         run(model, (x, y), notes, resume=False)
     assert notes.read_text() == "my thesis\n"
 
@@ -155,6 +154,8 @@ def test_5_a_checkpoint_write_cut_short_leaves_the_previous_one(tmp_path, monkey
 
 
 def test_5_created_files_get_the_users_umask(tmp_path):
+    from relucap_plugin._files import atomic_write
+
     old = os.umask(0o027)
     try:
         save_checkpoint(tiny()[0], tmp_path / "a.pt")
@@ -312,10 +313,10 @@ def test_10_out_a_device_node_is_never_replaced(tmp_path):
         pytest.skip("cannot create a device node here (needs root)")
     model, x, y = tiny()
     for resume in (True, False):
-        with pytest.raises(FileRefusedError, match=f"{node}.*not a regular file"):
+        with pytest.raises(ValueError, match=f"{node}.*not a regular file"):
             run(model, (x, y), node, resume=resume)
         assert stat.S_ISCHR(os.stat(node).st_mode)
-    with pytest.raises(FileRefusedError, match="not a regular file"):
+    with pytest.raises(ValueError, match="not a regular file"):
         save_checkpoint(model, node)
     assert stat.S_ISCHR(os.stat(node).st_mode)
 
@@ -392,11 +393,13 @@ def test_cli_model_specs_must_name_a_module_class_or_registered_factory(capsys):
 
 
 def test_two_runs_on_one_out_are_refused_by_the_lock(tmp_path):
+    from relucap_plugin._files import lock
+
     model, x, y = tiny()
     path = tmp_path / "results.jsonl"
     run(model, (x, y), path)
     with lock(str(path)):
-        with pytest.raises(FileRefusedError, match="being written by another process"):
+        with pytest.raises(ValueError, match="being written by another process"):
             run(model, (x, y), path)
     run(model, (x, y), path)  # released: resumes
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".lock")]
@@ -470,3 +473,28 @@ def test_property_resume_refuses_any_one_change_and_reproduces_an_identical_run(
         run(changed[0], changed[1], out, changed[2], changed[3], changed[4])
     resumed = run(base[0], base[1], out, base[2], base[3], base[4])
     assert resumed.outcomes() == full.outcomes()
+
+
+def test_save_checkpoint_never_overwrites_a_file_that_is_not_a_checkpoint(tmp_path):
+    model = tiny()[0]
+    notes = tmp_path / "notes.pt"
+    notes.write_text("not weights\n")
+    with pytest.raises(ValueError, match="notes.pt.*exists and is not a relucap checkpoint"):
+        save_checkpoint(model, notes)
+    assert notes.read_text() == "not weights\n"
+    save_checkpoint(model, notes, overwrite=True)
+    save_checkpoint(model, notes)  # now one of ours: replaced in place every epoch
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    save_checkpoint(model, tmp_path / "m.safetensors")
+
+
+def test_a_file_without_a_fingerprint_cannot_be_resumed(tmp_path):
+    model, x, y = tiny()
+    run(model, (x, y), tmp_path)
+    path = tmp_path / "results.jsonl"
+    header, rows = _rows(path)
+    old = json.loads(header)
+    del old["metadata"]["fingerprint"]
+    path.write_text(json.dumps(old) + "\n" + "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="records no fingerprint.*resume=False"):
+        run(model, (x, y), tmp_path)
