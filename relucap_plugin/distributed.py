@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from ._files import check_target
 from ._fingerprint import DataDigest, differences, model_digest
 from .data import unpack_batch
 from .results import Results, ResultsWriter, load_same_evaluation, open_results_file
@@ -156,7 +157,7 @@ def adopt_shards(path: str, results: Results, writer: ResultsWriter, resume: boo
     ``results`` are added and appended to ``path``), or delete them when starting over."""
     for f, _, _ in shard_files(path):
         if not resume:
-            os.remove(f)
+            os.remove(check_target(f, "results", what="shard"))
             continue
         rows = []
         for r in load_same_evaluation(f, results.metadata).rows:
@@ -392,10 +393,11 @@ class DistContext:
         so a run restarted on more or fewer ranks recomputes only rows nobody wrote.
         ``resume=False``: rank 0 deletes the merged file and those other shards.
         """
+        check_target(path, "results", what="out=", hint="choose another out= path")
         if not resume and self.rank == 0:
             for f, _, world in shard_files(path):
                 if world != self.world_size:
-                    os.remove(f)
+                    os.remove(check_target(f, "results", what="shard"))
             if os.path.exists(path):
                 os.remove(path)
         own = shard_path(path, self.rank, self.world_size)

@@ -314,6 +314,7 @@ def _worker(out: str) -> None:
     evaluate(model, loader, attacks, tm, cfg, progress=False, model_name="tiny").save(
         f"loader.rank{rank}.jsonl"
     )
+    bias = model[1].bias.detach().clone()
     if rank == 1:
         with torch.no_grad():
             model[1].bias.add_(1e-3)
@@ -324,7 +325,7 @@ def _worker(out: str) -> None:
             f.write(str(exc))
     if rank == 1:
         with torch.no_grad():
-            model[1].bias.sub_(1e-3)
+            model[1].bias.copy_(bias)
         x = x.clone()
         x[-1] = 1 - x[-1]  # the last sample differs on rank 1 only (rank 0 never attacks it)
     try:
