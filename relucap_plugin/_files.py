@@ -15,6 +15,7 @@ Every error names the path the user gave, never a temporary file. Our own design
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
@@ -49,8 +50,20 @@ def _is_safetensors(head: bytes) -> bool:
     return len(head) > 8 and int.from_bytes(head[:8], "little") > 1 and head[8:9] == b"{"
 
 
+def _is_results(path: str) -> bool:
+    """Whether the first line (read up to 1 MiB) is a results header in any key order."""
+    line = read_head(path, 1 << 20).split(b"\n", 1)[0]
+    try:
+        header = json.loads(line)
+    except ValueError:
+        return line.startswith(_MAGIC["results"])  # a header longer than 1 MiB
+    return isinstance(header, dict) and header.get("format") == "relucap-results"
+
+
 def is_ours(path: str, kind: str) -> bool:
     """Whether the existing regular file ``path`` starts like a ``kind`` file we write."""
+    if kind == "results":
+        return _is_results(path)
     head = read_head(path)
     if kind == "checkpoint" and _is_safetensors(head):
         return True
