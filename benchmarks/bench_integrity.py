@@ -18,9 +18,9 @@ import time
 import torch
 
 from relucap_plugin import EvalConfig, ThreatModel, evaluate
-from relucap_plugin._fingerprint import model_digest
+from relucap_plugin._fingerprint import model_digest, parameters_digest
 from relucap_plugin.data import as_loader, load_mnist5k
-from relucap_plugin.evaluation import _data_digest, _parameters_digest
+from relucap_plugin.evaluation import _data_digest
 from relucap_plugin.models import mlp
 
 
@@ -47,7 +47,7 @@ def main() -> None:
             lambda: evaluate(model, data, "torch:FGSM", tm, cfg, progress=False)))
         times["model"].append(_seconds(lambda: model_digest(model)))
         times["data"].append(_seconds(lambda: _data_digest(as_loader(data, 256), None)))
-        times["params"].append(calls * _seconds(lambda: _parameters_digest(model)))
+        times["params"].append(calls * _seconds(lambda: parameters_digest(model)))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"MLP 784-256-32-256-10, 1000 digits, torch:FGSM, {args.threads} thread(s), "
           f"median of {args.repeats}")

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CHUNK", "DataDigest", "differences", "model_digest", "tensor_digest"]
+__all__ = [
+    "CHUNK", "DataDigest", "attack_digest", "differences", "model_digest", "parameters_digest",
+    "run_fingerprint", "tensor_digest",
+]
 
 #: Words hashed per step (the cached weights take 16 x CHUNK bytes per device).
 CHUNK = 1 << 20
@@ -117,6 +120,46 @@ class DataDigest:
     def hexdigest(self) -> str:
         text = "|".join(f"{s}:{d}" for s, d in sorted(self.batches.items()))
         return hashlib.sha256(f"{self.n}|{text}".encode()).hexdigest()
+
+
+def parameters_digest(net: nn.Module) -> str:
+    """Digest of the parameters only (checked after each attack call)."""
+    return json_digest([tensor_digest(p) for p in net.parameters()])
+
+
+def attack_digest(attack: Any) -> str:
+    """Digest of what makes an attack's rows: its class, spec, threat model and, for a user
+    function, the function's code (so a changed function under the same name is noticed)."""
+    parts: dict[str, Any] = {
+        "class": f"{type(attack).__module__}.{type(attack).__qualname__}",
+        "spec": attack.spec,
+        "threat_model": attack.threat_model.to_dict() if attack.threat_model else None,
+        "family": attack.family,
+    }
+    fn = getattr(attack, "fn", None)
+    code = None
+    if fn is not None:
+        parts["fn"] = getattr(fn, "__qualname__", type(fn).__qualname__)
+        code = getattr(fn, "__code__", None) or vars(type(fn)).get("__call__")
+        code = getattr(code, "__code__", code)
+    if code is not None and hasattr(code, "co_code"):
+        parts["code"] = hashlib.sha256(code.co_code).hexdigest()
+        parts["consts"] = repr([c for c in code.co_consts if not hasattr(c, "co_code")])
+    return json_digest(parts)
+
+
+def run_fingerprint(model: nn.Module, data: DataDigest, tm: Any, cfg: Any,
+                    attacks: Sequence[Any]) -> dict[str, Any]:
+    """What produced a results table: the parts of :data:`PARTS` plus a digest per attack spec;
+    stored as ``metadata["fingerprint"]`` and compared on resume, merge and across ranks."""
+    return {
+        "model": model_digest(model),
+        "data": data.hexdigest(),
+        "threat_model": json_digest({k: v for k, v in tm.to_dict().items() if k != "eps"}),
+        "config": json_digest({k: cfg.to_dict().get(k) for k in ("seed", "batch_size",
+                                                                 "n_samples")}),
+        "attacks": {a.spec: attack_digest(a) for a in attacks},
+    }
 
 
 #: What each part of a fingerprint means, and how to change it back (for messages).

@@ -36,7 +36,7 @@ from .attacks import (
     make_attack,
     perturbation_norm,
 )
-from ._fingerprint import DataDigest, json_digest, model_digest, tensor_digest
+from ._fingerprint import DataDigest, parameters_digest, run_fingerprint
 from .data import DataLike, as_dataset, as_loader, check_labels, unpack_batch
 from .results import Results, ResultsWriter, open_results_file
 from .threat import EvalConfig, ThreatModel
@@ -237,31 +237,6 @@ class _ModelChangedError(RuntimeError):
     """An attack call changed the model's parameters (never recorded as a failed row)."""
 
 
-def _parameters_digest(net: nn.Module) -> str:
-    return json_digest([tensor_digest(p) for p in net.parameters()])
-
-
-def _attack_identity(attack: Attack) -> str:
-    """Digest of what makes an attack's rows: its class, spec, threat model and, for a user
-    function, the function's code (so a changed function under the same name is noticed)."""
-    parts: dict[str, Any] = {
-        "class": f"{type(attack).__module__}.{type(attack).__qualname__}",
-        "spec": attack.spec,
-        "threat_model": attack.threat_model.to_dict() if attack.threat_model else None,
-        "family": attack.family,
-    }
-    fn = getattr(attack, "fn", None)
-    code = None
-    if fn is not None:
-        parts["fn"] = getattr(fn, "__qualname__", type(fn).__qualname__)
-        code = getattr(fn, "__code__", None) or vars(type(fn)).get("__call__")
-        code = getattr(code, "__code__", code)
-    if code is not None and hasattr(code, "co_code"):
-        parts["code"] = hashlib.sha256(code.co_code).hexdigest()
-        parts["consts"] = repr([c for c in code.co_consts if not hasattr(c, "co_code")])
-    return json_digest(parts)
-
-
 def _check_loader(data: DataLike) -> None:
     """Refuse a DataLoader that drops samples: a resumed run could never fill their rows."""
     if isinstance(data, torch.utils.data.DataLoader) and data.drop_last and data.batch_size:
@@ -284,21 +259,6 @@ def _data_digest(loader: Any, limit: int | None) -> DataDigest:
     for start, x, y in _batches(loader, limit):
         digest.update(start, x, y)
     return digest
-
-
-def fingerprint(
-    model: nn.Module, data_digest: DataDigest, tm: ThreatModel, cfg: EvalConfig,
-    attacks: Sequence[Attack],
-) -> dict[str, Any]:
-    """What produced a results table (see :mod:`._fingerprint`); compared on resume and merge."""
-    return {
-        "model": model_digest(model),
-        "data": data_digest.hexdigest(),
-        "threat_model": json_digest({k: v for k, v in tm.to_dict().items() if k != "eps"}),
-        "config": json_digest({k: cfg.to_dict().get(k) for k in ("seed", "batch_size",
-                                                                 "n_samples")}),
-        "attacks": {a.spec: _attack_identity(a) for a in attacks},
-    }
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -378,7 +338,7 @@ class _Runner:
     def _check_parameters(self, attack: Attack) -> None:
         """Stop the run if an attack call changed the model's parameters: every later row would
         describe another model (the attack gets copies of the inputs, so those cannot change)."""
-        if self.params is not None and _parameters_digest(self.net) != self.params:
+        if self.params is not None and parameters_digest(self.net) != self.params:
             raise _ModelChangedError(
                 f"attack {attack.spec} changed the model's parameters during its call; the "
                 "rows before it are kept, but the run stops because the model is no longer "
@@ -628,7 +588,7 @@ def evaluate(
         "versions": versions,
         "package_version": versions["relucap-plugin"],
         "rtol": RTOL,
-        "fingerprint": fingerprint(model, data_digest, tm, cfg, attack_list),
+        "fingerprint": run_fingerprint(model, data_digest, tm, cfg, attack_list),
     }
     if ctx is not None:
         metadata["world_size"] = ctx.world_size
@@ -661,7 +621,7 @@ def evaluate(
         with caller_state(net), torch.random.fork_rng(devices=cuda):
             net.to(device)
             runner = _Runner(net, tm, cfg, device, results, writer)
-            runner.params = _parameters_digest(net)
+            runner.params = parameters_digest(net)
 
             def units() -> Iterator[tuple[_Batch | None, Attack, float]]:
                 mine = _batches if ctx is None else ctx.batches
