@@ -205,6 +205,10 @@ class CallContext:
     batch_size: int | None
 
 
+#: ThreatModel fields an attack spec may not change: the harness verifies against them.
+THREAT_MODEL_OWNS = ("eps", "bounds", "norm")
+
+
 class Attack:
     """One configured attack: ``attack(model, x, y, eps) -> x_adv``.
 
@@ -254,6 +258,15 @@ class Attack:
         self.name = name or f"{self.library}:{self.native_name or type(self).__name__}"
         self.overrides = dict(overrides or {})
         self.changes = dict(changes or {})
+        owned = sorted(set(self.changes) & set(THREAT_MODEL_OWNS))
+        if owned:
+            given = ", ".join(f"{k}={self.changes[k]!r}" for k in owned)
+            raise ValueError(
+                f"{self.name}: {given} in the attack spec is refused: the threat model owns "
+                f"{', '.join(owned)} (every example is verified against it, and eps comes from "
+                "ThreatModel(eps=...)); set it on the ThreatModel, or evaluate a second "
+                "ThreatModel for another norm or bounds"
+            )
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
         self.batch_size = batch_size

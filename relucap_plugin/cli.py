@@ -123,7 +123,9 @@ def _load_model(spec: str):
 
     ``mlp:256,32,256`` (optionally ``mlp:256,32,256:capped_relu(cap=0.1)``) is
     :func:`relucap_plugin.models.mlp`; ``package.module:factory`` imports exactly that module and
-    calls ``factory()``; any other name is a torchvision model built with ``weights=None``.
+    calls ``factory()``, which must be an ``nn.Module`` class or a function marked with
+    :func:`relucap_plugin.models.register_model` (nothing else is called); any other name is a
+    torchvision model built with ``weights=None``.
     """
     import importlib
     import inspect
@@ -146,6 +148,12 @@ def _load_model(spec: str):
         factory = getattr(importlib.import_module(module_name), factory_name, None)
         if not callable(factory):
             raise ValueError(f"model {spec!r}: {module_name} has no callable {factory_name!r}")
+        from .models import is_model_factory
+
+        if not is_model_factory(factory):
+            raise ValueError(f"model {spec!r}: {module_name}.{factory_name} is neither an nn.Module "
+                             "class nor a model factory, so it is not called; mark your factory "
+                             "with @relucap_plugin.models.register_model, or name the model class")
         model = factory()
     else:
         try:
@@ -233,16 +241,21 @@ def _prepare_run(args: argparse.Namespace) -> tuple:
     cfg = EvalConfig(batch_size=args.batch_size, device=args.device, seed=args.seed,
                      n_samples=args.n_samples, input_shape=_shape_arg(args.input_shape, "1,28,28"))
     dataset = _load_eval_data(args.data)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file; --out names a folder for the run's files")
     os.makedirs(args.out, exist_ok=True)
     return model, dataset, cfg
 
 
 def _write_tables(out: str, stem: str, table, files: dict[str, object] | None = None) -> None:
-    """``stem``.txt and ``stem``.md from ``table(markdown=...)``, plus extra text files."""
+    """``stem``.txt and ``stem``.md from ``table(markdown=...)``, plus extra text files (each
+    written atomically; a folder or special file in their place is refused)."""
+    from ._files import atomic_write, check_target
+
     texts = {f"{stem}.txt": table(), f"{stem}.md": table(markdown=True), **(files or {})}
     for name, text in texts.items():
-        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
-            f.write(str(text))
+        path = check_target(os.path.join(out, name), None, what="--out file")
+        atomic_write(path, str(text))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -340,6 +353,11 @@ def _add_evaluate_parser(sub) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+#: The audit's own results file: an --out folder shared with `relucap evaluate` keeps that
+#: run's results.jsonl untouched.
+AUDIT_RESULTS = "audit-results.jsonl"
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     """Run the standard suite and every gradient-masking check; print flags and the verdict."""
     import json
@@ -357,7 +375,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         data = as_tensors(dataset, limit=args.n_samples)
         results = evaluate_suite(model, data, tm, args.suite, cfg, extra_attacks=["torch:FGSM"],
                                  suite_kwargs={"square_queries": args.square_queries},
-                                 out=os.path.join(args.out, "results.jsonl"), resume=False,
+                                 out=os.path.join(args.out, AUDIT_RESULTS), resume=False,
                                  progress=not args.quiet, model_name=args.model)
         report = audit(model, data, tm, cfg, results=results, model_name=args.model)
     except AttackFailedError as exc:
@@ -373,7 +391,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                "level": report.level, "masking_likely": report.masking_likely,
                "flags": report.to_dict().get("flags")}
     _emit(args, payload, report.table, report.print)
-    print(f"audit written to {args.out}/ (results.jsonl, audit.txt, audit.md, flags.json)", file=sys.stderr)
+    print(f"audit written to {args.out}/ ({AUDIT_RESULTS}, audit.txt, audit.md, flags.json)", file=sys.stderr)
     if (args.fail_on == "masking" and report.masking_likely) or (
             args.fail_on == "risk" and report.level != "no sign"):
         print(f"relucap audit: --fail-on {args.fail_on}: {report.verdict}", file=sys.stderr)
@@ -513,11 +531,42 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _repeated_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """Options of the chosen subcommand given more than once (a second ``--eps`` would silently
+    replace the first); repeatable options (``--attack``) are fine."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    tokens = list(argv)
+    if sub is not None:
+        start = next((i for i, t in enumerate(tokens) if t in sub.choices), None)
+        if start is None:
+            return []
+        parser, tokens = sub.choices[tokens[start]], tokens[start + 1:]
+    strings = {s: a for a in parser._actions for s in a.option_strings}
+    seen: dict[int, list[str]] = {}
+    for token in tokens:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue
+        matches = [s for s in strings if s == name] or [s for s in strings if s.startswith(name)]
+        actions = {id(strings[s]) for s in matches}
+        if len(actions) == 1:
+            action = strings[matches[0]]
+            if not isinstance(action, (argparse._AppendAction, argparse._CountAction)):
+                seen.setdefault(id(action), []).append(name)
+    return [" and ".join(names) for names in seen.values() if len(names) > 1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    repeated = _repeated_options(parser, argv)
+    if repeated:
+        parser.error(f"option given twice: {'; '.join(repeated)} (the last would silently win); "
+                     "give each option once (--eps takes several values: --eps 0.1 0.3)")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -36,6 +36,7 @@ __all__ = [
     "as_dataset",
     "as_loader",
     "as_tensors",
+    "check_labels",
     "load_cifar10",
     "load_digits_dataset",
     "load_mnist",
@@ -178,10 +179,35 @@ def as_tensors(data: DataLike, limit: int | None = None) -> tuple[Tensor, Tensor
     return (x, y) if limit is None else (x[:limit], y[:limit])
 
 
+def check_labels(y: Any, num_classes: int | None = None, where: str = "the data") -> Tensor:
+    """``y`` as an int64 (N,) tensor of class labels, checked once where data enters.
+
+    Refuses float, bool or complex labels (casting would silently truncate 2.7 to 2) and, when
+    ``num_classes`` is known, labels outside ``[0, num_classes)``.
+    """
+    y = torch.as_tensor(y)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(
+            f"labels of {where} have dtype {y.dtype}; labels must be integer class indices "
+            "(a Dataset returning float labels would be truncated): return int labels, or "
+            "y.long() if every value is a whole number"
+        )
+    y = y.reshape(-1).long()
+    if num_classes is not None and len(y):
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"labels must be in [0, {num_classes - 1}] (the model has {num_classes} "
+                f"outputs); {where} has labels in [{lo}, {hi}]"
+            )
+    return y
+
+
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """Split one loader batch into ``(x, y)``; raises ``TypeError`` for anything else."""
+    """Split one loader batch into ``(x, y)`` with ``y`` int64 labels (:func:`check_labels`);
+    raises ``TypeError`` for anything else."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
+        return batch[0], check_labels(batch[1])
     raise TypeError(
         f"data batches must be (x, y) pairs, got {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")

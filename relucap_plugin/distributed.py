@@ -13,7 +13,6 @@ A rerun of the same command resumes from the shards and the merged file (any wor
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -26,6 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from ._files import check_target
+from ._fingerprint import DataDigest, differences, model_digest
 from .data import unpack_batch
 from .results import Results, ResultsWriter, load_same_evaluation, open_results_file
 from .threat import resolve_device
@@ -44,6 +45,9 @@ __all__ = [
 #: Seconds a rank waits for the others in the final gather (``RELUCAP_DIST_TIMEOUT`` overrides):
 #: a resumed run can leave one rank with hours more work than the others.
 DEFAULT_TIMEOUT = 24 * 3600
+#: Seconds a rank waits for the others to join at the start (``RELUCAP_RENDEZVOUS_TIMEOUT``
+#: overrides): ranks start within seconds of each other, so minutes mean one never comes.
+RENDEZVOUS_TIMEOUT = 300
 
 _SHARD = re.compile(r"\.rank(\d+)-of-(\d+)$")
 
@@ -52,14 +56,53 @@ def get_rank() -> int:
     """This process's rank: the process group's, else torchrun's ``RANK``, else 0."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK", "0")) if _env_world() > 1 else 0
 
 
 def get_world_size() -> int:
     """Number of processes: the process group's, else torchrun's ``WORLD_SIZE``, else 1."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _env_world()
+
+
+def _env_int(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer; unset it "
+                         "unless torchrun set it") from None
+
+
+def _env_world() -> int:
+    return _env_int("WORLD_SIZE", "1")
+
+
+def check_environment() -> int:
+    """The world size torchrun's variables describe, after refusing a half-set or leftover
+    environment (before any rendezvous, which would wait for ranks that never come)."""
+    world = _env_world()
+    if world <= 1:
+        return 1
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} not: launch with torchrun "
+            "(torchrun --nproc-per-node N ...), or unset WORLD_SIZE to run in one process"
+        )
+    rank = _env_int("RANK", "0")
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world}): the "
+                         "environment is not torchrun's; unset RANK and WORLD_SIZE")
+    if "TORCHELASTIC_RUN_ID" not in os.environ and os.environ.get("RELUCAP_DISTRIBUTED") != "1":
+        raise ValueError(
+            f"WORLD_SIZE={world} and RANK={rank} are set but this process was not started by "
+            "torchrun (TORCHELASTIC_RUN_ID is unset): leftover variables would make it wait for "
+            "processes that never come. Unset WORLD_SIZE and RANK to run in one process, launch "
+            "with torchrun, or set RELUCAP_DISTRIBUTED=1 if another launcher started the ranks"
+        )
+    return world
 
 
 def is_main_process() -> bool:
@@ -114,7 +157,7 @@ def adopt_shards(path: str, results: Results, writer: ResultsWriter, resume: boo
     ``results`` are added and appended to ``path``), or delete them when starting over."""
     for f, _, _ in shard_files(path):
         if not resume:
-            os.remove(f)
+            os.remove(check_target(f, "results", what="shard"))
             continue
         rows = []
         for r in load_same_evaluation(f, results.metadata).rows:
@@ -134,14 +177,15 @@ def _rank_device(device: str | torch.device, local_rank: int) -> torch.device:
     return resolve_device(device)
 
 
-def _timeout() -> timedelta:
-    value = os.environ.get("RELUCAP_DIST_TIMEOUT", str(DEFAULT_TIMEOUT))
+def _timeout(name: str = "RELUCAP_DIST_TIMEOUT", default: float = DEFAULT_TIMEOUT) -> timedelta:
+    value = os.environ.get(name, str(default))
     try:
-        return timedelta(seconds=float(value))
+        seconds = float(value)
     except ValueError:
-        raise ValueError(
-            f"RELUCAP_DIST_TIMEOUT={value!r} must be a number of seconds, e.g. 86400"
-        ) from None
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{name}={value!r} must be a positive number of seconds, e.g. {default}")
+    return timedelta(seconds=seconds)
 
 
 _GLOO_GROUPS: dict[int, Any] = {}
@@ -169,7 +213,7 @@ def setup(device: str | torch.device = "auto") -> DistContext | None:
     CPU. ``device`` ``"auto"``/``"cuda"`` becomes ``cuda:LOCAL_RANK`` when CUDA is available.
     """
     if not dist.is_available():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if _env_world() > 1:
             raise RuntimeError(
                 "torchrun started several processes but this torch build has no "
                 "torch.distributed; install a torch with distributed support or run one process"
@@ -181,21 +225,25 @@ def setup(device: str | torch.device = "auto") -> DistContext | None:
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
         rank_device = _rank_device(device, local_rank)
     else:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = check_environment()
         if world <= 1:
             return None
-        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise ValueError(
-                f"WORLD_SIZE={world} is set but {', '.join(missing)} not: launch with torchrun "
-                "(torchrun --nproc-per-node N ...), or unset WORLD_SIZE to run in one process"
-            )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         rank_device = _rank_device(device, local_rank)
         if rank_device.type == "cuda":
             torch.cuda.set_device(rank_device)
         backend = "nccl" if rank_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=_timeout())
+        wait = _timeout("RELUCAP_RENDEZVOUS_TIMEOUT", RENDEZVOUS_TIMEOUT)
+        try:
+            dist.init_process_group(backend, timeout=wait)
+        except (RuntimeError, dist.DistStoreError) as exc:
+            raise RuntimeError(
+                f"rank {os.environ['RANK']} waited {wait.total_seconds():g} s for the other "
+                f"{world - 1} process(es) at {os.environ['MASTER_ADDR']}:"
+                f"{os.environ['MASTER_PORT']} and they did not all join ({type(exc).__name__}); "
+                "start every rank (torchrun --nproc-per-node N), unset leftover WORLD_SIZE/"
+                "RANK variables, or raise RELUCAP_RENDEZVOUS_TIMEOUT"
+            ) from exc
         atexit.register(_destroy)
     if rank_device.type == "cuda" and dist.get_backend() == "nccl":
         torch.cuda.set_device(rank_device)
@@ -203,13 +251,9 @@ def setup(device: str | torch.device = "auto") -> DistContext | None:
 
 
 def _fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """Digest of the model's parameters and buffers, hashed on their device (see
+    :mod:`._fingerprint`)."""
+    return model_digest(model)
 
 
 # ------------------------------------------------------------------------------ sharding
@@ -274,12 +318,20 @@ class DistContext:
         """How many of ``n_batches`` batches this rank evaluates."""
         return len(range(self.rank, n_batches, self.world_size))
 
+    def data_digest(self, loader: DataLoader, limit: int | None) -> DataDigest:
+        """Digest of every batch of the single-process batching (not only this rank's), so
+        that ranks compare the whole data they were given."""
+        digest = DataDigest()
+        for start, x, y in self.batches(loader, limit, every=True):
+            digest.update(start, x, y)
+        return digest
+
     def batches(
-        self, loader: DataLoader, limit: int | None
+        self, loader: DataLoader, limit: int | None, every: bool = False
     ) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """(global index of the first sample, x, y) of this rank's batches, up to ``limit``
-        samples. Only this rank's batches are loaded when the sampler tells the batches apart;
-        otherwise every batch is read and the others' skipped."""
+        """(global index of the first sample, x, y) of this rank's batches (``every``: of all
+        batches), up to ``limit`` samples. Only this rank's batches are loaded when the sampler
+        tells the batches apart; otherwise every batch is read and the others' skipped."""
         sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
         if isinstance(sampler, RandomSampler) and sampler.generator is None:
             raise ValueError(
@@ -291,8 +343,9 @@ class DistContext:
             from .evaluation import _batches
 
             for number, (start, x, y) in enumerate(_batches(loader, limit)):
-                if self.owns(number):
-                    self.samples.update(range(start, start + len(x)))
+                if every or self.owns(number):
+                    if not every:
+                        self.samples.update(range(start, start + len(x)))
                     yield start, x, y
             return
         starts, start = [], 0
@@ -300,7 +353,8 @@ class DistContext:
             starts.append(start)
             start += len(keys)
         owned = [
-            b for b in range(len(plan)) if self.owns(b) and (limit is None or starts[b] < limit)
+            b for b in range(len(plan))
+            if (every or self.owns(b)) and (limit is None or starts[b] < limit)
         ]
         sub = _subset_loader(loader, [plan[b] for b in owned])
         for b, batch in zip(owned, sub):
@@ -308,17 +362,21 @@ class DistContext:
             x, y = torch.as_tensor(x), torch.as_tensor(y).reshape(-1)
             if limit is not None and starts[b] + len(x) > limit:
                 x, y = x[: limit - starts[b]], y[: limit - starts[b]]
-            self.samples.update(range(starts[b], starts[b] + len(x)))
+            if not every:
+                self.samples.update(range(starts[b], starts[b] + len(x)))
             yield starts[b], x, y
 
     def check_same(self, model: nn.Module, metadata: Mapping[str, Any]) -> None:
         """Raise on every rank if the ranks disagree on the model weights or the evaluation."""
         mine = {k: v for k, v in metadata.items() if k != "device"}
-        mine["model weights (SHA-256)"] = _fingerprint(model)
+        if "fingerprint" not in mine:
+            mine["fingerprint"] = {"model": _fingerprint(model)}
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=_gloo_group())
         for rank, theirs in enumerate(everyone):
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            diff = sorted(k for k in set(mine) | set(theirs)
+                          if k != "fingerprint" and mine.get(k) != theirs.get(k))
+            diff += differences(mine["fingerprint"], theirs.get("fingerprint") or {})
             if diff and rank != self.rank:
                 raise ValueError(
                     f"rank {self.rank} and rank {rank} differ in {', '.join(diff)}: every rank "
@@ -335,10 +393,11 @@ class DistContext:
         so a run restarted on more or fewer ranks recomputes only rows nobody wrote.
         ``resume=False``: rank 0 deletes the merged file and those other shards.
         """
+        check_target(path, "results", what="out=", hint="choose another out= path")
         if not resume and self.rank == 0:
             for f, _, world in shard_files(path):
                 if world != self.world_size:
-                    os.remove(f)
+                    os.remove(check_target(f, "results", what="shard"))
             if os.path.exists(path):
                 os.remove(path)
         own = shard_path(path, self.rank, self.world_size)

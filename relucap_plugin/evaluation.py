@@ -38,7 +38,8 @@ from .attacks import (
     make_attack,
     perturbation_norm,
 )
-from .data import DataLike, as_dataset, as_loader, unpack_batch
+from ._fingerprint import DataDigest, parameters_digest, run_fingerprint
+from .data import DataLike, as_dataset, as_loader, check_labels, unpack_batch
 from .results import Results, ResultsWriter, open_results_file
 from .threat import EvalConfig, ThreatModel
 
@@ -235,6 +236,35 @@ def _versions(attacks: Sequence[Attack]) -> dict[str, str]:
     return out
 
 
+# ------------------------------------------------------------------------------ identity
+class _ModelChangedError(RuntimeError):
+    """An attack call changed the model's parameters (never recorded as a failed row)."""
+
+
+def _check_loader(data: DataLike) -> None:
+    """Refuse a DataLoader that drops samples: a resumed run could never fill their rows."""
+    if isinstance(data, torch.utils.data.DataLoader) and data.drop_last and data.batch_size:
+        try:
+            n = len(data.dataset)
+        except TypeError:
+            n = None
+        if n is None or n % data.batch_size:
+            raise ValueError(
+                f"the DataLoader drops its last incomplete batch (drop_last=True, batch_size="
+                f"{data.batch_size}, {n if n is not None else 'unknown number of'} samples): "
+                "those samples would never be evaluated; pass drop_last=False, or pass the "
+                "Dataset and let evaluate() batch it"
+            )
+
+
+def _data_digest(loader: Any, limit: int | None) -> DataDigest:
+    """Digest of the exact inputs and labels the run will see (one pass over the data)."""
+    digest = DataDigest()
+    for start, x, y in _batches(loader, limit):
+        digest.update(start, x, y)
+    return digest
+
+
 # ------------------------------------------------------------------------------ the loop
 @dataclass
 class _Batch:
@@ -269,6 +299,7 @@ class _Runner:
         self.labels = {r["sample"]: r["label"] for r in rows if r["label"] is not None}
         self.dtype: torch.dtype | None = None
         self.warned: set[str] = set()
+        self.params: str | None = None
 
     def complete(self, start: int, y: Tensor, keys: Sequence[tuple[str, float]]) -> bool:
         """Whether every (attack, eps) row of the batch exists (checking that labels match)."""
@@ -304,13 +335,20 @@ class _Runner:
         xd = x.to(device=self.device, dtype=self.dtype)
         yd = y.to(device=self.device, dtype=torch.long)
         logits = clean_logits(self._logits, xd, where)
+        check_labels(y, logits.shape[1], where)
         labels = yd.tolist()
-        if min(labels) < 0 or max(labels) >= logits.shape[1]:
-            raise ValueError(
-                f"labels must be in [0, {logits.shape[1] - 1}] (the model has "
-                f"{logits.shape[1]} outputs); got labels in [{min(labels)}, {max(labels)}]"
-            )
         return _Batch(start, xd, yd, labels, logits.argmax(1).tolist(), logits)
+
+    def _check_parameters(self, attack: Attack) -> None:
+        """Stop the run if an attack call changed the model's parameters: every later row would
+        describe another model (the attack gets copies of the inputs, so those cannot change)."""
+        if self.params is not None and parameters_digest(self.net) != self.params:
+            raise _ModelChangedError(
+                f"attack {attack.spec} changed the model's parameters during its call; the "
+                "rows before it are kept, but the run stops because the model is no longer "
+                "the one evaluated: fix the attack (it must not train or edit the model) and "
+                "evaluate a fresh copy of the model"
+            )
 
     @torch.no_grad()
     def _logits(self, x: Tensor) -> Tensor:
@@ -343,6 +381,8 @@ class _Runner:
                 raise RuntimeError(
                     f"returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}"
                 )
+        except _ModelChangedError:
+            raise
         except Exception as exc:
             elapsed = time.perf_counter() - t0
             error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -389,11 +429,14 @@ class _Runner:
         """
         seed = _call_seed(self.cfg.seed, attack.spec, eps, start, offset)
         try:
-            x_adv = attack(self.net, x, y, eps, seed=seed, logits=logits)
+            x_adv = attack(self.net, x.clone(), y.clone(), eps, seed=seed,
+                           logits=None if logits is None else logits.clone())
         except Exception as exc:
+            self._check_parameters(attack)
             if len(x) == 1 or not is_out_of_memory(exc):
                 raise
         else:
+            self._check_parameters(attack)
             return torch.as_tensor(x_adv).to(device=self.device, dtype=x.dtype)
         half = (len(x) + 1) // 2
         warnings.warn(
@@ -548,8 +591,17 @@ def evaluate(
             print(line, file=sys.stderr)
     for attack in attack_list:
         attack.check_dtype(_float_dtype(net, torch.float32))
+    _check_loader(data)
     loader = as_loader(data, batch_size=cfg.batch_size)
-    n_expected = _expected_samples(data, cfg)
+    if _expected_samples(data, cfg) == 0:
+        raise ValueError("the data set is empty; pass at least one (x, y) sample")
+    with torch.random.fork_rng(devices=[]):
+        # another random stream than the run's, so a loader that draws from torch's RNG
+        # (shuffle=True, random transforms) shows up as data that changed between passes
+        torch.random.default_generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        data_digest = _data_digest(loader, cfg.n_samples) if ctx is None else ctx.data_digest(
+            loader, cfg.n_samples)
+    n_expected = data_digest.n
     if n_expected == 0:
         raise ValueError("the data set is empty; pass at least one (x, y) sample")
     versions = _versions(attack_list)
@@ -563,6 +615,7 @@ def evaluate(
         "versions": versions,
         "package_version": versions["relucap-plugin"],
         "rtol": RTOL,
+        "fingerprint": run_fingerprint(model, data_digest, tm, cfg, attack_list),
     }
     if [*notes, *layout_notes]:
         metadata["notes"] = [*notes, *layout_notes]
@@ -597,10 +650,18 @@ def evaluate(
         with caller_state(net), torch.random.fork_rng(devices=cuda):
             net.to(device)
             runner = _Runner(net, tm, cfg, device, results, writer)
+            runner.params = parameters_digest(net)
 
             def units() -> Iterator[tuple[_Batch | None, Attack, float]]:
                 mine = _batches if ctx is None else ctx.batches
                 for start, x, y in mine(loader, cfg.n_samples):
+                    if DataDigest.batch(x, y) != data_digest.batches.get(start):
+                        raise ValueError(
+                            f"the data changed between two passes over it (the batch from "
+                            f"sample {start}): the loader reorders or alters samples (shuffle="
+                            "True, random transforms); a run's rows are keyed by position, so "
+                            "pass shuffle=False and deterministic transforms"
+                        )
                     batch = None if runner.complete(start, y, keys) else runner.prepare(start, x, y)
                     for attack in attack_list:
                         for eps in tm.eps:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from .registry import create_activation
 
-__all__ = ["mlp", "scale_init", "small_cnn"]
+__all__ = ["is_model_factory", "mlp", "register_model", "scale_init", "small_cnn"]
+
+F = TypeVar("F")
 
 def _check_activation(activation: object) -> None:
     if isinstance(activation, nn.Module):
@@ -57,6 +60,30 @@ def scale_init(model: nn.Module, init_scale: float) -> nn.Module:
     return model
 
 
+_FACTORIES: set[Any] = set()
+
+
+def register_model(factory: F) -> F:
+    """Mark ``factory`` (a function returning an ``nn.Module``) as a model the CLI may build by
+    its ``package.module:factory`` name; ``nn.Module`` classes need no registration. The CLI
+    refuses any other callable, so ``relucap inspect os:abort`` runs nothing."""
+    if not callable(factory):
+        raise TypeError(f"register_model needs a function returning an nn.Module, got {factory!r}")
+    _FACTORIES.add(factory)
+    return factory
+
+
+def is_model_factory(obj: Any) -> bool:
+    """Whether ``obj`` is an ``nn.Module`` subclass or a factory marked by :func:`register_model`."""
+    if isinstance(obj, type):
+        return issubclass(obj, nn.Module)
+    try:
+        return obj in _FACTORIES
+    except TypeError:
+        return False
+
+
+@register_model
 def mlp(
     widths: Sequence[int] = (256, 32, 256),
     activation: str | type = "relu",
@@ -84,6 +111,7 @@ def mlp(
     return scale_init(nn.Sequential(*layers), init_scale)
 
 
+@register_model
 def small_cnn(
     activation: str | type = "relu",
     channels: Sequence[int] = (32, 64),

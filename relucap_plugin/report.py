@@ -11,6 +11,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from ._files import atomic_write, check_target, save_figure
 from .results import _markdown
 from .threat import STEP_SIZE_FACTOR
 
@@ -61,7 +62,7 @@ def plot_robust_accuracy(result: ExperimentResult, path: str | os.PathLike | Non
     axes[0].set_ylim(-2, 102)
     axes[1].legend(fontsize="x-small", loc="upper right")
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=90)
+        save_figure(fig, path, dpi=90)
     return fig
 
 
@@ -87,7 +88,7 @@ def plot_pgd_vs_worst_case(result: ExperimentResult, path: str | os.PathLike | N
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=90)
+        save_figure(fig, path, dpi=90)
     return fig
 
 
@@ -246,9 +247,8 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
         "- `summary.json`: this report's numbers and the full configuration.",
         "",
     ]
-    path = os.path.join(folder, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(result.to_dict(), f, indent=1, default=str)
+    path = atomic_write(check_target(os.path.join(folder, "report.md"), None, what="report"),
+                        "\n".join(lines))
+    summary = check_target(os.path.join(folder, "summary.json"), None, what="report")
+    atomic_write(summary, json.dumps(result.to_dict(), indent=1, default=str))
     return path

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from . import _files
 from ._console import format_table, print_table
+from ._fingerprint import differences as _fingerprint_differences
 
 __all__ = [
     "ROW_FIELDS",
@@ -497,14 +498,15 @@ class Results:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         if path is not None:
-            fig.savefig(os.fspath(path), dpi=120)
+            _files.save_figure(fig, path, dpi=120)
         return fig
 
     # ------------------------------------------------------- files, merging
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSONL file atomically (temporary file, then rename)."""
         lines = [_header(self.metadata)] + [_json_line(r) for r in self._rows.values()]
-        _atomic_write(os.fspath(path), "".join(lines))
+        path = _files.check_target(path, "results", what="results file")
+        _files.atomic_write(path, "".join(lines))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Results:
@@ -535,22 +537,14 @@ def _header(metadata: Mapping[str, Any]) -> str:
     return _json_line({"format": FORMAT, "version": FORMAT_VERSION, "metadata": dict(metadata)})
 
 
-def _atomic_write(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _read(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    if os.path.exists(path):
+        _files.check_target(path, None, what="results file")
+        if os.path.getsize(path) and not _files.is_ours(path, "results"):
+            raise ValueError(
+                f"{path} is not a relucap results file: its first line must be the "
+                f'metadata line {{"format": "{FORMAT}", ...}}'
+            )
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
@@ -591,7 +585,26 @@ def _read(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 f"{path} line {i} is damaged ({exc}); only a torn last line can be "
                 "dropped. Remove the line or re-run the evaluation"
             ) from None
+    _check_duplicates(path, rows)
     return dict(header.get("metadata") or {}), rows
+
+
+def _check_duplicates(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse two completed rows of one (sample, attack, eps) with different outcomes: the file
+    was edited or concatenated from different runs, and either row could be the wrong one."""
+    seen: dict[Key, Mapping[str, Any]] = {}
+    fields = [f for f in ROW_FIELDS if f not in ("time", "reason")]
+    for row in rows:
+        if row["status"] == "failed":
+            continue
+        key = _key(row)
+        old = seen.setdefault(key, row)
+        if old is not row and any(old[f] != row[f] for f in fields):
+            raise ValueError(
+                f"{path} holds two rows for sample {key[0]}, attack {key[1]}, eps {key[2]:g} "
+                "with different outcomes (the file was edited or joined from different runs); "
+                "re-run the evaluation into a new out= path"
+            )
 
 
 def _identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -612,7 +625,8 @@ def _identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     ia, ib = _identity(a), _identity(b)
-    return [f"{k}: {ia[k]!r} vs {ib[k]!r}" for k in sorted(set(ia) & set(ib)) if ia[k] != ib[k]]
+    out = [f"{k}: {ia[k]!r} vs {ib[k]!r}" for k in sorted(set(ia) & set(ib)) if ia[k] != ib[k]]
+    return out + _fingerprint_differences(a.get("fingerprint") or {}, b.get("fingerprint") or {})
 
 
 def _merged_metadata(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -625,6 +639,9 @@ def _merged_metadata(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, An
         )
     out = {**b, **a}
     out["attacks"] = _ordered_union(a.get("attacks", []), b.get("attacks", []))
+    if a.get("fingerprint") and b.get("fingerprint"):
+        out["fingerprint"] = {**b["fingerprint"], **a["fingerprint"], "attacks": {
+            **(b["fingerprint"].get("attacks") or {}), **(a["fingerprint"].get("attacks") or {})}}
     if a.get("threat_model") or b.get("threat_model"):
         tm = dict(a.get("threat_model") or b.get("threat_model"))
         tm["eps"] = _ordered_union(
@@ -637,11 +654,17 @@ def _merged_metadata(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, An
 
 class ResultsWriter:
     """Appends rows to a JSONL results file: whole lines, flushed and fsynced per call, so an
-    interrupted run leaves at most a torn last line."""
+    interrupted run leaves at most a torn last line. ``lock``: the file's advisory lock
+    (released by :meth:`close`), taken here if not given."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self._file = open(self.path, "ab")
+    def __init__(self, path: str | os.PathLike, lock: _files.Lock | None = None):
+        self.path = _files.check_target(path, "results", what="results file")
+        self._lock = lock or _files.Lock(self.path)
+        try:
+            self._file = open(self.path, "ab")
+        except BaseException:
+            self._lock.release()
+            raise
 
     def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
         data = "".join(_json_line(r) for r in rows).encode("utf-8")
@@ -652,6 +675,7 @@ class ResultsWriter:
 
     def close(self) -> None:
         self._file.close()
+        self._lock.release()
 
     def __enter__(self) -> ResultsWriter:
         return self
@@ -665,13 +689,31 @@ def load_same_evaluation(path: str, metadata: Mapping[str, Any]) -> Results:
     model, threat model apart from eps, seed, batch size, sample count): else a ``ValueError``."""
     loaded = Results.load(path)
     diff = _differences(loaded.metadata, metadata)
+    if metadata.get("fingerprint") and not loaded.metadata.get("fingerprint"):
+        diff.append("the file records no fingerprint of what produced it (written by an older "
+                    "relucap-plugin), so its rows cannot be checked against this run")
     if diff:
         raise ValueError(
-            f"{path} holds results of a different evaluation (" + "; ".join(diff) + "); "
-            "resume with the same settings, write to another out= path, or pass resume=False "
-            "to start over"
+            f"{path} holds results of a different evaluation; what differs: " + "; ".join(diff)
+            + ". Resume with the same model, data, threat model, attacks and config, or start "
+            "afresh: evaluate(..., resume=False) / relucap evaluate --no-resume (the file is "
+            "rewritten), or write to another out= path"
         )
+    _check_rows_in_run(path, loaded, metadata)
     return loaded
+
+
+def _check_rows_in_run(path: str, loaded: Results, metadata: Mapping[str, Any]) -> None:
+    """Refuse rows of samples the run does not have (an edited or foreign file)."""
+    n = metadata.get("n_samples")
+    outside = sorted({r["sample"] for r in loaded._rows.values()
+                      if r["sample"] < 0 or (n is not None and r["sample"] >= n)})
+    if outside:
+        raise ValueError(
+            f"{path} holds rows for sample(s) {outside[:5]} outside this run's {n} samples "
+            "(indices 0..n-1); the file does not belong to this data: start afresh with "
+            "resume=False (--no-resume) or write to another out= path"
+        )
 
 
 def _drop_torn_tail(path: str) -> None:
@@ -679,12 +721,7 @@ def _drop_torn_tail(path: str) -> None:
     with open(path, "rb+") as f:
         data = f.read()
         end = data.rfind(b"\n") + 1
-        if end < len(data):
-            warnings.warn(
-                f"{path}: dropped a torn last line (an interrupted write) before resuming",
-                ResultsFileWarning,
-                stacklevel=3,
-            )
+        if end < len(data):  # Results.load warned about it
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
@@ -700,19 +737,26 @@ def open_results_file(
     model apart from eps, seed, batch size, sample count), and new attacks or eps are added to
     its metadata line (rewritten atomically).
     """
-    path = os.fspath(path)
-    if resume and os.path.exists(path):
-        _drop_torn_tail(path)
-        existing = load_same_evaluation(path, metadata)
-        merged = _merged_metadata(existing.metadata, metadata)
-        merged = {
-            **merged,
-            **{k: v for k, v in metadata.items() if k not in ("attacks", "threat_model")},
-        }
-        if merged != existing.metadata:
-            existing = Results(existing._rows.values(), merged)
+    path = _files.check_target(path, "results", what="out=",
+                               hint="choose another out= path")
+    lock = _files.Lock(path)
+    try:
+        if resume and os.path.exists(path) and os.path.getsize(path):
+            existing = load_same_evaluation(path, metadata)
+            _drop_torn_tail(path)
+            merged = _merged_metadata(existing.metadata, metadata)
+            merged = {
+                **merged,
+                **{k: v for k, v in metadata.items()
+                   if k not in ("attacks", "threat_model", "fingerprint")},
+            }
+            if merged != existing.metadata:
+                existing = Results(existing._rows.values(), merged)
+                existing.save(path)
+        else:
+            existing = Results(metadata=metadata)
             existing.save(path)
-    else:
-        existing = Results(metadata=metadata)
-        existing.save(path)
-    return existing, ResultsWriter(path)
+        return existing, ResultsWriter(path, lock)
+    except BaseException:
+        lock.release()
+        raise

@@ -10,6 +10,7 @@ and reproducibility but not the attack: batch size, device, seed, number of samp
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -47,6 +48,23 @@ def _as_float(value: Any, what: str) -> float:
             pass
         raise TypeError(f"{what} must be a number, got {type(value).__name__} ({value!r})")
     return float(value)
+
+
+#: Largest budgets accepted without ``RELUCAP_ALLOW_LARGE_BUDGET=1``: far beyond any published
+#: evaluation (AutoAttack's Square uses 5000 queries), so a value above them is a typo (an extra
+#: zero, eps passed as steps) that would run for days. Our own ceilings.
+BUDGET_CEILINGS = {"steps": 100_000, "restarts": 1_000, "epochs": 10_000, "pgd_steps": 100_000}
+
+
+def check_budget(name: str, value: int) -> int:
+    """``value`` if it is within :data:`BUDGET_CEILINGS` ``[name]`` or large budgets are allowed."""
+    ceiling = BUDGET_CEILINGS[name]
+    if value > ceiling and os.environ.get("RELUCAP_ALLOW_LARGE_BUDGET") != "1":
+        raise ValueError(
+            f"{name}={value} is above the ceiling {ceiling} (a run that long is usually a typo); "
+            f"lower it, or set RELUCAP_ALLOW_LARGE_BUDGET=1 to allow it on purpose"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,7 @@ class ThreatModel:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_budget(name, value)
         if self.step_size is not None:
             step = _as_float(self.step_size, "step_size")
             if not (math.isfinite(step) and step > 0):

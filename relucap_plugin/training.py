@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _files
 from ._console import progress as _progress
 from .activations import apply_saved_caps, saved_caps
-from .data import DataLike, as_loader, unpack_batch
-from .threat import resolve_device
+from .attacks import check_finite_inputs
+from .data import DataLike, as_loader, check_labels, unpack_batch
+from .threat import check_budget, resolve_device
 
 __all__ = [
     "TRAIN_METHODS",
@@ -194,7 +196,7 @@ def train(
         raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters (none with requires_grad=True)")
-    _positive(epochs, "epochs", integer=True)
+    check_budget("epochs", _positive(epochs, "epochs", integer=True))
     _positive(batch_size, "batch_size", integer=True)
     lr = _DEFAULT_LR[optimizer] if lr is None else _positive(lr, "lr")
     _positive(weight_decay, "weight_decay", allow_zero=True)
@@ -213,7 +215,7 @@ def train(
     if adversarial:
         _positive(eps, "eps")
         if method == "pgd":
-            _positive(pgd_steps, "pgd_steps", integer=True)
+            check_budget("pgd_steps", _positive(pgd_steps, "pgd_steps", integer=True))
         steps, random_start, factor = {
             "fgsm": (1, False, 1.0),
             "fgsm_rs": (1, True, 1.25),
@@ -222,10 +224,7 @@ def train(
         alpha = factor * eps if alpha is None else _positive(alpha, "alpha")
     if checkpoint is not None:
         _checkpoint_format(checkpoint)
-        folder = os.path.dirname(os.fspath(checkpoint))
-        if folder and not os.path.isdir(folder):
-            raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist; create it "
-                                    "first")
+        _files.check_target(checkpoint, "checkpoint", what="checkpoint")
     loader = as_loader(data, batch_size=batch_size, shuffle=True, seed=seed)
 
     history = TrainHistory(method=method, config={
@@ -249,15 +248,23 @@ def train(
             opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
             total = len(loader) * epochs if hasattr(loader, "__len__") else None
             sums = [0.0, 0, 0]  # loss * n, correct, n
-            current = 0
+            current, step = 0, 0
+            num_classes: int | None = None
             for epoch, batch in _progress(_batches(loader, epochs), f"train ({method})",
                                           total=total, enabled=progress):
                 if epoch != current:
                     _end_epoch(history, sums, model, checkpoint)
                     current = epoch
                 x, y = unpack_batch(batch)
-                x, y = x.to(dev), torch.as_tensor(y).to(dev).long()
+                where = f"training batch {step} (epoch {epoch})"
+                step += 1
+                check_finite_inputs(torch.as_tensor(x), where)
+                x, y = x.to(dev), y.to(dev)
+                if num_classes is None:
+                    num_classes = _num_classes(model, x)
+                check_labels(y, num_classes, where)
                 inputs, targets = x, y
+                buffers = [b.detach().clone() for b in model.buffers()]
                 if adversarial:
                     _check_in_bounds(x, bounds)
                     x_adv = _adversarial(model, x, y, eps, alpha, steps, random_start, bounds,
@@ -271,8 +278,24 @@ def train(
                     loss = clean_weight * losses[:n].mean() + (1 - clean_weight) * losses[n:].mean()
                 else:
                     loss = losses.mean()
+                if not bool(torch.isfinite(loss)):
+                    _restore_buffers(model, buffers)
+                    raise FloatingPointError(
+                        f"the training loss became {loss.item()} at {where} (lr={lr}); the model "
+                        "is left as it was before this step. Lower lr, check the data, or "
+                        "train from a checkpoint"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+                    _restore_buffers(model, buffers)
+                    opt.zero_grad(set_to_none=True)
+                    raise FloatingPointError(
+                        f"the gradients became NaN/inf at {where} (loss {loss.item():.4g}, "
+                        f"lr={lr}); the model is left as it was before this step. Lower lr or "
+                        "check the model for overflow"
+                    )
                 opt.step()
                 sums[0] += losses.detach().sum().item()
                 sums[1] += (logits.detach().argmax(1) == targets).sum().item()
@@ -286,6 +309,23 @@ def train(
         model.train(was_training if not finished else False)
         history.seconds = time.perf_counter() - start
     return history
+
+
+@torch.no_grad()
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    """The model's number of outputs, from one sample in eval mode (no state changes)."""
+    was = model.training
+    model.eval()
+    try:
+        return int(model(x[:1]).shape[-1])
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def _restore_buffers(model: nn.Module, saved: list[Tensor]) -> None:
+    for b, old in zip(model.buffers(), saved):
+        b.copy_(old)
 
 
 def _end_epoch(history: TrainHistory, sums: list, model: nn.Module, checkpoint: Any) -> None:
@@ -350,24 +390,29 @@ def _safetensors() -> Any:
     return safetensors.torch
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
-    """Save ``model.state_dict()`` to ``path``; returns the path as a string.
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Save ``model.state_dict()`` to ``path`` atomically; returns the path as a string.
 
     A path ending in ``.safetensors`` gives a safetensors file (needs ``safetensors``); any
     other path a torch state dict of CPU tensors that :func:`load_checkpoint` reads with
     ``torch.load(weights_only=True)``. The caps of ``CappedReLU`` modules (non-persistent
     buffers) are stored next to the weights (safetensors metadata, or the entry
     ``"relucap.caps"``), so :func:`load_checkpoint` can restore or refuse a model without them.
+    The file is written to a temporary file and renamed, so a crash leaves the previous
+    checkpoint whole; an existing file that is not a checkpoint is refused unless
+    ``overwrite=True``.
     """
     fmt = _checkpoint_format(path)
-    path = os.fspath(path)
+    path = _files.check_target(path, "checkpoint", overwrite=overwrite, what="checkpoint")
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     caps = json.dumps(saved_caps(model)) if saved_caps(model) else None
     if fmt == "safetensors":
-        _safetensors().save_file(state, path, metadata=None if caps is None else {_CAPS: caps})
+        _files.atomic_write(path, lambda tmp: _safetensors().save_file(
+            state, tmp, metadata=None if caps is None else {_CAPS: caps}))
     else:
-        torch.save(state if caps is None else {**state, _CAPS: torch.tensor(list(caps.encode()), dtype=torch.uint8)},
-                   path)
+        if caps is not None:
+            state[_CAPS] = torch.tensor(list(caps.encode()), dtype=torch.uint8)
+        _files.atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 

@@ -12,6 +12,10 @@ import os
 import pytest
 import torch
 
+# subprocesses (killed runs, torchrun ranks) import this checkout's package, not an installed one
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread per xdist worker: `pytest -n 2` on 2 cores without oversubscription
     torch.set_num_threads(1)

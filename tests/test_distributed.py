@@ -233,7 +233,7 @@ def test_cli_under_torchrun_equals_one_process_and_only_rank_0_prints(tmp_path, 
     shards = {r: Results.load(f).samples for f, r, w in files}
     assert shards == {0: [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19],
                       1: [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22]}
-    assert "robust acc" in logs[0, "stdout"] and "results written to dist/" in logs[0, "stdout"]
+    assert "robust acc" in logs[0, "stdout"] and "results written to dist/" in logs[0, "stderr"]
     assert "attack(s) x 2 eps, rank 0 of 2" in logs[0, "stderr"]  # the progress bar
     assert logs[1, "stdout"] == ""
     assert "attack(s)" not in logs[1, "stderr"] and "robust acc" not in logs[1, "stderr"]
@@ -288,8 +288,12 @@ def test_killed_rank_resumes_to_the_uninterrupted_table(tmp_path, reference):
     assert "robust acc" in logs[0, "stdout"] and logs[1, "stdout"] == ""
     loader_rows = Results.load(tmp_path / "loader.rank0.jsonl")
     assert loader_rows.outcomes() == reference.outcomes()  # DataLoader + DistributedSampler
-    assert "differ in model weights (SHA-256)" in (tmp_path / "mismatch.rank0.txt").read_text()
-    assert "differ in model weights (SHA-256)" in (tmp_path / "mismatch.rank1.txt").read_text()
+    assert "differ in the model's weights" in (tmp_path / "mismatch.rank0.txt").read_text()
+    assert "differ in the model's weights" in (tmp_path / "mismatch.rank1.txt").read_text()
+    # (issue 12) ranks holding different data are refused, on every rank, before any attack
+    for rank in (0, 1):
+        text = (tmp_path / f"datamismatch.rank{rank}.txt").read_text()
+        assert "differ in the inputs or labels" in text and "weights" not in text
 
 
 # ------------------------------------------------------------------------------ worker
@@ -310,6 +314,7 @@ def _worker(out: str) -> None:
     evaluate(model, loader, attacks, tm, cfg, progress=False, model_name="tiny").save(
         f"loader.rank{rank}.jsonl"
     )
+    bias = model[1].bias.detach().clone()
     if rank == 1:
         with torch.no_grad():
             model[1].bias.add_(1e-3)
@@ -317,6 +322,16 @@ def _worker(out: str) -> None:
         evaluate(model, (x, y), attacks, tm, cfg, progress=False, model_name="tiny")
     except ValueError as exc:
         with open(f"mismatch.rank{rank}.txt", "w") as f:
+            f.write(str(exc))
+    if rank == 1:
+        with torch.no_grad():
+            model[1].bias.copy_(bias)
+        x = x.clone()
+        x[-1] = 1 - x[-1]  # the last sample differs on rank 1 only (rank 0 never attacks it)
+    try:
+        evaluate(model, (x, y), attacks, tm, cfg, progress=False, model_name="tiny")
+    except ValueError as exc:
+        with open(f"datamismatch.rank{rank}.txt", "w") as f:
             f.write(str(exc))
 
 

@@ -443,7 +443,7 @@ def test_resume_refuses_other_data(mnist_mlp, test_set, tmp_path):
     tm, cfg = ThreatModel("Linf", eps=0.1), EvalConfig(batch_size=20)
     evaluate(mnist_mlp, (x, y), fgsm_loop, tm, cfg, out=tmp_path, progress=False)
     assert (tmp_path / "results.jsonl").exists()
-    with pytest.raises(ValueError, match="other labels than in the results file"):
+    with pytest.raises(ValueError, match="what differs: the inputs or labels"):
         evaluate(
             mnist_mlp, (x.flip(0), y.flip(0)), fgsm_loop, tm, cfg, out=tmp_path, progress=False
         )

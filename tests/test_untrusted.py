@@ -75,7 +75,7 @@ def user_package(tmp_path, monkeypatch):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "nets.py").write_text(
-        "from relucap_plugin.models import mlp\n\ndef small():\n    return mlp((8,))\n"
+        "from relucap_plugin.models import mlp, register_model\n\n@register_model\ndef small():\n    return mlp((8,))\n"
     )
     marker = tmp_path / "sibling-imported"
     (pkg / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
