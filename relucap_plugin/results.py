@@ -695,9 +695,8 @@ def load_same_evaluation(path: str, metadata: Mapping[str, Any]) -> Results:
     if diff:
         raise ValueError(
             f"{path} holds results of a different evaluation; what differs: " + "; ".join(diff)
-            + ". Resume with the same model, data, threat model, attacks and config, or start "
-            "afresh: evaluate(..., resume=False) / relucap evaluate --no-resume (the file is "
-            "rewritten), or write to another out= path"
+            + ". Resume with the same model, data, threat model, attacks and config, or pass "
+            "resume=False to start over (the file is rewritten), or write to another out= path"
         )
     _check_rows_in_run(path, loaded, metadata)
     return loaded
@@ -711,8 +710,8 @@ def _check_rows_in_run(path: str, loaded: Results, metadata: Mapping[str, Any]) 
     if outside:
         raise ValueError(
             f"{path} holds rows for sample(s) {outside[:5]} outside this run's {n} samples "
-            "(indices 0..n-1); the file does not belong to this data: start afresh with "
-            "resume=False (--no-resume) or write to another out= path"
+            "(indices 0..n-1); the file does not belong to this data: pass resume=False to start "
+            "over, or write to another out= path"
         )
 
 
