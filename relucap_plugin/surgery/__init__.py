@@ -13,13 +13,14 @@ own activation. See ``docs/surgery.md`` for the rules and the limits.
 """
 
 from ._codegen import _rebuild_forward  # noqa: F401  models pickled before the split name it here
-from ._records import CapReport, ReluSite, UntraceableModelError
+from ._records import CapReport, ConversionCheckError, ReluSite, UntraceableModelError
 from .calibrate import calibrate_caps
 from .convert import cap_relus, is_converted, uncap
 from .sites import _trace, find_relus, print_sites  # noqa: F401
 
 __all__ = [
     "CapReport",
+    "ConversionCheckError",
     "ReluSite",
     "UntraceableModelError",
     "calibrate_caps",

@@ -26,6 +26,7 @@ from ._records import (
     _MARK,
     _RECORDS,
     CapReport,
+    ConversionCheckError,
     UntraceableModelError,
     _check_mode,
     _check_model,
@@ -35,8 +36,10 @@ from ._records import (
     _site_input,
     _site_op,
 )
+from . import verify
+from .runtime import has_with_block, wrap_forward
 from .select import _plan, _recipe
-from .sites import _Call, _discover, _Discovery, _moved, _region_key, _Sites, _SiteTracer
+from .sites import _as_args, _Call, _discover, _Discovery, _moved, _region_key, _Sites, _SiteTracer
 
 def _class_reads_training(cls: type) -> bool:
     for klass in cls.__mro__:
@@ -56,8 +59,13 @@ class _Converter:
     can share), on the model's device and dtype, in the mode of the module they stand in for.
     """
 
-    def __init__(self, model: nn.Module, disc: _Discovery, plan: Mapping[int, Any]):
+    def __init__(self, model: nn.Module, disc: _Discovery, plan: Mapping[int, Any],
+                 forced: str | None = None):
         self.model = model
+        self.forced = forced
+        self.how: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}
+        self.runtime: list[str] = []
         self.disc = disc
         self.plan = plan
         self.keys = {i: recipe.key(disc.sites[i]) for i, recipe in plan.items()}
@@ -89,10 +97,11 @@ class _Converter:
             self.built[i] = module
         return module
 
-    def _use(self, sites: Iterable[int], module: nn.Module, path: str) -> None:
+    def _use(self, sites: Iterable[int], module: nn.Module, path: str, how: str) -> None:
         for i in sites:
             self.used[i] = module
             self.paths[self.disc.sites[i].name] = path
+            self.how[self.disc.sites[i].name] = how
 
     # -- module replacement ------------------------------------------------------------------
 
@@ -136,10 +145,13 @@ class _Converter:
         for inst, group in whole:
             chosen = [i for i in group if i in self.plan]
             new = self._module(chosen[0])
+            nodes = [self.disc.nodes[i] for i in group]
+            if any(n is None or n.kwargs for n in nodes) and not new._forward_pre_hooks:
+                new.register_forward_pre_hook(_positional_input, with_kwargs=True)
             for parent, name in locations[id(inst)]:
                 parent._modules[name] = new
                 self.record.replaced.append((parent, name, inst))
-            self._use(chosen, new, self.disc.sites[chosen[0]].module_path)
+            self._use(chosen, new, self.disc.sites[chosen[0]].module_path, "module")
 
     # -- fx rewriting --------------------------------------------------------------------------
 
@@ -161,7 +173,8 @@ class _Converter:
         return f"{parent_path}.{attr}" if parent_path else attr
 
     def _owner_graph(self, owner_path: str, owner: nn.Module, calls: list[_Call]):
-        """(graph, constants) of ``owner.forward`` with every other module a leaf, or None.
+        """(graph, constants) of ``owner.forward`` with every other module a leaf, or the
+        reason it cannot be had.
 
         Owners of one class whose calls recorded the same operations share one trace (fx
         tracing costs milliseconds per call, and a model can have a hundred owners).
@@ -172,75 +185,78 @@ class _Converter:
             own = owner.__dict__.get("forward")
             key = (type(owner), id(getattr(own, "fn", getattr(own, "__func__", own))), keys.pop())
         elif len(keys) > 1:
-            return None
+            return "its calls run different operations"
         if key is not None and key in self._traces:
             return _copy_graph(self._traces[key])[0], {}
         try:
             graph, constants = _tracing._trace(owner, _SiteTracer(scope=owner))
-        except (UntraceableModelError, TypeError):
-            return None
+        except (UntraceableModelError, TypeError) as exc:
+            return f"its forward cannot be traced alone ({str(exc).split('. ')[0]})"
         if key is not None and not constants:
             self._traces[key] = graph
             graph = _copy_graph(graph)[0]
         return graph, constants
 
-    def _owner_targets(self, nodes: list[int]):
-        """Per owner: (path, module, graph, constants, targets), or None if some owner's own
-        forward cannot be rewritten alone (then the model's forward is rewritten instead)."""
+    def _owner_target(self, owner_path: str, nodes_set: set[int], by_owner: dict[str, list[int]]):
+        """(path, module, graph, constants, targets) to rewrite ``owner_path``'s forward alone,
+        or the reason it cannot be."""
         disc = self.disc
-        result = []
-        nodes_set = set(nodes)
-        by_owner: dict[str, list[int]] = {}
-        for i, s in enumerate(disc.sites):
-            by_owner.setdefault(s.owner, []).append(i)
-        for owner_path in dict.fromkeys(disc.sites[i].owner for i in nodes):
-            owner = self.named.get(owner_path)
-            calls = disc.calls.get(owner_path, [])
-            if owner is None or (owner_path and not calls):
-                return None
-            if owner_path:
-                forward = owner.__dict__.get("forward") or type(owner).forward
-                try:
-                    params = list(inspect.signature(forward).parameters.values())
-                except (TypeError, ValueError):
-                    return None
-                if isinstance(forward, types.FunctionType):
-                    params = params[1:]
-                if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
-                    return None
-                if not all(c.simple and len(c.args) == len(params) for c in calls):
-                    return None
-            per_call: dict[int, list[int]] = {}
-            for i in by_owner[owner_path]:
-                per_call.setdefault(disc.owner_call[i], []).append(i)
-            if len(per_call) != max(1, len(calls)) or len({len(v) for v in per_call.values()}) != 1:
-                return None
-            traced = self._owner_graph(owner_path, owner, calls)
-            if traced is None:
-                return None
-            graph, constants = traced
-            scoped = self._scoped_modules(owner_path)
-            relu_nodes = [(n, op) for n in graph.nodes if (op := _site_op(n, scoped)) is not None]
-            columns = list(zip(*[per_call[c] for c in sorted(per_call)]))
-            if len(relu_nodes) != len(columns):
-                return None
-            targets = []
-            for (node, op), column in zip(relu_nodes, columns):
-                if op[1] != disc.sites[column[0]].op:
-                    return None
-                picked = [i for i in column if i in nodes_set]
-                if not picked:
-                    continue
-                keys = {self.keys[i] for i in column if i in self.plan}
-                shareable = len(keys) == 1 and None not in keys
-                if len(picked) != len(column) or (len(column) > 1 and not shareable):
-                    return None
-                parent_path, _ = self._home(column[0])
-                if _relative(parent_path, owner_path) is None and parent_path != owner_path:
-                    return None
-                targets.append((node, column))
-            result.append((owner_path, owner, graph, constants, targets))
-        return result
+        owner = self.named.get(owner_path)
+        calls = disc.calls.get(owner_path, [])
+        if owner is None or (owner_path and not calls):
+            return "fx recorded no call of it"
+        if owner_path:
+            forward = owner.__dict__.get("forward") or type(owner).forward
+            try:
+                params = list(inspect.signature(forward).parameters.values())
+            except (TypeError, ValueError):
+                return "its forward has no readable signature"
+            if isinstance(forward, types.FunctionType):
+                params = params[1:]
+            if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
+                return "its forward takes *args, **kwargs or keyword-only arguments"
+            if not all(c.simple and len(c.args) == len(params) for c in calls):
+                return "it is called with keywords, defaults or non-tensor arguments"
+        per_call: dict[int, list[int]] = {}
+        for i in by_owner[owner_path]:
+            per_call.setdefault(disc.owner_call[i], []).append(i)
+        if len(per_call) != max(1, len(calls)) or len({len(v) for v in per_call.values()}) != 1:
+            return "its calls apply different numbers of ReLUs"
+        traced = self._owner_graph(owner_path, owner, calls)
+        if isinstance(traced, str):
+            return traced
+        graph, constants = traced
+        scoped = self._scoped_modules(owner_path)
+        relu_nodes = [(n, op) for n in graph.nodes if (op := _site_op(n, scoped)) is not None]
+        columns = list(zip(*[per_call[c] for c in sorted(per_call)]))
+        if len(relu_nodes) != len(columns):
+            return "its own trace finds another number of ReLUs than the model's trace"
+        targets = []
+        for (node, op), column in zip(relu_nodes, columns):
+            if op[1] != disc.sites[column[0]].op:
+                return "its own trace finds the ReLUs in another order"
+            picked = [i for i in column if i in nodes_set]
+            if not picked:
+                continue
+            keys = {self.keys[i] for i in column if i in self.plan}
+            shareable = len(keys) == 1 and None not in keys
+            if len(picked) != len(column) or (len(column) > 1 and not shareable):
+                return "its calls need different activations at one call site"
+            parent_path, _ = self._home(column[0])
+            if _relative(parent_path, owner_path) is None and parent_path != owner_path:
+                return "a ReLU module it calls lives outside it"
+            targets.append((node, column))
+        return owner_path, owner, graph, constants, targets
+
+    def _runtime_reason(self, owner_path: str) -> str | None:
+        """Why the functional sites of ``owner_path`` are capped at run time, or None."""
+        if self.forced:
+            return self.forced
+        owner = self.named.get(owner_path)
+        if owner is not None and has_with_block(type(owner)):
+            return (f"{type(owner).__name__} opens a `with` block (no_grad, autocast, ...) "
+                    "that a regenerated forward would drop")
+        return None
 
     def _scoped_modules(self, owner_path: str) -> dict[str, nn.Module]:
         """Modules under ``owner_path`` keyed by their path relative to it."""
@@ -250,20 +266,104 @@ class _Converter:
         return {k[len(prefix):]: m for k, m in self.named.items() if k.startswith(prefix)}
 
     def _rewrite_owners(self, nodes: list[int]) -> None:
-        scoped = self._owner_targets(nodes)
-        if scoped is None:
-            self._rewrite_root(nodes)
-            return
-        for owner_path, owner, graph, constants, targets in scoped:
-            rewrites = []
-            for node, column in targets:
-                module = self._module(column[0])
-                path = self._install(column[0], module)
-                self._use(column, module, path)
-                inplace = self.disc.sites[column[0]].inplace
-                rewrites.append((node, _relative(path, owner_path), module, inplace))
-            _rewrite(graph, rewrites)
-            self._set_forward(owner, graph, constants, owner_path, (type(owner),))
+        """fx-rewrite each owner's forward alone where possible. Functional sites of owners
+        whose forward must keep its code (``with`` blocks) or cannot be rewritten alone are
+        capped at run time; the whole model's forward is rewritten only when that cannot be."""
+        disc = self.disc
+        by_owner: dict[str, list[int]] = {}
+        for i, s in enumerate(disc.sites):
+            by_owner.setdefault(s.owner, []).append(i)
+        runtime: dict[str, tuple[dict[int, list[int]], str]] = {}
+        planned, failed = [], {}
+        nodes_set = set(nodes)
+        for owner_path in dict.fromkeys(disc.sites[i].owner for i in nodes):
+            mine = [i for i in nodes if disc.sites[i].owner == owner_path]
+            functional = all(disc.sites[i].kind != "module" for i in mine)
+            must = self._runtime_reason(owner_path) if functional else None
+            reason = must
+            if must is None and disc.graph is not None:
+                target = self._owner_target(owner_path, nodes_set, by_owner)
+                if not isinstance(target, str):
+                    planned.append(target)
+                    continue
+                reason = f"its forward cannot be rewritten alone: {target}"
+            columns = self._runtime_columns(owner_path, mine, by_owner[owner_path]) if (
+                functional) else "it applies a ReLU module that needs a rewrite"
+            if isinstance(columns, str) and must is not None:
+                raise ValueError(
+                    f"cap_relus: the sites of {owner_path or 'the model'} must be capped at run "
+                    f"time ({must}), but {columns}")
+            if isinstance(columns, str):
+                failed[owner_path] = f"{reason}, and at run time {columns}"
+                continue
+            runtime[owner_path] = (columns, reason)
+        if failed:
+            why = "; ".join(f"{p or 'the model'}: {r}" for p, r in failed.items())
+            root = [i for i in nodes if disc.sites[i].owner not in runtime]
+            for i in root:
+                self.reasons[disc.sites[i].name] = f"model forward rewritten by fx because {why}"
+            self._rewrite_root(root)
+        else:
+            for owner_path, owner, graph, constants, targets in planned:
+                rewrites = []
+                for node, column in targets:
+                    module = self._module(column[0])
+                    path = self._install(column[0], module)
+                    self._use(column, module, path, "fx")
+                    for i in column:
+                        self.reasons[disc.sites[i].name] = (
+                            f"owner {owner_path or 'model'} forward rewritten by fx: "
+                            + self._why_fx(i))
+                    inplace = disc.sites[column[0]].inplace
+                    rewrites.append((node, _relative(path, owner_path), module, inplace))
+                _rewrite(graph, rewrites)
+                self._set_forward(owner, graph, constants, owner_path, (type(owner),))
+        for owner_path, (columns, reason) in runtime.items():
+            self._intercept(owner_path, columns, reason)
+
+    def _why_fx(self, i: int) -> str:
+        if self.disc.sites[i].kind != "module":
+            return "a function call has no module to swap"
+        return ("calls of one shared module need different activations, or an in-place "
+                "input is read later")
+
+    def _runtime_columns(self, owner_path: str, sites: list[int], owned: list[int]):
+        """Occurrence k -> the sites (one per call of the owner) capped as its k-th ReLU call,
+        or why the owner's ReLUs cannot be capped at run time."""
+        disc = self.disc
+        per_call: dict[int, list[int]] = {}
+        for i in owned:
+            if disc.sites[i].kind != "module":
+                per_call.setdefault(disc.owner_call[i], []).append(i)
+        if len({len(v) for v in per_call.values()}) != 1:
+            return "its calls apply different numbers of ReLUs"
+        chosen = set(sites)
+        table: dict[int, list[int]] = {}
+        for k, column in enumerate(zip(*[per_call[c] for c in sorted(per_call)])):
+            picked = [i for i in column if i in chosen]
+            if not picked:
+                continue
+            keys = {self.keys[i] for i in column if i in self.plan}
+            if len(picked) != len(column) or (len(column) > 1 and (len(keys) != 1 or None in keys)):
+                return (f"its {len(column)} calls need different activations at call site "
+                        f"{[disc.sites[i].name for i in column]}")
+            table[k] = list(column)
+        return table
+
+    def _intercept(self, owner_path: str, columns: dict[int, list[int]], reason: str) -> None:
+        """Cap the functional sites of one owner at run time; see :mod:`.runtime`."""
+        owner = self.named.get(owner_path, self.model) if owner_path else self.model
+        table: dict[int, str] = {}
+        for k, column in columns.items():
+            module = self._module(column[0])
+            path = self._install(column[0], module)
+            self._use(column, module, path, "runtime")
+            for i in column:
+                self.reasons[self.disc.sites[i].name] = f"capped at run time: {reason}"
+            table[k] = _relative(path, owner_path) if owner_path else path
+        self.record.forwards.append((owner, owner.__dict__.get("forward")))
+        owner.__dict__["forward"] = wrap_forward(owner, table)
+        self.runtime.append(owner_path)
 
     def _rewrite_root(self, nodes: list[int]) -> None:
         graph, copied = _copy_graph(self.disc.graph)  # the discovery stays reusable
@@ -271,7 +371,7 @@ class _Converter:
         for i in nodes:
             module = self._module(i)
             path = self._install(i, module)
-            self._use([i], module, path)
+            self._use([i], module, path, "fx")
             rewrites.append((copied[self.disc.nodes[i]], path, module, self.disc.sites[i].inplace))
         _rewrite(graph, rewrites)
         self._set_forward(self.model, graph, self.disc.constants, "",
@@ -302,14 +402,30 @@ class _Converter:
             if nodes:
                 self._rewrite_owners(nodes)
         except BaseException:
-            records.pop()
-            self.record.undo()
-            if not records:
-                self.model.__dict__.pop(_RECORDS, None)
+            self.abort()
             raise
-        for message in self.warnings:
-            warnings.warn(message, UserWarning, stacklevel=3)
         return self
+
+    def abort(self) -> None:
+        """Undo this conversion (it must be the latest one on the model)."""
+        records = self.model.__dict__.get(_RECORDS) or []
+        if records and records[-1] is self.record:
+            records.pop()
+        self.record.undo()
+        if not records:
+            self.model.__dict__.pop(_RECORDS, None)
+
+    def installed(self) -> dict[nn.Module, tuple[str, float, bool]]:
+        """Each new activation -> (site name, the site's built-in bound, in place)."""
+        return {m: (self.disc.sites[i].name, self.disc.sites[i].upper, self.disc.sites[i].inplace)
+                for i, m in self.used.items()}
+
+
+def _positional_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: ``act(input=x)`` (how some models call their ReLU) becomes ``act(x)``."""
+    if not args and len(kwargs) == 1:
+        return tuple(kwargs.values()), {}
+    return args, kwargs
 
 
 def cap_relus(
@@ -357,22 +473,84 @@ def cap_relus(
         target = model
     else:
         memo: dict[int, Any] = {}
-        target = copy.deepcopy(model, memo)
+        try:
+            target = copy.deepcopy(model, memo)
+        except Exception as exc:
+            raise TypeError(
+                f"cap_relus: {type(model).__name__} cannot be deep-copied ({type(exc).__name__}: "
+                f"{exc}); convert it in place instead: cap_relus(model, ..., inplace=True) "
+                "changes model itself, and report.undo() or uncap(model) restores it"
+            ) from exc
         found = found and _moved(found, memo)
     disc = found or _discover(target, example_input, mode, "cap_relus")
     plan = _plan(disc.sites, cap, sites)
+    args, ref, unchecked = _reference_run(target, example_input)
     converter = _Converter(target, disc, plan).run()
+    checked = unchecked
+    if ref is not None:
+        try:
+            checked = _check(target, converter, ref, args, len(plan) == len(disc.sites))
+        except ConversionCheckError as exc:
+            converter.abort()
+            if not converter.rewritten or mode != "auto":
+                raise
+            # the fx rewrite changed what the model computes: cap the functional sites at
+            # run time instead, keeping every forward as written, and check again
+            converter = _Converter(target, disc, plan, forced=(
+                f"the fx rewrite failed the self-check ({str(exc).split(': ', 1)[1][:160]})"
+            )).run()
+            try:
+                checked = _check(target, converter, ref, args, len(plan) == len(disc.sites))
+            except ConversionCheckError:
+                converter.abort()
+                raise exc from None
+    else:
+        converter.warnings.append(f"cap_relus: the conversion was not self-checked: {unchecked}")
+    for message in converter.warnings:
+        warnings.warn(message, UserWarning, stacklevel=2)
     used = converter.used
     replaced = {disc.sites[i].name: getattr(used[i], "spec", type(used[i]).__name__)
                 for i in sorted(used)}
     report = CapReport(
         model=target, replaced=replaced,
         paths={name: converter.paths[name] for name in replaced},
-        method="fx" if converter.rewritten else "modules",
+        method="fx" if converter.rewritten else "runtime" if converter.runtime else "modules",
         rewritten=tuple(converter.rewritten), sites=tuple(disc.sites),
         warnings=tuple(converter.warnings), _record=converter.record,
+        how={name: converter.how[name] for name in replaced},
+        reasons={name: converter.reasons[name] for name in replaced if name in converter.reasons},
+        check=checked,
     )
     return target, report
+
+
+def _reference_run(model: nn.Module, example_input: Any) -> tuple[tuple | None, Any, str]:
+    """(arguments, the unconverted model's checked pass, or None and why there is none)."""
+    if example_input is not None:
+        args = _as_args(example_input)
+        ref = verify.reference(model, args)
+        if ref.error is not None:
+            raise ValueError(
+                f"cap_relus: example_input does not run through {type(model).__name__}: "
+                f"{type(ref.error).__name__}: {ref.error}. Pass the input the model takes "
+                "(a tensor or a tuple of forward arguments)") from ref.error
+        return args, ref, ""
+    tried = []
+    for args in verify.synthesised_inputs(model):
+        ref = verify.reference(model, args)
+        if ref.error is None:
+            return args, ref, ""
+        tried.append(f"{tuple(args[0].shape)} ({type(ref.error).__name__})")
+    if not tried:
+        return None, None, ("no example_input, and no Linear/Conv layer to synthesise one "
+                            "from; pass example_input")
+    return None, None, (f"no example_input, and the synthesised inputs {', '.join(tried)} do "
+                        "not run; pass example_input")
+
+
+def _check(model: nn.Module, converter: _Converter, ref: Any, args: tuple, all_sites: bool) -> str:
+    names = {m: path for path, m in model.named_modules(remove_duplicate=False)}
+    return verify.check(model, ref, args, converter.installed(), all_sites, names, "cap_relus")
 
 
 def is_converted(model: nn.Module) -> bool:
