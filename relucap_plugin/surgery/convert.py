@@ -62,7 +62,7 @@ class _Converter:
     def __init__(self, model: nn.Module, disc: _Discovery, plan: Mapping[int, Any],
                  forced: str | None = None):
         self.model = model
-        self.forced = forced
+        self.forced = forced or (disc.untraced and f"fx cannot trace the model ({disc.untraced})")
         self.how: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
         self.runtime: list[str] = []
@@ -297,6 +297,11 @@ class _Converter:
                 failed[owner_path] = f"{reason}, and at run time {columns}"
                 continue
             runtime[owner_path] = (columns, reason)
+        if failed and disc.graph is None:
+            raise ValueError(
+                "cap_relus: " + "; ".join(f"{p or 'the model'}: {r}" for p, r in failed.items())
+                + f". That needs an fx rewrite, and {disc.untraced or 'fx was not used'}: give "
+                "all calls of a shared ReLU module the same cap")
         if failed:
             why = "; ".join(f"{p or 'the model'}: {r}" for p, r in failed.items())
             root = [i for i in nodes if disc.sites[i].owner not in runtime]
@@ -486,7 +491,7 @@ def cap_relus(
     plan = _plan(disc.sites, cap, sites)
     args, ref, unchecked = _reference_run(target, example_input)
     converter = _Converter(target, disc, plan).run()
-    checked = unchecked
+    checked = f"not run: {unchecked}"
     if ref is not None:
         try:
             checked = _check(target, converter, ref, args, len(plan) == len(disc.sites))

@@ -181,11 +181,11 @@ def _trace(module: nn.Module, tracer: _SiteTracer) -> tuple[fx.Graph, dict[str, 
         raise UntraceableModelError(
             f"torch.fx cannot trace {cls.__name__}: {where}"
             f"{' at ' + line if line else ''}: {type(exc).__name__}: {exc}. "
-            "Functional ReLUs (F.relu, torch.relu, x.relu()) are found by tracing only. What "
-            "still works: mode='modules' finds and replaces the nn.ReLU/nn.ReLU6 modules (each "
-            "instance is one site and all its calls get the same activation); or make that "
-            "part traceable (e.g. move the data-dependent branch into a function wrapped with "
-            "torch.fx.wrap)."
+            "What still works: cap_relus(model, cap, example_input=x) finds the ReLUs by "
+            "running the model once and caps functional ones (F.relu, torch.relu, x.relu()) "
+            "at run time; mode='modules' replaces the nn.ReLU/nn.ReLU6 modules only (each "
+            "instance is one site), and its self-check refuses to return a model in which a "
+            "functional ReLU stays plain."
         ) from exc
     finally:
         if own is not None:
@@ -207,6 +207,7 @@ class _Discovery:
     calls: dict[str, list[_Call]] = field(default_factory=dict)
     inlined: tuple[type, ...] = ()
     named: dict[str, nn.Module] = field(default_factory=dict)
+    untraced: str = ""
 
 
 def _width(shape: tuple[int, ...] | None) -> int | None:
@@ -372,8 +373,18 @@ def _activation_summary(model: nn.Module) -> str:
 
 
 def _discover(model: nn.Module, example_input: Any, mode: str, fn: str) -> _Discovery:
-    disc = _discover_fx(model) if mode == "auto" else _discover_modules(model)
-    if example_input is not None:
+    if mode == "auto":
+        try:
+            disc = _discover_fx(model)
+        except UntraceableModelError as exc:
+            if example_input is None:
+                raise
+            from .runtime import discover_by_running
+
+            disc = discover_by_running(model, _as_args(example_input), str(exc))
+    else:
+        disc = _discover_modules(model)
+    if example_input is not None and not disc.untraced:
         _add_shapes(model, disc, example_input)
     if not disc.sites:
         raise ValueError(

@@ -31,9 +31,9 @@ _HARDTANH = frozenset({F.hardtanh, F.hardtanh_})
 _INPLACE_CALLS = frozenset({torch.relu_, Tensor.relu_})
 
 
-def _calling_module(depth: int = 2) -> tuple[nn.Module | None, str]:
-    """The innermost module whose method is on the Python stack, and the ``file:line`` of the
-    frame that made the call (our own frames and torch's skipped)."""
+def _calling_module(depth: int = 2) -> tuple[nn.Module | None, str, Any]:
+    """The innermost module whose method is on the Python stack, the ``file:line`` of the
+    frame that made the call (our own frames and torch's skipped), and that method's frame."""
     frame = sys._getframe(depth)
     where = ""
     while frame is not None:
@@ -42,9 +42,9 @@ def _calling_module(depth: int = 2) -> tuple[nn.Module | None, str]:
             where = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
         owner = frame.f_locals.get("self") if "self" in code.co_varnames else None
         if isinstance(owner, nn.Module):
-            return owner, where
+            return owner, where, frame
         frame = frame.f_back
-    return None, where
+    return None, where, None
 
 
 _SKIP = (torch.__path__[0], __file__.rsplit("/", 1)[0])
@@ -65,7 +65,7 @@ class _ReluCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _RELU_CALLS or func in _HARDTANH:
-            module, where = _calling_module()
+            module, where, _ = _calling_module()
             if _is_relu_call(func, module):
                 self.calls.append((module is not None and _MARK in module.__dict__, module, where))
         return func(*args, **(kwargs or {}))
