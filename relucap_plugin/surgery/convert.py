@@ -487,30 +487,18 @@ def cap_relus(
                 "changes model itself, and report.undo() or uncap(model) restores it"
             ) from exc
         found = found and _moved(found, memo)
-    disc = found or _discover(target, example_input, mode, "cap_relus")
+    disc = found or _discover(target, example_input, mode, "cap_relus", prune=True)
     plan = _plan(disc.sites, cap, sites)
     args, ref, unchecked = _reference_run(target, example_input)
-    converter = _Converter(target, disc, plan).run()
-    checked = f"not run: {unchecked}"
-    if ref is not None:
-        try:
-            checked = _check(target, converter, ref, args, len(plan) == len(disc.sites))
-        except ConversionCheckError as exc:
-            converter.abort()
-            if not converter.rewritten or mode != "auto":
-                raise
-            # the fx rewrite changed what the model computes: cap the functional sites at
-            # run time instead, keeping every forward as written, and check again
-            converter = _Converter(target, disc, plan, forced=(
-                f"the fx rewrite failed the self-check ({str(exc).split(': ', 1)[1][:160]})"
-            )).run()
-            try:
-                checked = _check(target, converter, ref, args, len(plan) == len(disc.sites))
-            except ConversionCheckError:
-                converter.abort()
-                raise exc from None
-    else:
-        converter.warnings.append(f"cap_relus: the conversion was not self-checked: {unchecked}")
+    try:
+        converter, checked = _convert_checked(target, disc, plan, ref, args, mode, unchecked)
+    except ConversionCheckError:
+        if found is not None or mode != "auto":
+            raise
+        # the fast discovery (our own heuristic) skipped a module hiding a ReLU: trace it all
+        disc = _discover(target, example_input, mode, "cap_relus")
+        plan = _plan(disc.sites, cap, sites)
+        converter, checked = _convert_checked(target, disc, plan, ref, args, mode, unchecked)
     for message in converter.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     used = converter.used
@@ -527,6 +515,29 @@ def cap_relus(
         check=checked,
     )
     return target, report
+
+
+def _convert_checked(model, disc, plan, ref, args, mode, unchecked) -> tuple[_Converter, str]:
+    """Convert, then self-check; an fx rewrite that fails the check is replaced by the runtime
+    path for the functional sites. Raises ConversionCheckError with the model unchanged."""
+    converter = _Converter(model, disc, plan).run()
+    if ref is None:
+        converter.warnings.append(f"cap_relus: the conversion was not self-checked: {unchecked}")
+        return converter, f"not run: {unchecked}"
+    everything = len(plan) == len(disc.sites)
+    try:
+        return converter, _check(model, converter, ref, args, everything)
+    except ConversionCheckError as exc:
+        converter.abort()
+        if not converter.rewritten or mode != "auto":
+            raise
+        converter = _Converter(model, disc, plan, forced=(
+            f"the fx rewrite failed the self-check ({str(exc).split(': ', 1)[1][:160]})")).run()
+        try:
+            return converter, _check(model, converter, ref, args, everything)
+        except ConversionCheckError:
+            converter.abort()
+            raise exc from None
 
 
 def _reference_run(model: nn.Module, example_input: Any) -> tuple[tuple | None, Any, str]:

@@ -4,11 +4,12 @@ applications, add shapes from an example input; ``find_relus`` and its reusable 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import types
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,16 +60,17 @@ class _SiteTracer(fx.Tracer):
     With ``scope`` set, only ``scope.forward`` is traced and every other module is a leaf.
     """
 
-    def __init__(self, scope: nn.Module | None = None):
+    def __init__(self, scope: nn.Module | None = None, leaves: frozenset[int] = frozenset()):
         super().__init__()
         self.only = scope
+        self.leaves = leaves
         self.calls: dict[str, list[_Call]] = {}
         self.inlined: dict[type, None] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.only is not None:
             return m is not self.only
-        return (_is_installed(m) or type(m).__module__ in _OWN_MODULES
+        return (id(m) in self.leaves or _is_installed(m) or type(m).__module__ in _OWN_MODULES
                 or super().is_leaf_module(m, module_qualified_name))
 
     def create_arg(self, a: Any) -> Any:
@@ -218,8 +220,50 @@ def _width(shape: tuple[int, ...] | None) -> int | None:
     return int(shape[0]) if shape else 1
 
 
-def _discover_fx(model: nn.Module) -> _Discovery:
-    tracer = _SiteTracer()
+_RELU_NAMES = frozenset({"relu", "relu_", "relu6", "ReLU", "ReLU6", "_relu", "_relu6"})
+
+
+def _names_in(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _names_in(const)
+
+
+@functools.cache
+def _class_mentions_relu(cls: type) -> bool:
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        for value in vars(klass).values():
+            code = getattr(value, "__code__", None)
+            if code is not None and not _RELU_NAMES.isdisjoint(_names_in(code)):
+                return True
+    return False
+
+
+def _relu_free(model: nn.Module) -> frozenset[int]:
+    """Ids of modules that need no trace (our own heuristic): no ReLU module below them, no
+    ReLU name in their class's code, no callable attribute. A ReLU hidden from this (a helper
+    function elsewhere) is caught by the self-check of cap_relus, which then traces fully."""
+    free: set[int] = set()
+
+    def visit(m: nn.Module) -> bool:
+        ok = all([visit(c) for c in m.children()])
+        ok = ok and type(m) not in _RELU_MODULES and not _class_mentions_relu(type(m)) and not any(
+            callable(v) and not isinstance(v, (nn.Module, type)) for k, v in m.__dict__.items()
+            if not k.startswith("_"))
+        if ok:
+            free.add(id(m))
+        return ok
+
+    visit(model)
+    free.discard(id(model))
+    return frozenset(free)
+
+
+def _discover_fx(model: nn.Module, prune: bool = False) -> _Discovery:
+    tracer = _SiteTracer(leaves=_relu_free(model) if prune else frozenset())
     graph, constants = _trace(model, tracer)
     modules = dict(model.named_modules())
     raw = []
@@ -372,10 +416,11 @@ def _activation_summary(model: nn.Module) -> str:
     return f" (its activation modules: {', '.join(names)})" if names else ""
 
 
-def _discover(model: nn.Module, example_input: Any, mode: str, fn: str) -> _Discovery:
+def _discover(model: nn.Module, example_input: Any, mode: str, fn: str,
+              prune: bool = False) -> _Discovery:
     if mode == "auto":
         try:
-            disc = _discover_fx(model)
+            disc = _discover_fx(model, prune)
         except UntraceableModelError as exc:
             if example_input is None:
                 raise
