@@ -566,7 +566,10 @@ def _reference_run(model: nn.Module, example_input: Any) -> tuple[tuple | None, 
 
 def _check(model: nn.Module, converter: _Converter, ref: Any, args: tuple, all_sites: bool) -> str:
     names = {m: path for path, m in model.named_modules(remove_duplicate=False)}
-    return verify.check(model, ref, args, converter.installed(), all_sites, names, "cap_relus")
+    summary, notes = verify.check(model, ref, args, converter.installed(), all_sites, names,
+                                  "cap_relus")
+    converter.warnings.extend(notes)
+    return summary
 
 
 def is_converted(model: nn.Module) -> bool:

@@ -185,11 +185,12 @@ def reference(model: nn.Module, args: tuple) -> _Run:
 
 
 def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Module, tuple],
-          all_sites: bool, names: dict[nn.Module, str], fn: str) -> str:
+          all_sites: bool, names: dict[nn.Module, str], fn: str) -> tuple[str, list[str]]:
     """Compare ``converted`` at ``cap=inf`` semantics with ``ref``; raise on any difference.
 
     ``installed`` maps each new activation to ``(site name, upper, inplace)``; ``all_sites``:
-    every site found was converted, so no plain ReLU may remain. Returns a one-line summary.
+    every site found was converted, so no plain ReLU may remain (except inside torch.nn layers,
+    which get a note). Returns a one-line summary and the notes.
     """
     ops = {m: _plain_op(upper, inplace) for m, (_, upper, inplace) in installed.items()}
     with _plain_caps(converted, ops):
@@ -201,7 +202,14 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
             "the model, or pass mode='modules' / fewer sites"
         ) from got.error
     leftover = [(m, where) for inside, m, where in got.calls if not inside]
-    if all_sites and leftover:
+    hidden = [(m, w) for m, w in leftover if _inside_torch_layer(m)]
+    notes = []
+    if hidden:
+        notes.append(
+            f"{fn}: {len(hidden)} ReLU application(s) inside torch.nn layers are not sites and "
+            f"stay plain: {_where(hidden, names)} (docs/surgery.md, Hidden ReLUs)")
+    if all_sites and len(leftover) > len(hidden):
+        leftover = [c for c in leftover if c not in hidden]
         raise ConversionCheckError(
             f"{fn}: {len(leftover)} ReLU application(s) were not converted although every site "
             f"was selected: {_where(leftover, names)}. These ReLUs are invisible to the "
@@ -227,15 +235,22 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
     values = "bit-identical outputs" if all(
         not isinstance(t, Tensor) or t.device.type != "meta" for t in ref.outputs) else (
         "meta tensors: shapes and dtypes")
+    inside = sum(1 for c in got.calls if c[0])
     return (f"passed at cap=inf: {values}, same dtypes, gradients reach the same "
             f"{len(ref.grads)} parameters, {len(got.calls)} ReLU applications, "
-            f"{len(got.calls) - len(leftover)} through new activations")
+            f"{inside} through new activations"), notes
+
+
+def _inside_torch_layer(m: nn.Module | None) -> bool:
+    """A layer of torch.nn applying a ReLU inside itself (TransformerEncoderLayer)."""
+    return m is not None and type(m).__module__.startswith("torch.nn.") and (
+        type(m) not in (nn.ReLU, nn.ReLU6))
 
 
 def _where(calls: list[tuple[nn.Module | None, str]], names: dict[nn.Module, str]) -> str:
     parts = list(dict.fromkeys(
-        f"in {_label(names.get(m, '?'))} ({type(m).__name__}) at {where}"
-        if m is not None else f"at {where}" for m, where in calls))
+        (f"in {_label(names.get(m, '?'))} ({type(m).__name__})" if m is not None else "")
+        + (f" at {where}" if where else "") for m, where in calls))
     return "; ".join(parts[:5]) + (f"; ... ({len(parts) - 5} more)" if len(parts) > 5 else "")
 
 
