@@ -39,7 +39,7 @@ from ._records import (
 from . import verify
 from .runtime import has_with_block, wrap_forward
 from .select import _plan, _recipe
-from .sites import _as_args, _Call, _discover, _Discovery, _moved, _region_key, _Sites, _SiteTracer
+from .sites import _Call, _discover, _Discovery, _moved, _region_key, _Sites, _SiteTracer
 
 def _class_reads_training(cls: type) -> bool:
     for klass in cls.__mro__:
@@ -489,7 +489,7 @@ def cap_relus(
         found = found and _moved(found, memo)
     disc = found or _discover(target, example_input, mode, "cap_relus", prune=True)
     plan = _plan(disc.sites, cap, sites)
-    args, ref, unchecked = _reference_run(target, example_input)
+    args, ref, unchecked = verify.reference_run(target, example_input)
     try:
         converter, checked = _convert_checked(target, disc, plan, ref, args, mode, unchecked)
     except ConversionCheckError:
@@ -538,30 +538,6 @@ def _convert_checked(model, disc, plan, ref, args, mode, unchecked) -> tuple[_Co
         except ConversionCheckError:
             converter.abort()
             raise exc from None
-
-
-def _reference_run(model: nn.Module, example_input: Any) -> tuple[tuple | None, Any, str]:
-    """(arguments, the unconverted model's checked pass, or None and why there is none)."""
-    if example_input is not None:
-        args = _as_args(example_input)
-        ref = verify.reference(model, args)
-        if ref.error is not None:
-            raise ValueError(
-                f"cap_relus: example_input does not run through {type(model).__name__}: "
-                f"{type(ref.error).__name__}: {ref.error}. Pass the input the model takes "
-                "(a tensor or a tuple of forward arguments)") from ref.error
-        return args, ref, ""
-    tried = []
-    for args in verify.synthesised_inputs(model):
-        ref = verify.reference(model, args)
-        if ref.error is None:
-            return args, ref, ""
-        tried.append(f"{tuple(args[0].shape)} ({type(ref.error).__name__})")
-    if not tried:
-        return None, None, ("no example_input, and no Linear/Conv layer to synthesise one "
-                            "from; pass example_input")
-    return None, None, (f"no example_input, and the synthesised inputs {', '.join(tried)} do "
-                        "not run; pass example_input")
 
 
 def _check(model: nn.Module, converter: _Converter, ref: Any, args: tuple, all_sites: bool) -> str:

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ._records import _MARK, ConversionCheckError, _placement
+from .sites import _as_args
 
 # Every way a forward applies a ReLU: nn.ReLU runs F.relu, nn.ReLU6 runs F.hardtanh (counted
 # only when the module running it is an exact nn.ReLU6), F.relu_ is torch.relu_.
@@ -167,21 +168,53 @@ def synthesised_inputs(model: nn.Module) -> Iterator[tuple]:
     registration order, on the model's device and dtype: batch 2, spatial sizes from small to
     large (the first size a model runs with is used)."""
     device, dtype = _placement(model)
+
+    def randn(*shape: int) -> Tensor:
+        # a generator of its own: the same input every time, the caller's RNG untouched
+        if device is not None and device.type == "meta":
+            return torch.empty(*shape, device=device, dtype=dtype)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        return x.to(device=device, dtype=dtype)
+
     for m in model.modules():
         if isinstance(m, nn.Linear):
-            yield (torch.randn(2, m.in_features, device=device, dtype=dtype),)
+            yield (randn(2, m.in_features),)
             return
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             dims = m.weight.dim() - 2
             for size in ((32, 96, 224) if dims < 3 else (8, 16, 32)):
-                yield (torch.randn(2, m.in_channels, *([size] * dims), device=device,
-                                   dtype=dtype),)
+                yield (randn(2, m.in_channels, *([size] * dims)),)
             return
 
 
 def reference(model: nn.Module, args: tuple) -> _Run:
     """The original model's checked pass (run before converting, on a model equal to it)."""
     return _run(model, args)
+
+
+def reference_run(model: nn.Module, example_input: Any) -> tuple[tuple | None, Any, str]:
+    """(arguments, the unconverted model's checked pass, or None and why there is none):
+    ``example_input`` must run; a synthesised input that does not run means no check."""
+    if example_input is not None:
+        args = _as_args(example_input)
+        ref = reference(model, args)
+        if ref.error is not None:
+            raise ValueError(
+                f"cap_relus: example_input does not run through {type(model).__name__}: "
+                f"{type(ref.error).__name__}: {ref.error}. Pass the input the model takes "
+                "(a tensor or a tuple of forward arguments)") from ref.error
+        return args, ref, ""
+    tried = []
+    for args in synthesised_inputs(model):
+        ref = reference(model, args)
+        if ref.error is None:
+            return args, ref, ""
+        tried.append(f"{tuple(args[0].shape)} ({type(ref.error).__name__})")
+    if not tried:
+        return None, None, ("no example_input, and no Linear/Conv layer to synthesise one "
+                            "from; pass example_input")
+    return None, None, (f"no example_input, and the synthesised inputs {', '.join(tried)} do "
+                        "not run; pass example_input")
 
 
 def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Module, tuple],
