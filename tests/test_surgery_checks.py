@@ -182,11 +182,8 @@ def test_failure_4_torch_compile_wrappers_are_refused():
         find_relus(outer)
 
 
-class KeywordAct(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.act = nn.ReLU()
+class KeywordAct(Mixed):
+    """Calls its ReLU module with a keyword argument, as some models do."""
 
     def forward(self, x):
         return self.act(input=self.lin(x))

@@ -4,11 +4,12 @@ argument checks every public function runs first."""
 from __future__ import annotations
 
 import itertools
+import types
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +229,17 @@ def _name_list(sites: Sequence[ReluSite]) -> str:
 
 
 # --------------------------------------------------------------------------- tracing
+
+
+def _class_codes(cls: type) -> Iterator[types.CodeType]:
+    """Code of the functions defined by ``cls`` and its bases below ``nn.Module``."""
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        for value in vars(klass).values():
+            code = getattr(value, "__code__", None)
+            if code is not None:
+                yield code
 
 
 def _is_installed(module: nn.Module) -> bool:

@@ -30,6 +30,7 @@ from ._records import (
     UntraceableModelError,
     _check_mode,
     _check_model,
+    _class_codes,
     _placement,
     _Record,
     _relative,
@@ -42,14 +43,7 @@ from .select import _plan, _recipe
 from .sites import _Call, _discover, _Discovery, _moved, _region_key, _Sites, _SiteTracer
 
 def _class_reads_training(cls: type) -> bool:
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            break
-        for value in vars(klass).values():
-            code = getattr(value, "__code__", None)
-            if code is not None and "training" in code.co_names:
-                return True
-    return False
+    return any("training" in code.co_names for code in _class_codes(cls))
 
 
 class _Converter:

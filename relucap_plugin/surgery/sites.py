@@ -27,6 +27,7 @@ from ._records import (
     UntraceableModelError,
     _check_mode,
     _check_model,
+    _class_codes,
     _is_installed,
     _relative,
     _site_op,
@@ -232,14 +233,7 @@ def _names_in(code: types.CodeType) -> Iterator[str]:
 
 @functools.cache
 def _class_mentions_relu(cls: type) -> bool:
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            break
-        for value in vars(klass).values():
-            code = getattr(value, "__code__", None)
-            if code is not None and not _RELU_NAMES.isdisjoint(_names_in(code)):
-                return True
-    return False
+    return any(not _RELU_NAMES.isdisjoint(_names_in(code)) for code in _class_codes(cls))
 
 
 def _relu_free(model: nn.Module) -> frozenset[int]:
