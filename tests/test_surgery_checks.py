@@ -257,13 +257,8 @@ def test_self_check_without_input_is_reported():
     assert "bit-identical" in report.check
 
 
-class Gate(nn.Module):
+class Gate(Mixed):
     """Data-dependent control flow: fx cannot trace it."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.act = nn.ReLU()
 
     def forward(self, x):
         h = self.act(self.lin(x))
