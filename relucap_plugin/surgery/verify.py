@@ -165,8 +165,8 @@ def _plain_op(upper: float, inplace: bool) -> Callable[[Tensor], Tensor]:
 
 def synthesised_inputs(model: nn.Module) -> Iterator[tuple]:
     """Example forward arguments guessed from the first Linear or Conv1d/2d/3d layer in
-    registration order, on the model's device and dtype: batch 2, spatial sizes from small to
-    large (the first size a model runs with is used)."""
+    registration order, on the model's device and dtype: batch 1 then 2, spatial sizes from
+    small to large (the first input the model runs with is used)."""
     device, dtype = _placement(model)
 
     def randn(*shape: int) -> Tensor:
@@ -182,8 +182,10 @@ def synthesised_inputs(model: nn.Module) -> Iterator[tuple]:
             return
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             dims = m.weight.dim() - 2
-            for size in ((32, 96, 224) if dims < 3 else (8, 16, 32)):
-                yield (randn(2, m.in_channels, *([size] * dims)),)
+            sizes = (32, 96, 224) if dims < 3 else (8, 16, 32)
+            # batch 1 first (half the cost); batch 2 for BatchNorm in training mode
+            for batch, size in [(1, sizes[0])] + [(2, size) for size in sizes]:
+                yield (randn(batch, m.in_channels, *([size] * dims)),)
             return
 
 
