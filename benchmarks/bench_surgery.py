@@ -20,7 +20,13 @@ model of torchvision on the ``meta`` device (no weights: the surgery does not de
 values, and building the largest real models takes minutes) and times ``surgery`` per model.
 A pure-Python loop is timed too, so figures from machines of different speed can be compared.
 
+The slowest part (issue 13) times ``cap_relus(model, 0.5)`` (default copy, self-check included
+after the change) on the slowest timm zoo models with real weights, before and after: "before"
+is ``relucap_plugin/surgery.py`` of git revision ``--before`` (default 87446d6, the last one
+without the self-check), loaded next to the package, timed interleaved with the current code.
+
     OMP_NUM_THREADS=1 python benchmarks/bench_surgery.py [--repeats 7] [--zoo-repeats 3] [--no-zoo]
+        [--before REV] [--no-slowest]
 """
 
 from __future__ import annotations
@@ -94,18 +100,65 @@ def python_speed() -> float:
     return min(timed(lambda: sum(i * i for i in range(1_000_000)))[1] for _ in range(3))
 
 
+SLOWEST = ("ghostnetv3_050", "mobileone_s0", "inception_resnet_v2", "nasnetalarge",
+           "densenet121", "res2net50_14w_8s")
+
+
+def load_before(rev: str):
+    """``relucap_plugin.surgery`` as of git revision ``rev`` (a single module then)."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:relucap_plugin/surgery.py"], cwd=root,
+                         check=True, capture_output=True, text=True).stdout
+    path = Path("/tmp") / f"relucap_surgery_{rev}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("relucap_plugin._surgery_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_slowest(rev: str, repeats: int) -> list[tuple]:
+    import timm
+
+    before = load_before(rev)
+    rows = []
+    for name in progress(SLOWEST, "slowest timm models"):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).eval()
+        best = {"before": float("inf"), "after": float("inf")}
+        failed = ""
+        for _ in range(repeats):
+            for key, fn in (("before", before.cap_relus), ("after", cap_relus)):
+                try:
+                    best[key] = min(best[key], timed(lambda fn=fn, model=model: fn(model, CAP))[1])
+                except ValueError as exc:  # the code before could not trace some models
+                    failed = f"{key}: {type(exc).__name__}"
+        report = cap_relus(model, CAP)[1]
+        ratio = f"{best['after'] / best['before']:.2f}" if not failed else failed
+        rows.append((name, report.count, f"{best['before']:.0f}", f"{best['after']:.0f}",
+                     ratio, report.check.split(":")[0]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--zoo-repeats", type=int, default=3)
     parser.add_argument("--no-zoo", action="store_true", help="skip the torchvision zoo")
+    parser.add_argument("--before", default="87446d6", help="git revision timed as 'before'")
+    parser.add_argument("--no-slowest", action="store_true", help="skip the slowest timm models")
+    parser.add_argument("--only-slowest", action="store_true", help="run only that part")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, 1 thread; "
           f"pure-Python reference loop: {python_speed():.0f} ms CPU")
 
     rows, verdicts = [], []
-    for name, target in (("resnet50", TARGET_MODULES_MS), ("densenet121", TARGET_FX_MS)):
+    for name, target in () if args.only_slowest else (("resnet50", TARGET_MODULES_MS), ("densenet121", TARGET_FX_MS)):
         best, report = bench_model(name, args.repeats)
         for key, (wall, cpu) in best.items():
             rows.append((name, key, f"{wall:.1f}", f"{cpu:.1f}",
@@ -113,10 +166,11 @@ def main() -> None:
         cpu = best["surgery"][1]
         verdicts.append((f"{name} ({report.method}, {report.count} sites): find + cap",
                          f"{cpu:.1f} ms", f"<= {target:g} ms", _verdict(cpu, target)))
-    print_table(["model", "variant", "best wall ms", "best CPU ms", "x surgery"], rows,
-                title=f"find_relus + cap_relus, best of {args.repeats}")
+    if rows:
+        print_table(["model", "variant", "best wall ms", "best CPU ms", "x surgery"], rows,
+                    title=f"find_relus + cap_relus, best of {args.repeats}")
 
-    if not args.no_zoo:
+    if not args.no_zoo and not args.only_slowest:
         zoo_rows, worst_fx, worst_any = [], ("", 0.0), ("", 0.0)
         names = ZOO
         for name in progress(names, "zoo (meta device)"):
@@ -144,6 +198,11 @@ def main() -> None:
               f"max fx conversion: {worst_fx[1]:.1f} ms ({worst_fx[0]})")
         verdicts.append((f"zoo max fx conversion ({worst_fx[0]})", f"{worst_fx[1]:.1f} ms",
                          f"<= {TARGET_FX_MS:g} ms", _verdict(worst_fx[1], TARGET_FX_MS)))
+    if not args.no_slowest:
+        print_table(["model", "sites", "before CPU ms", "after CPU ms", "after/before",
+                     "self-check"], bench_slowest(args.before, max(1, args.zoo_repeats)),
+                    title=f"cap_relus(model, {CAP}) on the slowest timm models, real weights, "
+                          f"before ({args.before}) and after, best of {max(1, args.zoo_repeats)}")
     print_table(["measure", "CPU time", "target", "verdict"], verdicts, title="targets")
 
 

@@ -410,7 +410,7 @@ def test_split_shared_instance_and_selection_modes():
 
 
 def test_cap_relus_reuses_find_relus_discovery(monkeypatch):
-    import relucap_plugin.surgery as surgery
+    import relucap_plugin.surgery.sites as surgery  # where _trace lives
 
     class Net(nn.Module):
         def __init__(self):

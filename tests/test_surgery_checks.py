@@ -1,0 +1,289 @@
+"""Tests of the surgery self-check, the runtime path and the refusals (issue 13).
+
+Each test named ``test_failure_N_*`` reproduces failure N of issue 13 (silent on the code before
+it) and checks the fix. ReLU applications are counted independently of relucap_plugin by
+``count_relu_applications`` of test_surgery.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from relucap_plugin.surgery import (
+    ConversionCheckError,
+    UntraceableModelError,
+    cap_relus,
+    find_relus,
+    is_converted,
+    uncap,
+)
+from tests.test_surgery import count_relu_applications, run, snapshot, assert_same_snapshot
+
+
+class FrozenBranch(nn.Module):
+    """A forward with ``torch.no_grad()`` around a functional ReLU (a frozen feature branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = F.relu(self.frozen(x))
+        return self.head(F.relu(h - 0.1) + h)
+
+
+class Bf16(nn.Module):
+    """A forward computing a functional ReLU under autocast: its output is bfloat16."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.relu(self.lin(x))
+
+
+def _frozen_helper(lin, x):
+    with torch.no_grad():
+        return torch.relu(lin(x))
+
+
+class HelperFrozen(nn.Module):
+    """The ``with`` block is in a plain function: no method of the class shows it, so only the
+    self-check can see what an fx rewrite would lose."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_frozen_helper(self.a, x).relu())
+
+
+def grads_of(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x.clone().requires_grad_())
+    out.float().sum().backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None}, out
+
+
+def test_failure_1_context_managers_kept_by_runtime_path():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4) * 3
+    for net in (FrozenBranch(), Bf16()):
+        names, reference = grads_of(net, x)
+        expected = count_relu_applications(net, x)
+        plain, report = cap_relus(net, math.inf, example_input=x)
+        assert set(report.how.values()) == {"runtime"} and report.method == "runtime"
+        assert all("`with` block" in why for why in report.reasons.values())
+        assert report.check.startswith("passed")
+        got_names, out = grads_of(plain, x)
+        assert got_names == names and out.dtype == reference.dtype
+        assert torch.equal(out, reference)
+        capped, report = cap_relus(net, 0.5, example_input=x)
+        assert report.count == expected
+        seen = []
+        for path in set(report.paths.values()):
+            capped.get_submodule(path).register_forward_hook(
+                lambda m, i, o, seen=seen: seen.append(float(o.max())))
+        run(capped, x)
+        assert len(seen) == expected and max(seen) <= 0.5
+    assert "frozen.weight" not in grads_of(FrozenBranch(), x)[0]
+
+
+def test_failure_1_self_check_catches_what_fx_loses_and_falls_back():
+    torch.manual_seed(0)
+    net = HelperFrozen()
+    x = torch.randn(3, 4)
+    names, reference = grads_of(net, x)
+    assert "a.weight" not in names
+    converted, report = cap_relus(net, math.inf, example_input=x)
+    assert set(report.how.values()) == {"runtime"}
+    assert all("fx rewrite failed the self-check" in r for r in report.reasons.values())
+    assert grads_of(converted, x)[0] == names
+    assert torch.equal(run(converted, x), run(net, x))
+
+
+def test_failure_2_scripted_submodules_are_refused():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.lin(x))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), torch.jit.script(Inner()))
+    before = snapshot(net)
+    for call in (lambda: cap_relus(net, 0.5), lambda: find_relus(net),
+                 lambda: cap_relus(net, 0.5, mode="modules")):
+        with pytest.raises(TypeError, match=r"submodule '2' .* TorchScript .*eager module at '2'"):
+            call()
+    assert_same_snapshot(before, snapshot(net))
+
+
+class Mixed(nn.Module):
+    """One ReLU module and one functional ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return F.relu(self.act(self.lin(x)) - 0.5)
+
+
+def test_failure_3_modules_mode_refuses_to_miss_functional_relus():
+    net = Mixed()
+    x = torch.randn(3, 4)
+    for inplace in (False, True):
+        model = copy.deepcopy(net)
+        with pytest.raises(ConversionCheckError, match=r"1 ReLU application\(s\) were not "
+                           r"converted.*test_surgery_checks.py:\d+ in forward.*mode='auto'"):
+            cap_relus(model, 0.5, mode="modules", inplace=inplace)
+        assert not is_converted(model) and type(model.act) is nn.ReLU
+        assert "forward" not in model.__dict__
+    converted, report = cap_relus(net, 0.5)
+    assert report.count == 2 == count_relu_applications(net, x)
+
+
+def test_failure_3_untraceable_message_no_longer_suggests_fx_wrap():
+    class Gate(nn.Module):
+        def forward(self, x):
+            return F.relu(x) if x.sum() > 0 else -x
+
+    with pytest.raises(UntraceableModelError) as info:
+        find_relus(nn.Sequential(nn.Linear(2, 2), Gate()))
+    assert "torch.fx.wrap" not in str(info.value)
+
+
+def test_failure_4_torch_compile_wrappers_are_refused():
+    net = Mixed()
+    with pytest.raises(TypeError, match=r"torch.compile wrapper; pass model._orig_mod"):
+        cap_relus(torch.compile(net), 0.5)
+    outer = nn.Sequential(nn.Linear(4, 4), torch.compile(Mixed()))
+    with pytest.raises(TypeError, match=r"submodule '1' .*torch.compile wrapper"):
+        find_relus(outer)
+
+
+class KeywordAct(Mixed):
+    """Calls its ReLU module with a keyword argument, as some models do."""
+
+    def forward(self, x):
+        return self.act(input=self.lin(x))
+
+
+@pytest.mark.parametrize("mode", ["auto", "modules"])
+def test_failure_5_keyword_call_of_activation_module(mode):
+    torch.manual_seed(0)
+    net = KeywordAct()
+    x = torch.randn(6, 4) * 4
+    plain, report = cap_relus(net, math.inf, mode=mode)
+    assert torch.equal(run(plain, x), run(net, x)) and report.count == 1
+    capped, _ = cap_relus(net, 0.25, mode=mode)
+    out = run(capped, x)
+    assert float(out.max()) <= 0.25 and float(out.max()) > 0
+
+
+def test_failure_7_uncopyable_model_points_to_inplace():
+    net = KeywordAct()
+    net.lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"cannot be deep-copied.*inplace=True"):
+        cap_relus(net, 0.5)
+    model, report = cap_relus(net, 0.5, inplace=True)
+    assert model is net and report.count == 1
+    uncap(net)
+    assert type(net.act) is nn.ReLU
+
+
+class Twice(nn.Module):
+    """A block with a `with` block, called twice by its parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = FrozenBranch()
+        self.proj = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.block(self.proj(self.block(x)))
+
+
+def test_runtime_path_shared_owner_pickles_copies_and_undoes():
+    torch.manual_seed(0)
+    net = Twice().eval()
+    x = torch.randn(3, 4) * 3
+    reference = run(net, x)
+    capped, report = cap_relus(net, 0.2, example_input=x)
+    assert report.count == 4 and set(report.how.values()) == {"runtime"}
+    assert len(set(report.paths.values())) == 2  # one activation per call site
+    out = run(capped, x)
+    buffer = io.BytesIO()
+    torch.save(capped, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(run(loaded, x), out) and torch.equal(run(copy.deepcopy(capped), x), out)
+    assert not torch.equal(out, reference)
+    uncap(capped)
+    assert torch.equal(run(capped, x), reference) and "forward" not in capped.block.__dict__
+    with pytest.raises(ValueError, match=r"must be capped at run time .*different activations"):
+        cap_relus(net, {"block:relu#0": 0.2, "block:relu#2": 0.3})
+
+
+def test_self_check_without_input_is_reported():
+    class NoLayer(nn.Module):
+        def forward(self, x):
+            return F.relu(x)
+
+    with pytest.warns(UserWarning, match="not self-checked: no example_input"):
+        _, report = cap_relus(NoLayer(), 0.5)
+    assert report.check.startswith("not run: no example_input")
+    _, report = cap_relus(NoLayer(), 0.5, example_input=torch.randn(2, 3))
+    assert "bit-identical" in report.check
+
+
+class Gate(Mixed):
+    """Data-dependent control flow: fx cannot trace it."""
+
+    def forward(self, x):
+        h = self.act(self.lin(x))
+        if h.sum() > 0:
+            h = F.relu(h - 0.5) + torch.relu(-h)
+        return h.relu()
+
+
+def test_untraceable_model_found_by_running_and_capped_at_run_time():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), Gate(), nn.Linear(4, 2)).eval()
+    x = torch.randn(5, 4) * 3
+    with pytest.raises(UntraceableModelError, match="example_input=x"):
+        find_relus(net)
+    sites = find_relus(net, x)
+    assert [s.name for s in sites] == ["1.act", "1:relu#0", "1:relu#1", "1:relu#2"]
+    assert sites[1].shape == (5, 4) and sites[2].op == "torch.relu"
+    expected = count_relu_applications(net, x)
+    assert expected == 4
+    plain, report = cap_relus(net, math.inf, example_input=x)
+    assert torch.equal(run(plain, x), run(net, x)) and report.count == 4
+    capped, report = cap_relus(net, 0.5, sites="1:*", example_input=x)
+    assert report.how == {f"1:relu#{k}": "runtime" for k in range(3)}
+    assert all("fx cannot trace" in r for r in report.reasons.values())
+    outputs = []
+    capped[1].register_forward_hook(lambda m, i, o: outputs.append(o))
+    run(capped, x)
+    assert float(outputs[0].max()) <= 0.5
