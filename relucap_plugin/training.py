@@ -36,12 +36,16 @@ __all__ = [
     "train",
 ]
 
-TRAIN_METHODS = ("standard", "fgsm", "fgsm_rs", "pgd")
+TRAIN_METHODS = ("standard", "fgsm", "fgsm_rs", "pgd", "ibp", "crown_ibp")
 """``standard``: clean examples. ``fgsm``: one signed-gradient step of size eps from the clean
 point (Goodfellow et al. 2015; the adversarial training of arXiv 2405.03777). ``fgsm_rs``: a
 uniform random start in the eps-ball, then one step of 1.25 * eps, projected back ("fast AT",
 Wong, Rice, Kolter 2020). ``pgd``: random start and ``pgd_steps`` projected steps of
-2.5 * eps / pgd_steps (Madry et al. 2018)."""
+2.5 * eps / pgd_steps (Madry et al. 2018). ``ibp`` / ``crown_ibp``: certified training on the
+margin lower bounds of the L-inf ball (Gowal et al. 2018; Zhang et al. 2020), eps ramped from 0
+and the clean/bound mix kappa (and CROWN-IBP's beta) scheduled per step
+(:func:`relucap_plugin.certify.certified_schedule`)."""
+CERTIFIED_METHODS = ("ibp", "crown_ibp")
 
 _OPTIMIZERS = ("adam", "sgd")
 _DEFAULT_LR = {"adam": 1e-3, "sgd": 0.01}
@@ -166,6 +170,7 @@ def train(
     device: str | torch.device = "auto",
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    schedule: dict[str, float] | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` with cross-entropy; return a :class:`TrainHistory`.
 
@@ -183,6 +188,10 @@ def train(
     state is untouched), so on CPU the same seed and model give bit-identical weights. The model
     is moved to ``device`` and left there, in eval mode; if ``checkpoint`` is a path, the
     weights are saved there after every epoch (see :func:`save_checkpoint`).
+
+    ``ibp`` and ``crown_ibp`` minimise the bound loss of :func:`relucap_plugin.certify.bound_loss`
+    at ``eps`` (the target radius); ``schedule`` holds :func:`~relucap_plugin.certify.
+    certified_schedule`'s ``warmup``, ``ramp`` (fractions of all steps) and ``kappa_end``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -206,7 +215,14 @@ def train(
                          "adversarial examples only")
     bounds = _check_bounds(bounds)
     dev = resolve_device(device)
-    adversarial = method != "standard"
+    certified = method in CERTIFIED_METHODS
+    adversarial = method != "standard" and not certified
+    if certified:
+        _positive(eps, "eps")
+        schedule = _check_schedule(schedule)
+        if bounds is None:
+            raise ValueError(f"method={method!r} needs the input bounds (bounds=(0.0, 1.0) for "
+                             "pixels); bounds=None is not supported for certified training")
     steps, random_start = 0, False
     if adversarial:
         _positive(eps, "eps")
@@ -234,6 +250,8 @@ def train(
         "clean_weight": clean_weight if adversarial else None, "bounds": bounds, "seed": seed,
         "device": str(dev),
     })
+    if certified:
+        history.config.update(eps=eps, schedule=schedule)
     was_training = model.training
     start = time.perf_counter()
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
@@ -247,7 +265,7 @@ def train(
             opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
             total = len(loader) * epochs if hasattr(loader, "__len__") else None
             sums = [0.0, 0, 0]  # loss * n, correct, n
-            current = 0
+            current, step, graph = 0, 0, None
             for epoch, batch in _progress(_batches(loader, epochs), f"train ({method})",
                                           total=total, enabled=progress):
                 if epoch != current:
@@ -262,13 +280,21 @@ def train(
                                          attack_rng)
                     inputs, targets = (torch.cat([x, x_adv]), torch.cat([y, y])) if (
                         clean_weight > 0) else (x_adv, y)
-                logits = model(inputs)
-                losses = F.cross_entropy(logits, targets, reduction="none")
-                if adversarial and clean_weight > 0:
-                    n = len(x)
-                    loss = clean_weight * losses[:n].mean() + (1 - clean_weight) * losses[n:].mean()
+                if certified:
+                    _check_in_bounds(x, bounds)
+                    loss, logits, graph = _certified_step(model, x, y, method, eps, step,
+                                                          total, schedule, bounds, graph)
+                    losses = loss.detach().expand(len(y))
+                    step += 1
                 else:
-                    loss = losses.mean()
+                    logits = model(inputs)
+                    losses = F.cross_entropy(logits, targets, reduction="none")
+                    if adversarial and clean_weight > 0:
+                        n = len(x)
+                        loss = (clean_weight * losses[:n].mean()
+                                + (1 - clean_weight) * losses[n:].mean())
+                    else:
+                        loss = losses.mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -284,6 +310,30 @@ def train(
         model.train(was_training if not finished else False)
         history.seconds = time.perf_counter() - start
     return history
+
+
+def _check_schedule(schedule: dict[str, float] | None) -> dict[str, float]:
+    defaults = {"warmup": 0.1, "ramp": 0.5, "kappa_end": 0.5}
+    unknown = sorted(set(schedule or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown schedule key(s) {unknown}; valid: {sorted(defaults)}")
+    out = {**defaults, **(schedule or {})}
+    for k, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"schedule[{k!r}] must be a fraction in [0, 1] (got {v!r})")
+    return out
+
+
+def _certified_step(model, x, y, method, eps, step, total, schedule, bounds, graph):
+    """The bound loss of one batch (the certify package computes it; this only dispatches)."""
+    from .certify import bound_loss, certified_schedule, compile_model
+
+    if graph is None:
+        with torch.no_grad():
+            graph = compile_model(model, x[:1])
+    sched = certified_schedule(step, total or 1, eps, **schedule)
+    loss, logits = bound_loss(model, x, y, sched, method, bounds=bounds, graph=graph)
+    return loss, logits, graph
 
 
 def _end_epoch(history: TrainHistory, sums: list, model: nn.Module, checkpoint: Any) -> None:

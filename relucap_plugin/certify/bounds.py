@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .graph import Affine, BoundGraph, Clip, Input, MaxPool2d, Sum
+from .graph import Affine, BoundGraph, Clip, Conv2d, Input, Linear, MaxPool2d, Sum
 
 __all__ = ["Ball", "Bounds", "clip_relaxation", "margin_spec"]
 
@@ -138,7 +138,8 @@ class Bounds:
 
     ``crown_intermediate=True`` tightens the input of every nonlinear op with at most
     ``max_neurons`` units by a CROWN pass (intersected with IBP); otherwise the intermediate
-    bounds are IBP's (CROWN-IBP).
+    bounds are IBP's (CROWN-IBP). A node one dense layer from an Linf box keeps its IBP bounds,
+    which are exact there.
     """
 
     def __init__(self, graph: BoundGraph, ball: Ball, crown_intermediate: bool = False,
@@ -148,13 +149,19 @@ class Bounds:
         ops = graph.ops
         needed = {op.inputs[0] for op in ops if isinstance(op, (Clip, MaxPool2d))}
         self.bounds: list[tuple[Tensor, Tensor]] = []
+        dense: list[int | None] = []  # dense affine ops between the input and a node (None: any other op)
         for i, op in enumerate(ops):
             if isinstance(op, Input):
                 self.bounds.append(ball.box())
+                dense.append(0)
                 continue
             lo, hi = op.ibp(*(self.bounds[j] for j in op.inputs))
             self.bounds.append((lo, hi))
-            if crown_intermediate and i in needed and math.prod(op.shape) <= max_neurons:
+            before = dense[op.inputs[0]] if isinstance(op, Affine) else None
+            dense.append(None if before is None else before + isinstance(op, (Linear, Conv2d)))
+            exact = ball.norm == "Linf" and dense[i] is not None and dense[i] <= 1
+            if (crown_intermediate and i in needed and not exact
+                    and math.prod(op.shape) <= max_neurons):
                 self.bounds[i] = self._tighten(i)
 
     def _tighten(self, i: int) -> tuple[Tensor, Tensor]:
