@@ -5,7 +5,7 @@ al. 2018 (IBP, arXiv 1810.12715), Zhang et al. 2018 (CROWN, arXiv 1811.00866) an
 2020 (CROWN-IBP, arXiv 1906.06316). See docs/certification.md.
 """
 
-from .api import METHODS, certified_margins, certify
+from .api import METHODS, certified_margins, certify, interval_widths
 from .bounds import Ball, Bounds, clip_relaxation, margin_spec
 from .graph import SUPPORTED, BoundGraph, UnsupportedOpError, compile_model
 from .losses import bound_loss, certified_schedule
@@ -23,5 +23,6 @@ __all__ = [
     "certify",
     "clip_relaxation",
     "compile_model",
+    "interval_widths",
     "margin_spec",
 ]

@@ -25,7 +25,7 @@ from ..threat import EvalConfig, ThreatModel
 from .bounds import Ball, Bounds, margin_spec
 from .graph import BoundGraph, compile_model
 
-__all__ = ["METHODS", "certified_margins", "certify"]
+__all__ = ["METHODS", "certified_margins", "certify", "interval_widths"]
 
 METHODS = ("ibp", "crown", "best")
 """``ibp``: interval bounds (cheap, loose unless the model was trained for it). ``crown``:
@@ -77,6 +77,19 @@ def certified_margins(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: 
         graph = compile_model(model, x[:1])
         _check_logits(graph, model)
         return margins_on_graph(graph, x, y.long(), eps, tm.norm, tm.bounds, method, max_neurons)
+
+
+def interval_widths(model: nn.Module, x: Tensor, eps: float | Tensor,
+                    bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict[str, tuple[str, float]]:
+    """Module path -> (type, mean IBP interval width of its output) over the Linf ball of radius
+    ``eps`` (a float or one per sample) around ``x`` (N, ...): the perturbation growth of a
+    network as a bound. A capped unit's interval is never wider than its cap."""
+    with caller_state(model), torch.no_grad():
+        graph = compile_model(model, x[:1])
+        b = Bounds(graph, Ball(x, eps, "Linf", bounds))
+        modules = dict(model.named_modules())
+        return {op.module: (type(modules[op.module]).__name__, float((hi - lo).mean()))
+                for op, (lo, hi) in zip(graph.ops, b.bounds) if op.module is not None}
 
 
 def _as_threat(threat_model: ThreatModel | Mapping[str, Any]) -> ThreatModel:

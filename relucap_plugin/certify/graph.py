@@ -48,6 +48,7 @@ class BoundOp:
     shape: tuple[int, ...] = ()
     name: str = ""
     where: str = ""
+    module: str | None = None  # the module path, for ops that are modules
 
     def forward(self, *xs: Tensor) -> Tensor:
         raise NotImplementedError
@@ -355,6 +356,7 @@ class _Compiler:
         op.shape = tuple(value.shape[1:])
         op.name = node.name
         op.where = _where(node, self.modules)
+        op.module = str(node.target) if node.op == "call_module" else None
         self.index[node] = len(self.ops)
         self.ops.append(op)
 
