@@ -29,6 +29,7 @@ from .models import mlp, scale_init, small_cnn
 from .training import TrainHistory, accuracy, load_checkpoint, save_checkpoint, train
 from .adaptive import bpda, evaluate_suite, get_suite, surrogate_gradients, transfer, uncapped_twin
 from .diagnostics import audit, perturbation_growth
+from .certify import certify
 from .surgery import (
     CapReport,
     ReluSite,
@@ -69,6 +70,7 @@ __all__ = [
     "as_loader",
     "as_tensors",
     "capped_relu",
+    "certify",
     "create_activation",
     "evaluate",
     "get_attack",

@@ -29,17 +29,17 @@ TOL = 1e-4
 # ------------------------------------------------------------------ the relaxation
 @settings(max_examples=400, **SETTINGS)
 @given(
-    l=st.floats(-5, 5), w=st.floats(0, 6), lo=st.one_of(st.just(-math.inf), st.floats(-3, 3)),
+    low=st.floats(-5, 5), w=st.floats(0, 6), lo=st.one_of(st.just(-math.inf), st.floats(-3, 3)),
     span=st.one_of(st.just(math.inf), st.floats(0.01, 4)),
 )
-def test_clip_relaxation_encloses_the_function_on_the_interval(l, w, lo, span):
+def test_clip_relaxation_encloses_the_function_on_the_interval(low, w, lo, span):
     """aL z + bL <= clip(z, lo, hi) <= aU z + bU on a dense grid of [l, u], for every case of
     l, u against both kinks (and missing sides)."""
-    u = l + w
+    u = low + w
     hi = lo + span if math.isfinite(lo) else (span if math.isfinite(span) else math.inf)
-    lt, ut = torch.tensor([l], dtype=torch.float64), torch.tensor([u], dtype=torch.float64)
+    lt, ut = torch.tensor([low], dtype=torch.float64), torch.tensor([u], dtype=torch.float64)
     aL, bL, aU, bU = clip_relaxation(lt, ut, torch.tensor(lo), torch.tensor(hi))
-    z = torch.linspace(l, u, 513, dtype=torch.float64)
+    z = torch.linspace(low, u, 513, dtype=torch.float64)
     f = torch.minimum(torch.maximum(z, torch.tensor(lo)), torch.tensor(hi))
     assert torch.all(aL * z + bL <= f + 1e-9)
     assert torch.all(aU * z + bU >= f - 1e-9)
@@ -47,10 +47,10 @@ def test_clip_relaxation_encloses_the_function_on_the_interval(l, w, lo, span):
 
 
 def test_clip_relaxation_is_exact_where_the_unit_is_stable():
-    l = torch.tensor([-3.0, 2.0, 0.2, 5.0])
+    low = torch.tensor([-3.0, 2.0, 0.2, 5.0])
     u = torch.tensor([-1.0, 2.5, 0.8, 7.0])
-    aL, bL, aU, bU = clip_relaxation(l, u, torch.tensor(0.0), torch.tensor(1.0))
-    for z in (l, u, (l + u) / 2):
+    aL, bL, aU, bU = clip_relaxation(low, u, torch.tensor(0.0), torch.tensor(1.0))
+    for z in (low, u, (low + u) / 2):
         f = z.clamp(0, 1)
         assert torch.allclose(aL * z + bL, f) and torch.allclose(aU * z + bU, f)
 
@@ -262,14 +262,16 @@ def _exact_min(w1, b1, cap, c, x0, eps):
         a_ub, b_ub, cost, const = [], [], np.zeros(d), 0.0
         for j, p in enumerate(pattern):
             if p == 0:  # z <= 0
-                a_ub.append(w1[j]); b_ub.append(-b1[j])
+                rows = [(w1[j], -b1[j])]
             elif p == 1:  # 0 <= z <= cap
-                a_ub.append(-w1[j]); b_ub.append(b1[j])
-                a_ub.append(w1[j]); b_ub.append(cap - b1[j])
-                cost += c[j] * w1[j]; const += c[j] * b1[j]
+                rows = [(-w1[j], b1[j]), (w1[j], cap - b1[j])]
+                cost += c[j] * w1[j]
+                const += c[j] * b1[j]
             else:  # z >= cap
-                a_ub.append(-w1[j]); b_ub.append(b1[j] - cap)
+                rows = [(-w1[j], b1[j] - cap)]
                 const += c[j] * cap
+            a_ub += [r[0] for r in rows]
+            b_ub += [r[1] for r in rows]
         res = linprog(cost, A_ub=np.array(a_ub), b_ub=np.array(b_ub), bounds=list(zip(lo, hi)))
         if res.status == 0:
             best = min(best, res.fun + const)

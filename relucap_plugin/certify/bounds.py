@@ -71,43 +71,43 @@ def _tensor(value: Tensor, like: Tensor) -> Tensor:
     return value.to(device=like.device, dtype=like.dtype)
 
 
-def clip_relaxation(l: Tensor, u: Tensor, lo: Tensor, hi: Tensor):
-    """Linear bounds ``aL z + bL <= clip(z, lo, hi) <= aU z + bU`` valid for ``l <= z <= u``.
+def clip_relaxation(zl: Tensor, zu: Tensor, lo: Tensor, hi: Tensor):
+    """Linear bounds ``aL z + bL <= clip(z, lo, hi) <= aU z + bU`` valid for ``zl <= z <= zu``.
 
-    ``lo``/``hi`` broadcast to ``l`` (``-inf``/``inf`` for a missing side; a ReLU is (0, inf), a
-    cap b is (0, b)). Cases, elementwise: constant (``u <= lo`` or ``l >= hi``); identity
-    (``lo <= l, u <= hi``); one kink at ``lo`` (ReLU-like: the chord above, a line through
+    ``lo``/``hi`` broadcast to ``zl`` (``-inf``/``inf`` for a missing side; a ReLU is (0, inf), a
+    cap b is (0, b)). Cases, elementwise: constant (``zu <= lo`` or ``zl >= hi``); identity
+    (``lo <= zl, zu <= hi``); one kink at ``lo`` (ReLU-like: the chord above, a line through
     (lo, lo) of slope 0 or 1 below, CROWN's adaptive choice); one kink at ``hi`` (mirrored: the
     chord below, slope 0 or 1 through (hi, hi) above); both kinks (below: a line through
-    (lo, lo) of slope 0 or (hi - lo)/(u - lo), which passes through (u, hi); above: through
-    (hi, hi) of slope 0 or (hi - lo)/(hi - l), through (l, lo)). Each slope choice keeps the
-    line that encloses the smaller area over [l, u] (the larger / smaller value at the
-    interval's midpoint). Returns (aL, bL, aU, bU), each shaped like ``l``.
+    (lo, lo) of slope 0 or (hi - lo)/(zu - lo), which passes through (zu, hi); above: through
+    (hi, hi) of slope 0 or (hi - lo)/(hi - zl), through (zl, lo)). Each slope choice keeps the
+    line that encloses the smaller area over [zl, zu] (the larger / smaller value at the
+    interval's midpoint). Returns (aL, bL, aU, bU), each shaped like ``zl``.
     """
-    lo, hi = _tensor(lo, l), _tensor(hi, l)
-    lo, hi, l, u = torch.broadcast_tensors(lo, hi, l, u)
-    lo = torch.where(torch.isinf(lo), torch.minimum(l, u) - 1, lo)
-    hi = torch.where(torch.isinf(hi), torch.maximum(l, u) + 1, hi)
-    mid = (l + u) / 2
-    below = u <= lo
-    above = (l >= hi) & ~below
-    ident = (l >= lo) & (u <= hi) & ~below & ~above
+    lo, hi = _tensor(lo, zl), _tensor(hi, zl)
+    lo, hi, zl, zu = torch.broadcast_tensors(lo, hi, zl, zu)
+    lo = torch.where(torch.isinf(lo), torch.minimum(zl, zu) - 1, lo)
+    hi = torch.where(torch.isinf(hi), torch.maximum(zl, zu) + 1, hi)
+    mid = (zl + zu) / 2
+    below = zu <= lo
+    above = (zl >= hi) & ~below
+    ident = (zl >= lo) & (zu <= hi) & ~below & ~above
     rest = ~(below | above | ident)
-    lower_kink = rest & (l < lo) & (u <= hi)
-    upper_kink = rest & (l >= lo) & (u > hi)
+    lower_kink = rest & (zl < lo) & (zu <= hi)
+    upper_kink = rest & (zl >= lo) & (zu > hi)
     both = rest & ~lower_kink & ~upper_kink
-    one = torch.ones_like(l)
-    width = torch.where(rest, u - l, one)
-    zero = torch.zeros_like(l)
+    one = torch.ones_like(zl)
+    width = torch.where(rest, zu - zl, one)
+    zero = torch.zeros_like(zl)
     # lower kink: chord above, 0/1 through (lo, lo) below
-    s_up4 = (u - lo) / width
-    alpha4 = (mid > lo).to(l.dtype)
+    s_up4 = (zu - lo) / width
+    alpha4 = (mid > lo).to(zl.dtype)
     # upper kink: chord below, 0/1 through (hi, hi) above
-    s_lo5 = (hi - l) / width
-    beta5 = (mid < hi).to(l.dtype)
+    s_lo5 = (hi - zl) / width
+    beta5 = (mid < hi).to(zl.dtype)
     # both kinks
-    alpha6 = torch.where(mid > lo, (hi - lo) / torch.where(both, u - lo, one), zero)
-    beta6 = torch.where(mid < hi, (hi - lo) / torch.where(both, hi - l, one), zero)
+    alpha6 = torch.where(mid > lo, (hi - lo) / torch.where(both, zu - lo, one), zero)
+    beta6 = torch.where(mid < hi, (hi - lo) / torch.where(both, hi - zl, one), zero)
 
     aL = torch.where(ident, one, zero)
     aL = torch.where(lower_kink, alpha4, aL)
@@ -115,14 +115,14 @@ def clip_relaxation(l: Tensor, u: Tensor, lo: Tensor, hi: Tensor):
     aL = torch.where(both, alpha6, aL)
     bL = torch.where(below, lo, torch.where(above, hi, zero))
     bL = torch.where(lower_kink | both, lo * (1 - aL), bL)
-    bL = torch.where(upper_kink, l - s_lo5 * l, bL)
+    bL = torch.where(upper_kink, zl - s_lo5 * zl, bL)
 
     aU = torch.where(ident, one, zero)
     aU = torch.where(lower_kink, s_up4, aU)
     aU = torch.where(upper_kink, beta5, aU)
     aU = torch.where(both, beta6, aU)
     bU = torch.where(below, lo, torch.where(above, hi, zero))
-    bU = torch.where(lower_kink, lo - s_up4 * l, bU)
+    bU = torch.where(lower_kink, lo - s_up4 * zl, bU)
     bU = torch.where(upper_kink | both, hi * (1 - aU), bU)
     return aL, bL, aU, bU
 
@@ -177,11 +177,11 @@ class Bounds:
     def _relaxation(self, i: int) -> tuple:
         if i not in self._relax:
             op = self.graph.ops[i]
-            l, u = self.bounds[op.inputs[0]]
+            zl, zu = self.bounds[op.inputs[0]]
             if isinstance(op, Clip):
-                self._relax[i] = tuple(t.unsqueeze(1) for t in clip_relaxation(l, u, op.lo(), op.hi()))
+                self._relax[i] = tuple(t.unsqueeze(1) for t in clip_relaxation(zl, zu, op.lo(), op.hi()))
             else:
-                self._relax[i] = _maxpool_relaxation(op, l, u)
+                self._relax[i] = _maxpool_relaxation(op, zl, zu)
         return self._relax[i]
 
     def ibp_margin(self, spec: Tensor) -> Tensor:
@@ -240,18 +240,18 @@ class Bounds:
         return bias
 
 
-def _maxpool_relaxation(op: MaxPool2d, l: Tensor, u: Tensor):
+def _maxpool_relaxation(op: MaxPool2d, zl: Tensor, zu: Tensor):
     """DeepPoly's max-pool bounds: below, the input with the largest lower bound in each window
     (``x_j``); above, ``x_j`` itself where its lower bound reaches every other input's upper
     bound in the window (only for non-overlapping windows), else the window's largest upper
     bound (a constant). Returns indices (B, 1, C, H'W'), the dominance mask and the constant,
     both (B, 1, C, H', W')."""
-    lmax, idx = F.max_pool2d(l, *op.args, return_indices=True)
-    umax = F.max_pool2d(u, *op.args)
+    lmax, idx = F.max_pool2d(zl, *op.args, return_indices=True)
+    umax = F.max_pool2d(zu, *op.args)
     flat_idx = idx.flatten(2)
     if op.overlapping:
         dom = torch.zeros_like(lmax, dtype=torch.bool)
     else:
-        u2 = u.flatten(2).scatter(2, flat_idx, l.flatten(2).gather(2, flat_idx)).view_as(u)
+        u2 = zu.flatten(2).scatter(2, flat_idx, zl.flatten(2).gather(2, flat_idx)).view_as(zu)
         dom = lmax >= F.max_pool2d(u2, *op.args)
     return flat_idx.unsqueeze(1), dom.unsqueeze(1), umax.unsqueeze(1)

@@ -421,7 +421,8 @@ class _Compiler:
             cap = m.cap_tensor if m.per_channel else torch.tensor(m.cap_value)
             op = Clip(_fixed(torch.tensor(0.0)), _fixed(_channel(cap, len(in_shape))))
         elif type(m) is _acts.LearnableCappedReLU:
-            op = Clip(_fixed(torch.tensor(0.0)), lambda m=m, n=len(in_shape): _channel(m.cap, n))
+            dims = len(in_shape)
+            op = Clip(_fixed(torch.tensor(0.0)), lambda m=m: _channel(m.cap, dims))
         else:
             self._fail(node)
         self._push(node, op, [x])
