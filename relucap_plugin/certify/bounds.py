@@ -63,8 +63,11 @@ class Ball:
 
 def _box_min(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """min over ``lo <= x <= hi`` of ``a . x``: a (B, S, *shape), lo/hi (B, *shape) -> (B, S)."""
-    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
-    return (a.clamp(min=0) * lo + a.clamp(max=0) * hi).flatten(2).sum(2)
+    b, s = a.shape[:2]
+    flat = a.reshape(b, s, -1)
+    mid = ((hi + lo) / 2).reshape(b, 1, -1)
+    rad = ((hi - lo) / 2).reshape(b, 1, -1)
+    return (flat * mid).sum(2) - (flat.abs() * rad).sum(2)
 
 
 def _tensor(value: Tensor, like: Tensor) -> Tensor:

@@ -175,6 +175,9 @@ class Reshape(Affine):
     def back(self, a):
         return a.reshape(a.shape[0], *self.in_shape)
 
+    def ibp(self, b):
+        return self.lin(b[0]), self.lin(b[1])
+
 
 class Sum(BoundOp):
     """``x + y`` or ``x - y`` of two input-dependent tensors (residual connections)."""
