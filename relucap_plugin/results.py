@@ -162,6 +162,7 @@ class Results:
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._rows: dict[Key, dict[str, Any]] = {}
         self._index: dict[tuple[str, float], list[dict[str, Any]]] | None = None
+        self._has_certify = False
         self.extend(rows)
 
     # ------------------------------------------------------------------ rows
@@ -179,9 +180,11 @@ class Results:
             if old is None or (old["status"] == "failed" and row["status"] != "failed"):
                 self._rows[key] = row
                 changed += 1
+                self._has_certify = self._has_certify or row["library"] == CERTIFY_LIBRARY
         if changed:
             self._index = None
-            self._check_bracket()
+            if self._has_certify:
+                self._check_bracket()
         return changed
 
     @staticmethod
