@@ -263,7 +263,7 @@ class Results:
     def outcomes(self) -> list[tuple[Any, ...]]:
         """Every field except ``time``, sorted by key: equal for two runs with the same seed."""
         fields = [f for f in ROW_FIELDS if f != "time"]
-        return [tuple(r[f] for f in fields) for _, r in sorted(self._rows.items())]
+        return [tuple(r.get(f) for f in fields) for _, r in sorted(self._rows.items())]
 
     # ------------------------------------------------------------ aggregates
     def _completed(self, attack: str, eps: float) -> list[dict[str, Any]]:
