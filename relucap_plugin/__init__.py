@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
         ["as_dataset", "as_loader", "as_tensors", "load_cifar10", "load_digits_dataset", "load_mnist",
          "load_mnist5k"], "data"),
     **dict.fromkeys(["mlp", "scale_init", "small_cnn"], "models"),
+    # certification
+    "certify": "certification",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # static readers (type checkers, IDEs, griffe) see the names
     from .data import (
         as_dataset, as_loader, as_tensors, load_cifar10, load_digits_dataset, load_mnist, load_mnist5k,
     )
+    from .certification import certify
     from .diagnostics import audit, perturbation_growth
     from .evaluation import evaluate
     from .models import mlp, scale_init, small_cnn

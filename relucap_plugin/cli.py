@@ -378,6 +378,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                                  out=os.path.join(args.out, AUDIT_RESULTS), resume=False,
                                  progress=not args.quiet, model_name=args.model)
         report = audit(model, data, tm, cfg, results=results, model_name=args.model)
+        certified = _audit_certified(model, data, tm, cfg, results, args)
     except AttackFailedError as exc:
         print(f"relucap audit: error: {_cli_message(exc)}", file=sys.stderr)
         return 1
@@ -389,14 +390,77 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                   {"flags.json": json.dumps(report.to_dict(), indent=1, default=str)})
     payload = {**_results_payload("audit", args, results), "verdict": report.verdict,
                "level": report.level, "masking_likely": report.masking_likely,
-               "flags": report.to_dict().get("flags")}
+               "flags": report.to_dict().get("flags"), "certified": certified}
     _emit(args, payload, report.table, report.print)
+    if args.format != "json":
+        print(certified)
     print(f"audit written to {args.out}/ ({AUDIT_RESULTS}, audit.txt, audit.md, flags.json)", file=sys.stderr)
     if (args.fail_on == "masking" and report.masking_likely) or (
             args.fail_on == "risk" and report.level != "no sign"):
         print(f"relucap audit: --fail-on {args.fail_on}: {report.verdict}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    """Certify every sample at every --eps; merge with an evaluate run's results in --out."""
+    from .certification import UnsupportedOpError, certify
+    from .results import BracketError, Results
+    from .threat import ThreatModel
+
+    cleanup = _out_guard(args.out)
+    try:
+        model, dataset, cfg = _prepare_run(args)
+        model.to(cfg.resolve_device())
+        tm = ThreatModel(norm=args.norm, eps=tuple(args.eps), steps=args.steps)
+        table = certify(model, dataset, tm, args.method, cfg, max_neurons=args.max_neurons,
+                        progress=not args.quiet, model_name=args.model)
+        table.save(os.path.join(args.out, "certify.jsonl"))
+        attacks = os.path.join(args.out, "results.jsonl")
+        if os.path.exists(attacks):
+            table = Results.load(attacks).merge(table)
+    except BracketError as exc:
+        print(f"relucap certify: error: {_cli_message(exc)}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError, ImportError, UnsupportedOpError) as exc:
+        cleanup()
+        print(f"relucap certify: error: {_cli_message(exc)}", file=sys.stderr)
+        return 2
+    _write_tables(args.out, "certify", table.table)
+    payload = {**_results_payload("certify", args, table),
+               "certified": [{"eps": e, "certified_accuracy": table.certified(e)} for e in tm.eps]}
+    _emit(args, payload, table.table, table.print)
+    print(f"certificates written to {args.out}/ (certify.jsonl, certify.txt, certify.md)", file=sys.stderr)
+    return 0
+
+
+def _add_certify_parser(sub) -> None:
+    p = sub.add_parser("certify", help="certified lower bound on robust accuracy (IBP / CROWN)",
+                       description="Bound MODEL's logit margins over the --norm ball of each --eps "
+                       "(intersected with the pixel range) by IBP and/or CROWN; a sample is certified "
+                       "when no input in the ball changes its prediction. With an evaluate run's "
+                       "results.jsonl in --out, prints certified <= robust <= worst case per eps.")
+    _add_run_arguments(p, "relucap-results", "unused by certify; recorded to match evaluate", None)
+    p.add_argument("--method", choices=("ibp", "crown", "best"), default="best",
+                   help="ibp (fast), crown (tighter on normally trained nets) or best (default: both)")
+    p.add_argument("--max-neurons", type=int, default=2048,
+                   help="widest layer CROWN tightens; wider layers keep IBP bounds (default 2048)")
+    p.set_defaults(func=_cmd_certify)
+
+
+def _audit_certified(model, data, tm, cfg, results, args) -> str:
+    """The certified column of the audit: certified <= worst case per eps (IBP, the cheap
+    bound), or why the model cannot be certified; a sample both certified and broken raises."""
+    from .certification import UnsupportedOpError, certify
+
+    try:
+        cert = certify(model, data, tm, "ibp", cfg, progress=False, model_name=args.model)
+    except UnsupportedOpError as exc:
+        return f"certified: not available ({str(exc).split('. Supported')[0]})"
+    merged = results.merge(cert)
+    return "\n".join(
+        f"certified (IBP) at eps {e:g}: {100 * merged.certified(e):.1f}% <= worst case "
+        f"{100 * (merged.worst_case(e) or 0):.1f}%" for e in tm.eps)
 
 
 def _add_audit_parser(sub) -> None:
@@ -525,6 +589,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     _add_evaluate_parser(sub)
     _add_audit_parser(sub)
+    _add_certify_parser(sub)
     _add_inspect_parser(sub)
     for name in ("demo", "reproduce"):
         _add_experiment_parser(sub, name, detailed=command in (None, name))

@@ -21,6 +21,7 @@ from .attacks import caller_state, model_device
 __all__ = ["GrowthTable", "perturbation_growth"]
 
 _SKIP_LAYERS = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_SKIP_NAMES = {t.__name__ for t in _SKIP_LAYERS}
 
 
 @torch.no_grad()
@@ -61,6 +62,7 @@ class GrowthTable:
     """Per layer, the perturbation growth of the model and of its uncapped twin."""
 
     rows: list[dict[str, Any]]
+    title: str | None = None
 
     def table(self) -> str:
         return format_table(("layer", "type", "capped", "uncapped"), self._cells())
@@ -71,7 +73,8 @@ class GrowthTable:
 
     def print(self, file=None) -> None:
         print_table(("layer", "type", "capped", "uncapped"), self._cells(),
-                    title="perturbation growth ||h(x_adv) - h(x)|| / ||x_adv - x||", file=file)
+                    title=self.title or "perturbation growth ||h(x_adv) - h(x)|| / ||x_adv - x||",
+                    file=file)
 
     def plot(self, path: str | os.PathLike | None = None):
         """Growth per layer (log scale) for both models; saved as PNG to ``path`` if given.
@@ -96,10 +99,16 @@ class GrowthTable:
         return fig
 
 
-def perturbation_growth(model: nn.Module, x: Tensor, x_adv: Tensor, *, twin: bool = True) -> GrowthTable:
+def perturbation_growth(model: nn.Module, x: Tensor, x_adv: Tensor, *, twin: bool = True,
+                        certified: bool = False) -> GrowthTable:
     """Per layer (each leaf module's output), ``||h_l(x_adv) - h_l(x)||_2 / ||x_adv - x||_2``,
     mean over the samples of ``x``/``x_adv`` (N, ...) that differ, for ``model`` and (with
     ``twin``) its uncapped twin fed the same inputs. Flatten, Identity and Dropout are left out.
+
+    ``certified=True`` measures the same mechanism as a bound: the mean IBP interval width of
+    each layer's output over the whole Linf ball of radius ``max |x_adv - x|`` per sample
+    (:func:`relucap_plugin.certification.interval_widths`); the model must be one certify
+    supports.
     """
     if not isinstance(x, Tensor) or not isinstance(x_adv, Tensor) or x.shape != x_adv.shape:
         raise ValueError("x and x_adv must be tensors of the same shape (N, ...), the clean inputs "
@@ -107,8 +116,16 @@ def perturbation_growth(model: nn.Module, x: Tensor, x_adv: Tensor, *, twin: boo
     if not bool(((x_adv - x).flatten(1).abs().amax(1) > 0).any()):
         raise ValueError("x_adv equals x for every sample: there is no perturbation to follow; "
                          "pass adversarial (or noisy) inputs")
-    capped = _layer_growth(model, x, x_adv)
-    uncapped = _layer_growth(uncapped_twin(model), x, x_adv) if twin else {}
+    measure = _certified_widths if certified else _layer_growth
+    capped = measure(model, x, x_adv)
+    uncapped = measure(uncapped_twin(model), x, x_adv) if twin else {}
     rows = [{"layer": n, "type": t, "capped": g, "uncapped": uncapped[n][1] if n in uncapped else None}
-            for n, (t, g) in capped.items()]
-    return GrowthTable(rows)
+            for n, (t, g) in capped.items() if not certified or t not in _SKIP_NAMES]
+    return GrowthTable(rows, "certified interval width per layer (IBP)" if certified else None)
+
+
+def _certified_widths(model: nn.Module, x: Tensor, x_adv: Tensor) -> dict[str, tuple[str, float]]:
+    from .certification import interval_widths
+
+    eps = (x_adv - x).flatten(1).abs().amax(1)
+    return interval_widths(model, x.to(model_device(model, x.device)), eps)

@@ -26,6 +26,8 @@ from ._console import format_table, print_table
 from ._fingerprint import differences as _fingerprint_differences
 
 __all__ = [
+    "CERTIFY_LIBRARY",
+    "BracketError",
     "ROW_FIELDS",
     "STATUSES",
     "Results",
@@ -55,13 +57,22 @@ ROW_FIELDS = (
     "reason",  # why a row is a violation (norm, bounds, non-finite) or the error of a failure
     "skipped",  # True: misclassified clean, so not attacked (the example is the clean input)
     "time",  # wall seconds of the attack call that produced the row / samples in that call
+    "margin",  # certify rows: the certified margin lower bound (None: attack rows)
 )
+#: Library of the rows of :func:`relucap_plugin.certification.certify`: ``adv_correct`` says certified.
+#: They are a lower bound, so they are left out of the worst case over attacks.
+CERTIFY_LIBRARY = "certify"
 STATUSES = ("ok", "violation", "failed")
 _KEY = ("sample", "attack", "eps")
 _REQUIRED = ("sample", "attack", "eps", "clean_correct", "adv_correct", "status")
 #: Metadata fields that must agree for two tables to describe the same evaluation.
 _IDENTITY = ("model",)
 _THREAT_IDENTITY_SKIP = ("eps",)
+
+
+class BracketError(RuntimeError):
+    """A sample certified at some eps was broken by a verified adversarial example within it:
+    a bug in the bounds or in the verification, never a result."""
 
 
 class ResultsFileWarning(UserWarning):
@@ -98,6 +109,8 @@ def _normalise_row(row: Mapping[str, Any]) -> dict[str, Any]:
         out["adv_correct"] = False
     out["skipped"] = bool(out["skipped"])
     out["time"] = float(out["time"] or 0.0)
+    if out["margin"] is not None:
+        out["margin"] = float(out["margin"])
     for f in ("label", "clean_pred", "adv_pred"):
         if out[f] is not None:
             out[f] = int(out[f])
@@ -153,6 +166,7 @@ class Results:
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._rows: dict[Key, dict[str, Any]] = {}
         self._index: dict[tuple[str, float], list[dict[str, Any]]] | None = None
+        self._has_certify = False
         self.extend(rows)
 
     # ------------------------------------------------------------------ rows
@@ -170,9 +184,36 @@ class Results:
             if old is None or (old["status"] == "failed" and row["status"] != "failed"):
                 self._rows[key] = row
                 changed += 1
+                self._has_certify = self._has_certify or row["library"] == CERTIFY_LIBRARY
         if changed:
             self._index = None
+            if self._has_certify:
+                self._check_bracket()
         return changed
+
+    @staticmethod
+    def _is_certify(attack: str) -> bool:
+        return attack.startswith(CERTIFY_LIBRARY + ":")
+
+    def _check_bracket(self) -> None:
+        """Raise :class:`BracketError` if a sample certified at eps has a verified adversarial
+        example (an ``ok`` row, clean correct, not robust) at some eps' <= eps."""
+        certified: dict[int, tuple[float, str]] = {}
+        for r in self._rows.values():
+            if r["library"] == CERTIFY_LIBRARY and r["adv_correct"]:
+                if r["eps"] > certified.get(r["sample"], (-1.0, ""))[0]:
+                    certified[r["sample"]] = (r["eps"], r["attack"])
+        if not certified:
+            return
+        for r in self._rows.values():
+            cert = certified.get(r["sample"])
+            if (cert is not None and r["library"] != CERTIFY_LIBRARY and r["status"] == "ok"
+                    and r["clean_correct"] and not r["adv_correct"] and r["eps"] <= cert[0]):
+                raise BracketError(
+                    f"sample {r['sample']} is certified at eps {cert[0]:g} ({cert[1]}) but "
+                    f"{r['attack']} found a verified adversarial example at eps {r['eps']:g} "
+                    f"(norm {r['norm']}, predicted {r['adv_pred']} for label {r['label']}): a bug "
+                    "in the bounds or in the verification; report it with the model and sample")
 
     def _group(self, attack: str, eps: float) -> list[dict[str, Any]]:
         """The rows of one (attack, eps), from an index rebuilt after rows change."""
@@ -226,7 +267,7 @@ class Results:
     def outcomes(self) -> list[tuple[Any, ...]]:
         """Every field except ``time``, sorted by key: equal for two runs with the same seed."""
         fields = [f for f in ROW_FIELDS if f != "time"]
-        return [tuple(r[f] for f in fields) for _, r in sorted(self._rows.items())]
+        return [tuple(r.get(f) for f in fields) for _, r in sorted(self._rows.items())]
 
     # ------------------------------------------------------------ aggregates
     def _completed(self, attack: str, eps: float) -> list[dict[str, Any]]:
@@ -256,7 +297,7 @@ class Results:
         chosen = None if attacks is None else set(attacks)
         worst: dict[int, bool] = {}
         for attack in self.attacks:
-            if chosen is None or attack in chosen:
+            if (attack in chosen) if chosen is not None else not self._is_certify(attack):
                 for r in self._completed(attack, eps):
                     worst[r["sample"]] = worst.get(r["sample"], True) and r["adv_correct"]
         return worst
@@ -269,6 +310,15 @@ class Results:
         """
         worst = self.per_sample_worst_case(eps, attacks)
         return sum(worst.values()) / len(worst) if worst else None
+
+    def certified(self, eps: float) -> float | None:
+        """Fraction of samples certified at ``eps`` by any certify method (None: no such rows)."""
+        best: dict[int, bool] = {}
+        for attack in self.attacks:
+            if self._is_certify(attack):
+                for r in self._completed(attack, eps):
+                    best[r["sample"]] = best.get(r["sample"], False) or r["adv_correct"]
+        return sum(best.values()) / len(best) if best else None
 
     def violations(self) -> list[dict[str, Any]]:
         """Rows whose adversarial example failed verification (never counted as robust)."""
@@ -359,12 +409,13 @@ class Results:
                         "time": sum(r["time"] for r in rows),
                     }
                 )
-        if len(self.attacks) > 1:
+        n_attacks = sum(not self._is_certify(a) for a in self.attacks)
+        if n_attacks > 1:
             for eps in self.eps:
                 worst = self.per_sample_worst_case(eps)
                 out.append(
                     {
-                        "attack": f"worst case ({len(self.attacks)} attacks)",
+                        "attack": f"worst case ({n_attacks} attacks)",
                         "library": "",
                         "eps": eps,
                         "robust_accuracy": sum(worst.values()) / len(worst) if worst else None,
@@ -433,6 +484,13 @@ class Results:
                 f"{len(f)} row(s) failed (the attack raised), e.g. {f[0]['attack']} "
                 f"sample {f[0]['sample']}: {f[0]['reason']}"
             )
+        for eps in self.eps:
+            cert, worst = self.certified(eps), self.worst_case(eps)
+            if cert is not None and worst is not None:
+                notes.append(
+                    f"eps {_fmt_eps(eps)}: certified {_pct(cert)} <= robust accuracy <= "
+                    f"{_pct(worst)} (worst case over attacks)"
+                )
         if m:
             notes.append(
                 f"{len(m)} (sample, attack, eps) row(s) have no outcome; Results.missing() "

@@ -40,12 +40,16 @@ __all__ = [
     "train",
 ]
 
-TRAIN_METHODS = ("standard", "fgsm", "fgsm_rs", "pgd")
+TRAIN_METHODS = ("standard", "fgsm", "fgsm_rs", "pgd", "ibp", "crown_ibp")
 """``standard``: clean examples. ``fgsm``: one signed-gradient step of size eps from the clean
 point (Goodfellow et al. 2015; the adversarial training of arXiv 2405.03777). ``fgsm_rs``: a
 uniform random start in the eps-ball, then one step of 1.25 * eps, projected back ("fast AT",
 Wong, Rice, Kolter 2020). ``pgd``: random start and ``pgd_steps`` projected steps of
-2.5 * eps / pgd_steps (Madry et al. 2018)."""
+2.5 * eps / pgd_steps (Madry et al. 2018). ``ibp`` / ``crown_ibp``: certified training on the
+margin lower bounds of the L-inf ball (Gowal et al. 2018; Zhang et al. 2020), eps ramped from 0
+and the clean/bound mix kappa (and CROWN-IBP's beta) scheduled per step
+(:func:`relucap_plugin.certification.certified_schedule`)."""
+CERTIFIED_METHODS = ("ibp", "crown_ibp")
 
 _OPTIMIZERS = ("adam", "sgd")
 _DEFAULT_LR = {"adam": 1e-3, "sgd": 0.01}
@@ -170,6 +174,7 @@ def train(
     device: str | torch.device = "auto",
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    schedule: dict[str, float] | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` with cross-entropy; return a :class:`TrainHistory`.
 
@@ -187,6 +192,10 @@ def train(
     state is untouched), so on CPU the same seed and model give bit-identical weights. The model
     is moved to ``device`` and left there, in eval mode; if ``checkpoint`` is a path, the
     weights are saved there after every epoch (see :func:`save_checkpoint`).
+
+    ``ibp`` and ``crown_ibp`` minimise the bound loss of :func:`relucap_plugin.certification.bound_loss`
+    at ``eps`` (the target radius); ``schedule`` holds :func:`~relucap_plugin.certification.
+    certified_schedule`'s ``warmup``, ``ramp`` (fractions of all steps) and ``kappa_end``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -210,7 +219,14 @@ def train(
                          "adversarial examples only")
     bounds = _check_bounds(bounds)
     dev = resolve_device(device)
-    adversarial = method != "standard"
+    certified = method in CERTIFIED_METHODS
+    adversarial = method != "standard" and not certified
+    if certified:
+        _positive(eps, "eps")
+        schedule = _check_schedule(schedule)
+        if bounds is None:
+            raise ValueError(f"method={method!r} needs the input bounds (bounds=(0.0, 1.0) for "
+                             "pixels); bounds=None is not supported for certified training")
     steps, random_start = 0, False
     if adversarial:
         _positive(eps, "eps")
@@ -235,6 +251,8 @@ def train(
         "clean_weight": clean_weight if adversarial else None, "bounds": bounds, "seed": seed,
         "device": str(dev),
     })
+    if certified:
+        history.config.update(eps=eps, schedule=schedule)
     was_training = model.training
     start = time.perf_counter()
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
@@ -248,7 +266,7 @@ def train(
             opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
             total = len(loader) * epochs if hasattr(loader, "__len__") else None
             sums = [0.0, 0, 0]  # loss * n, correct, n
-            current, step = 0, 0
+            current, step, graph = 0, 0, None
             num_classes: int | None = None
             for epoch, batch in _progress(_batches(loader, epochs), f"train ({method})",
                                           total=total, enabled=progress):
@@ -271,13 +289,20 @@ def train(
                                          attack_rng)
                     inputs, targets = (torch.cat([x, x_adv]), torch.cat([y, y])) if (
                         clean_weight > 0) else (x_adv, y)
-                logits = model(inputs)
-                losses = F.cross_entropy(logits, targets, reduction="none")
-                if adversarial and clean_weight > 0:
-                    n = len(x)
-                    loss = clean_weight * losses[:n].mean() + (1 - clean_weight) * losses[n:].mean()
+                if certified:
+                    _check_in_bounds(x, bounds)
+                    loss, logits, graph = _certified_step(model, x, y, method, eps, step - 1,
+                                                          total, schedule, bounds, graph)
+                    losses = loss.detach().expand(len(y))
                 else:
-                    loss = losses.mean()
+                    logits = model(inputs)
+                    losses = F.cross_entropy(logits, targets, reduction="none")
+                    if adversarial and clean_weight > 0:
+                        n = len(x)
+                        loss = (clean_weight * losses[:n].mean()
+                                + (1 - clean_weight) * losses[n:].mean())
+                    else:
+                        loss = losses.mean()
                 if not bool(torch.isfinite(loss)):
                     _restore_buffers(model, buffers)
                     raise FloatingPointError(
@@ -326,6 +351,30 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
 def _restore_buffers(model: nn.Module, saved: list[Tensor]) -> None:
     for b, old in zip(model.buffers(), saved):
         b.copy_(old)
+
+
+def _check_schedule(schedule: dict[str, float] | None) -> dict[str, float]:
+    defaults = {"warmup": 0.1, "ramp": 0.5, "kappa_end": 0.5}
+    unknown = sorted(set(schedule or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown schedule key(s) {unknown}; valid: {sorted(defaults)}")
+    out = {**defaults, **(schedule or {})}
+    for k, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"schedule[{k!r}] must be a fraction in [0, 1] (got {v!r})")
+    return out
+
+
+def _certified_step(model, x, y, method, eps, step, total, schedule, bounds, graph):
+    """The bound loss of one batch (the certify package computes it; this only dispatches)."""
+    from .certification import bound_loss, certified_schedule, compile_model
+
+    if graph is None:
+        with torch.no_grad():
+            graph = compile_model(model, x[:1])
+    sched = certified_schedule(step, total or 1, eps, **schedule)
+    loss, logits = bound_loss(model, x, y, sched, method, bounds=bounds, graph=graph)
+    return loss, logits, graph
 
 
 def _end_epoch(history: TrainHistory, sums: list, model: nn.Module, checkpoint: Any) -> None:

@@ -113,10 +113,12 @@ def test_every_method_trains_and_resolves_its_step(method, small):
     before = _state(model)
     history = train(model, small, method, epochs=2, eps=0.2, pgd_steps=4, progress=False)
     cfg = history.config
-    expected_alpha = {"standard": None, "fgsm": 0.2, "fgsm_rs": 0.25, "pgd": 0.125}[method]
+    expected_alpha = {"standard": None, "fgsm": 0.2, "fgsm_rs": 0.25, "pgd": 0.125, "ibp": None,
+                      "crown_ibp": None}[method]
     assert cfg["alpha"] == pytest.approx(expected_alpha) if expected_alpha else cfg["alpha"] is None
     assert cfg["random_start"] == (method in ("fgsm_rs", "pgd"))
-    assert cfg["steps"] == {"standard": None, "fgsm": 1, "fgsm_rs": 1, "pgd": 4}[method]
+    assert cfg["steps"] == {"standard": None, "fgsm": 1, "fgsm_rs": 1, "pgd": 4, "ibp": None,
+                            "crown_ibp": None}[method]
     assert len(history.loss) == 2 and all(0 < v < 10 for v in history.loss)
     assert not _same_state(before, model.state_dict())
     assert not model.training

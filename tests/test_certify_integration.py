@@ -1,0 +1,134 @@
+"""certify in the bracket table, the CLI, certified training and the certified growth table."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from relucap_plugin import ThreatModel
+from relucap_plugin.certification import certified_margins, certify
+from relucap_plugin.cli import main
+from relucap_plugin.data import load_digits_dataset
+from relucap_plugin.diagnostics import perturbation_growth
+from relucap_plugin.evaluation import evaluate
+from relucap_plugin.models import mlp
+from relucap_plugin.results import BracketError, Results
+from relucap_plugin.threat import EvalConfig
+from relucap_plugin.training import train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset()
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    model = mlp((32, 16), "capped_relu(cap=1.0)", in_shape=(1, 8, 8))
+    train(model, digits[0], "ibp", epochs=4, eps=0.05, progress=False, device="cpu")
+    return model
+
+
+def test_certify_rows_bracket_real_attacks(trained, digits):
+    tm = ThreatModel("Linf", eps=(0.01, 0.05))
+    cfg = EvalConfig(batch_size=64, device="cpu", n_samples=80)
+    attacks = evaluate(trained, digits[1], ["torch:PGD", "torch:FGSM"], tm, cfg, progress=False)
+    cert = certify(trained, digits[1], tm, "best", cfg, progress=False)
+    table = attacks.merge(cert)
+    assert table.attacks[-1] == "certify:best"
+    for eps in tm.eps:
+        assert 0 < table.certified(eps) <= table.worst_case(eps)
+        # the worst case is over attacks only: certify rows never lower it
+        assert table.worst_case(eps) == attacks.worst_case(eps)
+    rows = [r for r in table.rows if r["attack"] == "certify:best"]
+    assert len(rows) == 160
+    for r in rows:
+        assert r["adv_correct"] == (r["clean_correct"] and r["margin"] > 0)
+    assert "certified" in table.table() and "<= robust accuracy <=" in table.table()
+
+
+def _row(sample, attack, eps, robust, **kw):
+    return {"sample": sample, "attack": attack, "eps": eps, "clean_correct": True,
+            "adv_correct": robust, "status": "ok", "label": 1, "adv_pred": 2, "norm": eps, **kw}
+
+
+def test_certified_but_broken_sample_raises():
+    table = Results([_row(0, "certify:crown", 0.1, True, margin=0.3)])
+    table.extend([_row(0, "torch:PGD", 0.2, False)])  # beyond the certified radius: fine
+    with pytest.raises(BracketError, match="sample 0 is certified at eps 0.1.*torch:PGD"):
+        table.extend([_row(0, "torch:PGD", 0.05, False)])
+    with pytest.raises(BracketError):
+        Results([_row(3, "art:PGD", 0.1, False), _row(3, "certify:ibp", 0.1, True)])
+
+
+def test_certify_uses_the_models_device_and_restores_its_mode(trained, digits):
+    trained.train()
+    x, y = digits[1].tensors
+    m = certified_margins(trained, x[:8], y[:8], 0.02, method="crown")
+    assert trained.training and m.shape == (8,)
+    trained.eval()
+    if torch.cuda.is_available():
+        on_gpu = certified_margins(trained.cuda(), x[:8].cuda(), y[:8].cuda(), 0.02, method="crown")
+        trained.cpu()
+        assert torch.allclose(on_gpu.cpu(), m, atol=1e-4)
+
+
+def test_ibp_training_certifies_more_than_standard(digits):
+    x, y = digits[1].tensors
+    cert = {}
+    for method in ("standard", "ibp", "crown_ibp"):
+        torch.manual_seed(1)
+        model = mlp((32,), "capped_relu(cap=1.0)", in_shape=(1, 8, 8))
+        hist = train(model, digits[0], method, epochs=4, eps=0.1, progress=False, device="cpu",
+                     schedule={"warmup": 0.0, "ramp": 0.5})
+        assert all(math.isfinite(v) for v in hist.loss)
+        cert[method] = (certified_margins(model, x, y, 0.1, method="ibp") > 0).float().mean().item()
+    assert cert["standard"] < 0.02
+    assert cert["ibp"] > cert["standard"] + 0.05
+    assert cert["crown_ibp"] > cert["standard"] + 0.05
+
+
+def test_certified_training_arguments_are_checked(digits):
+    model = mlp((8,), in_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=r"unknown schedule key\(s\) \['kappa'\]"):
+        train(model, digits[0], "ibp", schedule={"kappa": 0.5}, progress=False)
+    with pytest.raises(ValueError, match="bounds=None is not supported"):
+        train(model, digits[0], "crown_ibp", bounds=None, progress=False)
+
+
+def test_certified_growth_is_at_most_the_cap_on_capped_layers():
+    torch.manual_seed(0)
+    model = mlp((16, 8), "capped_relu(cap=0.3)", in_shape=(1, 4, 4)).eval()
+    x = torch.rand(5, 1, 4, 4)
+    table = perturbation_growth(model, x, (x + 0.2).clamp(0, 1), certified=True)
+    caps = [r for r in table.rows if r["type"] == "CappedReLU"]
+    assert len(caps) == 2 and len(table.rows) == 5
+    for r in caps:
+        assert r["capped"] <= 0.3 + 1e-6 and r["uncapped"] > r["capped"]
+
+
+def test_cli_certify_merges_with_an_evaluate_run(tmp_path, capsys):
+    out = str(tmp_path)
+    spec = ["mlp:16:capped_relu(cap=1.0)", "--data", "mnist5k", "--eps", "0.01", "--n-samples",
+            "30", "--out", out, "--quiet", "--device", "cpu"]
+    assert main(["evaluate", *spec, "--attack", "torch:FGSM"]) == 0
+    assert main(["certify", *spec, "--method", "crown"]) == 0
+    text = capsys.readouterr().out
+    assert "certify:crown" in text and "eps 0.01: certified" in text
+    assert len(Results.load(tmp_path / "certify.jsonl")) == 30
+
+
+def test_cli_certify_names_an_unsupported_op(tmp_path, capsys):
+    code = main(["certify", "mlp:8:psilu", "--eps", "0.1", "--n-samples", "4", "--out",
+                 str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "certify cannot bound module '2' (PSiLU)" in capsys.readouterr().err
+
+
+def test_unsupported_certify_method_is_refused(trained, digits):
+    with pytest.raises(ValueError, match="method must be one of ibp, crown, best, got 'exact'"):
+        certify(trained, digits[1], ThreatModel("Linf", eps=0.1), "exact")
+    with pytest.raises(ValueError, match="logits"):
+        certified_margins(nn.Identity(), torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), 0.1)
