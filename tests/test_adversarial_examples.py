@@ -170,3 +170,21 @@ def test_examples_file_of_another_run_is_refused(mnist_mlp, data, tmp_path):
     os.replace(sidecar_path(other), sidecar_path(out))
     with pytest.raises(ValueError, match="adversarial examples of a different evaluation"):
         run(mnist_mlp, data, out=out, keep_adversarial="worst")
+
+
+def test_cli_save_adversarial_writes_and_resumes(tmp_path, capsys):
+    from relucap_plugin.cli import main
+
+    argv = ["evaluate", "mlp:16", "--attack", "torch:FGSM", "--eps", "0.1", "--n-samples", "8",
+            "--batch-size", "8", "--out", str(tmp_path / "out"), "--quiet", "--json"]
+    assert main([*argv, "--save-adversarial", "worst"]) == 0
+    assert "results.adversarial.safetensors" in capsys.readouterr().err
+    res = Results.load(tmp_path / "out" / "results.jsonl")
+    worst = res.worst_case_examples(0.1)
+    assert worst.shape[0] == 8
+    with pytest.raises(ValueError, match="--save-adversarial all"):
+        res.adversarial_examples("torch:FGSM", 0.1)
+    assert main([*argv, "--save-adversarial", "worst"]) == 0
+    assert torch.equal(Results.load(tmp_path / "out" / "results.jsonl").worst_case_examples(0.1), worst)
+    with pytest.raises(SystemExit):
+        main([*argv, "--save-adversarial", "best"])
