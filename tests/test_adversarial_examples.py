@@ -188,3 +188,34 @@ def test_cli_save_adversarial_writes_and_resumes(tmp_path, capsys):
     assert torch.equal(Results.load(tmp_path / "out" / "results.jsonl").worst_case_examples(0.1), worst)
     with pytest.raises(SystemExit):
         main([*argv, "--save-adversarial", "best"])
+
+
+def test_a_foreign_examples_file_is_refused(mnist_mlp, data, tmp_path):
+    import safetensors.torch
+
+    out = tmp_path / "results.jsonl"
+    run(mnist_mlp, data, out=out)
+    safetensors.torch.save_file({"w": torch.zeros(2)}, sidecar_path(out))
+    with pytest.raises(ValueError, match="not relucap adversarial examples"):
+        run(mnist_mlp, data, out=out, keep_adversarial="worst")
+    with open(sidecar_path(out), "wb") as f:
+        f.write(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="is not a relucap adversarial file"):
+        run(mnist_mlp, data, out=out, keep_adversarial="worst")
+
+
+def test_a_regenerated_verdict_that_contradicts_its_row_keeps_no_example(mnist_mlp, data, tmp_path):
+    import json
+
+    out = tmp_path / "results.jsonl"
+    run(mnist_mlp, data, out=out)
+    lines = out.read_text().splitlines()
+    rows = [json.loads(line) for line in lines[1:]]
+    j, row = next((j, r) for j, r in enumerate(rows) if r["status"] == "ok" and not r["skipped"]
+                  and not r["adv_correct"] and r["attack"] == "custom:fgsm")
+    row.update(adv_correct=True, adv_pred=row["label"])
+    out.write_text("\n".join([lines[0], *(json.dumps(r) for r in rows)]) + "\n")
+    with pytest.warns(RuntimeWarning, match="other verdicts than the stored rows"):
+        res = run(mnist_mlp, data, out=out, keep_adversarial="all")
+    idx, _ = res.adversarial_examples("custom:fgsm", row["eps"])
+    assert row["sample"] not in idx.tolist()
