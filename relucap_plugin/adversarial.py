@@ -243,25 +243,26 @@ class AdversarialStore:
 def open_store(keep: str | None, results_path: str | None, resume: bool, n: int,
                metadata: Mapping[str, Any], has_rows: bool) -> AdversarialStore | None:
     """The store of a run: loaded from the examples file next to ``results_path`` when resuming,
-    else new (an old examples file of a run started over is removed)."""
+    else new; ``resume=False`` removes an old examples file even when keeping none (it would
+    describe rows that are gone)."""
+    path = None if results_path is None else sidecar_path(results_path)
+    if path is not None and not resume and os.path.exists(path):
+        _files.check_target(path, "adversarial", what="adversarial examples file")
+        os.unlink(path)
     if keep is None:
         return None
     attacks, eps = metadata["attacks"], metadata["threat_model"]["eps"]
     fingerprint = metadata.get("fingerprint")
-    if results_path is None:
+    if path is None:
         return AdversarialStore(keep, n, attacks, eps, fingerprint)
-    path = sidecar_path(results_path)
     if os.path.exists(path):
-        if resume:
-            store = AdversarialStore.load(path, fingerprint, keep)
-            for a in attacks:
-                store._a(a)
-            for e in eps:
-                store._e(e)
-            return store
-        _files.check_target(path, "adversarial", what="adversarial examples file")
-        os.unlink(path)
-    elif resume and has_rows:
+        store = AdversarialStore.load(path, fingerprint, keep)
+        for a in attacks:
+            store._a(a)
+        for e in eps:
+            store._e(e)
+        return store
+    if resume and has_rows:
         warnings.warn(
             f"{results_path} holds rows but no adversarial examples file {path!r} (the run kept "
             "none, or was killed before saving them): the attacks are run again on those batches "

@@ -543,7 +543,9 @@ class _Runner:
                 "non-deterministic attack or device): the rows keep their verdicts and those "
                 "samples have no kept example",
                 RuntimeWarning, stacklevel=4)
-        self.store.record(attack.spec, eps, list(batch.index), examples)
+        done = [i for i in batch.index
+                if self.results._rows.get((i, attack.spec, float(eps)), {}).get("status") != "failed"]
+        self.store.record(attack.spec, eps, done, examples)
 
 
 def _family(attack: Attack) -> str:
@@ -607,7 +609,8 @@ def evaluate(
     ``keep_adversarial``: ``"worst"`` keeps the worst-case example per sample and eps,
     ``"all"`` also every attack's verified examples (see :mod:`.adversarial` for the memory
     cost, the file next to ``out=`` and how a resumed run regenerates missing ones); read them
-    with :meth:`Results.adversarial_examples` and :meth:`Results.worst_case_examples`.
+    with :meth:`~relucap_plugin.results.Results.adversarial_examples` and
+    :meth:`~relucap_plugin.results.Results.worst_case_examples`.
     """
     from .adaptive import black_box_layout, first_inputs
 

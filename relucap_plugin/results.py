@@ -565,13 +565,16 @@ class Results:
     _adversarial = None
     _adversarial_path: str | None = None
 
-    def _examples(self, eps: float | None):
+    def _store(self):
         if self._adversarial is None and self._adversarial_path is not None:
             from .adversarial import AdversarialStore
 
             self._adversarial = AdversarialStore.load(
                 self._adversarial_path, self.metadata.get("fingerprint"))
-        if self._adversarial is None:
+        return self._adversarial
+
+    def _examples(self, eps: float | None):
+        if self._store() is None:
             raise ValueError(
                 "these results kept no adversarial examples: evaluate with "
                 "keep_adversarial='worst' or 'all' (CLI --save-adversarial worst|all)")
@@ -605,7 +608,7 @@ class Results:
         lines = [_header(self.metadata)] + [_json_line(r) for r in self._rows.values()]
         path = _files.check_target(path, "results", what="results file")
         _files.atomic_write(path, "".join(lines))
-        if self._adversarial is not None:
+        if self._store() is not None:
             from .adversarial import sidecar_path
 
             self._adversarial.save(sidecar_path(path))
