@@ -16,7 +16,7 @@ from relucap_plugin.results import Results
 EPS = (0.03, 0.08)
 TM = ThreatModel("Linf", eps=EPS, steps=5)
 CFG = EvalConfig(batch_size=8, n_samples=24, seed=0)
-STOP = {"after": None, "calls": 0}
+STOP = {"after": None, "calls": 0, "fail": False}
 
 
 def fgsm(model, x, y, eps):
@@ -24,6 +24,8 @@ def fgsm(model, x, y, eps):
     STOP["calls"] += 1
     if STOP["after"] is not None and STOP["calls"] > STOP["after"]:
         raise KeyboardInterrupt
+    if STOP["fail"]:
+        raise RuntimeError("fails on purpose")
     x = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
     return (x + eps * grad.sign()).clamp(0, 1).detach()
@@ -219,3 +221,15 @@ def test_a_regenerated_verdict_that_contradicts_its_row_keeps_no_example(mnist_m
         res = run(mnist_mlp, data, out=out, keep_adversarial="all")
     idx, _ = res.adversarial_examples("custom:fgsm", row["eps"])
     assert row["sample"] not in idx.tolist()
+
+
+def test_failed_rows_retried_on_resume_get_their_examples(mnist_mlp, data, full, tmp_path):
+    out = tmp_path / "results.jsonl"
+    STOP["fail"] = True
+    try:
+        with pytest.warns(RuntimeWarning, match="fails on purpose"):
+            failed = run(mnist_mlp, data, out=out, keep_adversarial="all")
+    finally:
+        STOP["fail"] = False
+    assert failed.failed()
+    assert_same(tensors(run(mnist_mlp, data, out=out, keep_adversarial="all")), tensors(full))
