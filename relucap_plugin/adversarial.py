@@ -261,6 +261,7 @@ def open_store(keep: str | None, results_path: str | None, resume: bool, n: int,
             store._a(a)
         for e in eps:
             store._e(e)
+        store.fingerprint = dict(fingerprint or {})
         return store
     if resume and has_rows:
         warnings.warn(
