@@ -33,6 +33,7 @@ __all__ = ["FileRefusedError", "Lock", "atomic_write", "check_target", "is_ours"
 _MAGIC = {
     "results": (b'{"format":"relucap-results"', b'{"format": "relucap-results"'),
     "checkpoint": (b"PK\x03\x04",),  # torch.save's zip container
+    "adversarial": (),  # safetensors (see is_ours)
 }
 
 
@@ -65,7 +66,7 @@ def is_ours(path: str, kind: str) -> bool:
     if kind == "results":
         return _is_results(path)
     head = read_head(path)
-    if kind == "checkpoint" and _is_safetensors(head):
+    if kind in ("checkpoint", "adversarial") and _is_safetensors(head):
         return True
     return head.startswith(_MAGIC[kind])
 

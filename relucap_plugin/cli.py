@@ -282,7 +282,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         output = int(args.output) if args.output and args.output.lstrip("-").isdigit() else args.output
         results = evaluate(model, dataset, attacks, tm, cfg, out=os.path.join(args.out, "results.jsonl"),
                            resume=not args.no_resume, output=output, progress=not args.quiet,
-                           model_name=args.model, notes=notes)
+                           model_name=args.model, notes=notes, keep_adversarial=args.save_adversarial)
     except AttackFailedError as exc:
         print(f"relucap evaluate: error: {_cli_message(exc)}", file=sys.stderr)
         return 1
@@ -294,6 +294,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     _write_tables(args.out, "results", results.table)
     written = ["results.jsonl", "results.txt", "results.md"]
+    if args.save_adversarial:
+        written.append("results.adversarial.safetensors")
     try:
         results.plot(os.path.join(args.out, "robust_accuracy.png"))
         written.append("robust_accuracy.png")
@@ -350,6 +352,9 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--output", default=None,
                    help="index or key of the logits when the model returns a tuple or dict")
     p.add_argument("--no-resume", action="store_true", help="start results.jsonl over")
+    p.add_argument("--save-adversarial", choices=("worst", "all"), default=None,
+                   help="keep the verified adversarial examples in --out/results.adversarial.safetensors: "
+                        "worst (the worst-case example per sample and eps) or all (also every attack's)")
     p.set_defaults(func=_cmd_evaluate)
 
 

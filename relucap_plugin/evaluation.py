@@ -41,6 +41,7 @@ from .attacks import (
 from ._fingerprint import DataDigest, parameters_digest, run_fingerprint
 from .data import DataLike, as_dataset, as_loader, check_labels, unpack_batch
 from .results import Results, ResultsWriter, open_results_file
+from .adversarial import AdversarialStore, check_keep, open_store, sidecar_path
 from .threat import EvalConfig, ThreatModel
 
 __all__ = ["RTOL", "AttackFailedError", "evaluate", "norm_tolerance", "verify"]
@@ -300,6 +301,8 @@ class _Runner:
         self.dtype: torch.dtype | None = None
         self.warned: set[str] = set()
         self.params: str | None = None
+        self.store: AdversarialStore | None = None
+        self._x_adv: Tensor | None = None
 
     def complete(self, start: int, y: Tensor, keys: Sequence[tuple[str, float]]) -> bool:
         """Whether every (attack, eps) row of the batch exists (checking that labels match)."""
@@ -337,6 +340,8 @@ class _Runner:
         logits = clean_logits(self._logits, xd, where)
         check_labels(y, logits.shape[1], where)
         labels = yd.tolist()
+        if self.store is not None:
+            self.store.clean(start, xd, self.tm.eps)
         return _Batch(start, xd, yd, labels, logits.argmax(1).tolist(), logits)
 
     def _check_parameters(self, attack: Attack) -> None:
@@ -402,6 +407,7 @@ class _Runner:
         if not bool(finite.all()):  # predict the clean input in place of a non-finite example
             x_adv = torch.where(finite.view(-1, *[1] * (x.dim() - 1)).to(x.device), x_adv, x)
         logits = self._logits(x_adv)
+        self._x_adv = x_adv
         pred = logits.argmax(1).tolist()
         nan_logits = (~torch.isfinite(logits)).any(1).tolist()
         out = {}
@@ -460,13 +466,15 @@ class _Runner:
         written.
         """
         todo = [k for k, i in enumerate(batch.index) if (i, attack.spec, eps) not in self.done]
-        if not todo:
+        redo = self.store is not None and not self.store.covers(
+            batch.start, len(batch.labels), [(attack.spec, eps)])
+        if not todo and not redo:
             return
         correct = [p == lab for p, lab in zip(batch.clean_pred, batch.labels)]
         attacked = [k for k, c in enumerate(correct) if c]
         outcome: dict[int, tuple] = {}
         per_sample = 0.0
-        if any(correct[k] for k in todo):
+        if any(correct[k] for k in todo) or (redo and attacked):
             outcome, elapsed = self._attack(attack, eps, batch, attacked)
             per_sample = elapsed / len(attacked)
         family = _family(attack)
@@ -505,6 +513,39 @@ class _Runner:
             (r["sample"], r["attack"], r["eps"]) for r in rows if r["status"] != "failed"
         )
         self.labels.update((r["sample"], r["label"]) for r in rows)
+        if redo:
+            self._keep(batch, attack, eps, correct, attacked, outcome)
+
+    def _keep(self, batch: _Batch, attack: Attack, eps: float, correct: list[bool],
+              attacked: list[int], outcome: dict[int, tuple]) -> None:
+        """Hand the verified adversarial examples of this call to the store: a sample whose row
+        (new or resumed) is an ``ok`` row it is not robust on; checks that a recomputed verdict
+        matches a resumed row (an example that contradicts its row is never kept)."""
+        pos = {k: j for j, k in enumerate(attacked)}
+        examples, clash = {}, []
+        for k, i in enumerate(batch.index):
+            row = self.results._rows.get((i, attack.spec, float(eps)))
+            kept = row is not None and row["status"] == "ok" and not row["adv_correct"]
+            if not correct[k]:
+                broken, x_adv = True, batch.x[k]
+            else:
+                status, _, adv_pred, _ = outcome.get(k, ("failed", None, None, None))
+                broken = status == "ok" and adv_pred != batch.labels[k]
+                x_adv = self._x_adv[pos[k]] if broken else None
+            if kept and broken:
+                examples[i] = x_adv
+            elif kept != broken:
+                clash.append(i)
+        if clash:
+            warnings.warn(
+                f"{attack.spec} at eps={eps:g} gave other verdicts than the stored rows on samples "
+                f"{clash[:5]} when run again to regenerate their adversarial examples (a "
+                "non-deterministic attack or device): the rows keep their verdicts and those "
+                "samples have no kept example",
+                RuntimeWarning, stacklevel=4)
+        done = [i for i in batch.index
+                if self.results._rows.get((i, attack.spec, float(eps)), {}).get("status") != "failed"]
+        self.store.record(attack.spec, eps, done, examples)
 
 
 def _family(attack: Attack) -> str:
@@ -527,6 +568,7 @@ def evaluate(
     progress: bool = True,
     model_name: str | None = None,
     notes: Sequence[str] = (),
+    keep_adversarial: str | None = None,
 ) -> Results:
     """Attack ``model`` on ``data`` with every attack at every budget of ``threat_model``.
 
@@ -563,6 +605,12 @@ def evaluate(
     Black-box attacks search on the input's real layout: ``config.input_shape``, else the data's
     (see :func:`~relucap_plugin.adaptive.black_box_layout`). ``notes`` (and a note when a
     black-box attack could only run on a flat layout) go to ``results.metadata["notes"]``.
+
+    ``keep_adversarial``: ``"worst"`` keeps the worst-case example per sample and eps,
+    ``"all"`` also every attack's verified examples (see :mod:`.adversarial` for the memory
+    cost, the file next to ``out=`` and how a resumed run regenerates missing ones); read them
+    with :meth:`~relucap_plugin.results.Results.adversarial_examples` and
+    :meth:`~relucap_plugin.results.Results.worst_case_examples`.
     """
     from .adaptive import black_box_layout, first_inputs
 
@@ -579,7 +627,11 @@ def evaluate(
         raise TypeError(f"resume must be True or False, got {resume!r}")
     tm = _as_threat_model(threat_model)
     cfg = _as_config(config)
+    check_keep(keep_adversarial)
     ctx = _distributed.setup(cfg.device)
+    if ctx is not None and keep_adversarial is not None:
+        raise ValueError("keep_adversarial= is not supported in a distributed run (torchrun) yet; "
+                         "evaluate in one process to keep adversarial examples")
     device = cfg.resolve_device() if ctx is None else ctx.device
     net = model if output is None else _SelectOutput(model, output)
     attack_list = _as_attacks(attacks, tm, cfg)
@@ -634,6 +686,14 @@ def evaluate(
             results, writer = ctx.open_shard(path, metadata, resume)
     else:
         results = Results(metadata=metadata)
+    try:
+        store = open_store(keep_adversarial, None if out is None else path, resume, n_expected,
+                           results.metadata, len(results) > 0)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    store_path = None if out is None or store is None else sidecar_path(path)
 
     bs = loader.batch_size if isinstance(data, torch.utils.data.DataLoader) else cfg.batch_size
     n_batches = None if n_expected is None or bs is None else math.ceil(n_expected / bs)
@@ -651,6 +711,7 @@ def evaluate(
             net.to(device)
             runner = _Runner(net, tm, cfg, device, results, writer)
             runner.params = parameters_digest(net)
+            runner.store = store
 
             def units() -> Iterator[tuple[_Batch | None, Attack, float]]:
                 mine = _batches if ctx is None else ctx.batches
@@ -662,7 +723,9 @@ def evaluate(
                             "True, random transforms); a run's rows are keyed by position, so "
                             "pass shuffle=False and deterministic transforms"
                         )
-                    batch = None if runner.complete(start, y, keys) else runner.prepare(start, x, y)
+                    done = runner.complete(start, y, keys) and (
+                        store is None or store.covers(start, len(y), keys))
+                    batch = None if done else runner.prepare(start, x, y)
                     for attack in attack_list:
                         for eps in tm.eps:
                             yield batch, attack, eps
@@ -675,9 +738,16 @@ def evaluate(
             ):
                 if batch is not None:
                     runner.run(batch, attack, eps)
+                    if store_path is not None:
+                        store.save(store_path, force=False)
     finally:
-        if writer is not None:
-            writer.close()
+        try:
+            if store_path is not None:
+                store.save(store_path)
+        finally:
+            if writer is not None:
+                writer.close()
+    results._adversarial = store
     final = results if ctx is None else ctx.gather(results, None if out is None else path)
     _refuse_total_failure(final, None if out is None else path)
     return final

@@ -559,19 +559,70 @@ class Results:
             _files.save_figure(fig, path, dpi=120)
         return fig
 
+    # ------------------------------------------------ adversarial examples
+    #: The kept examples (:class:`~relucap_plugin.adversarial.AdversarialStore`), set by
+    #: ``evaluate(keep_adversarial=)``; :meth:`load` sets the path of the file to read on demand.
+    _adversarial = None
+    _adversarial_path: str | None = None
+
+    def _store(self):
+        if self._adversarial is None and self._adversarial_path is not None:
+            from .adversarial import AdversarialStore
+
+            self._adversarial = AdversarialStore.load(
+                self._adversarial_path, self.metadata.get("fingerprint"))
+        return self._adversarial
+
+    def _examples(self, eps: float | None):
+        if self._store() is None:
+            raise ValueError(
+                "these results kept no adversarial examples: evaluate with "
+                "keep_adversarial='worst' or 'all' (CLI --save-adversarial worst|all)")
+        if eps is None:
+            if len(self.eps) != 1:
+                raise ValueError(f"pass eps= (one of {self.eps})")
+            eps = self.eps[0]
+        return self._adversarial, float(eps)
+
+    def adversarial_examples(self, attack: str | None = None, eps: float | None = None):
+        """``(indices, x_adv)``: (K,) sample indices and (K, ...) verified adversarial examples
+        of ``attack`` at ``eps`` (``attack=None``: the worst-case example of every sample broken
+        by a verified example; a sample misclassified clean has its clean input)."""
+        store, eps = self._examples(eps)
+        if attack is None:
+            x, source = store.worst_case(eps, self.samples)
+            idx = (source >= 0).nonzero().flatten()
+            return idx, x[idx]
+        return store.of_attack(attack, eps)
+
+    def worst_case_examples(self, eps: float | None = None):
+        """(N, ...) per sample at ``eps``: the verified example of the first attack (run order)
+        that broke it, else the clean input (robust, or broken only by a violation)."""
+        store, eps = self._examples(eps)
+        return store.worst_case(eps, self.samples)[0]
+
     # ------------------------------------------------------- files, merging
     def save(self, path: str | os.PathLike) -> None:
-        """Write the JSONL file atomically (temporary file, then rename)."""
+        """Write the JSONL file atomically (temporary file, then rename), and the kept
+        adversarial examples next to it (``NAME.adversarial.safetensors``)."""
         lines = [_header(self.metadata)] + [_json_line(r) for r in self._rows.values()]
         path = _files.check_target(path, "results", what="results file")
         _files.atomic_write(path, "".join(lines))
+        if self._store() is not None:
+            from .adversarial import sidecar_path
+
+            self._adversarial.save(sidecar_path(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Results:
         """Read a JSONL results file. A torn last line (interrupted write) is dropped with a
         :class:`ResultsFileWarning`; a damaged line elsewhere is a ``ValueError``."""
         metadata, rows = _read(os.fspath(path))
-        return cls(rows, metadata)
+        loaded = cls(rows, metadata)
+        sidecar = os.path.splitext(os.fspath(path))[0] + ".adversarial.safetensors"
+        if os.path.exists(sidecar):
+            loaded._adversarial_path = sidecar
+        return loaded
 
     def merge(self, *others: Results) -> Results:
         """A new table with the rows of all tables; duplicate keys are dropped (idempotent).
