@@ -20,8 +20,10 @@ def _have_rich() -> bool:
 
 
 def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """Plain-text table with aligned columns (used when rich is missing, and in files)."""
-    cells = [[str(c) for c in columns]] + [["" if v is None else str(v) for v in r] for r in rows]
+    """Plain-text table with aligned columns (used when rich is missing, and in files); a line
+    break inside a header or cell (meant for rich's wrapped headers) becomes a space."""
+    cells = [[" ".join(str(c).split("\n")) for c in columns]] + [
+        ["" if v is None else " ".join(str(v).split("\n")) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -533,7 +533,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-_EXPERIMENT_HELP = {"demo": "the paper's experiment in about a minute (offline, CPU)",
+_EXPERIMENT_HELP = {"demo": "the paper's experiment in about two minutes (offline, CPU)",
                     "reproduce": "the full grid: cap x layer position x training (a bigger budget)"}
 
 
