@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from ._console import format_table, print_table
 from .adaptive import attack_kind, cap_statistics, evaluate_suite, find_caps
-from .attacks import caller_state, get_attack, model_device
+from ._torch import caller_state, model_device
+from .attacks import get_attack
 from .results import Results
 from .significance import ALPHA, clopper_pearson, mcnemar_exact
 from .threat import EvalConfig, ThreatModel

@@ -11,6 +11,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from ._format import pct
 from ._files import atomic_write, check_target, save_figure
 from .results import _markdown
 from .threat import STEP_SIZE_FACTOR
@@ -26,10 +27,6 @@ PLOTS = {
     "pgd_vs_worst_case": "pgd_vs_worst_case.png",
     "growth": "perturbation_growth.png",
 }
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _figure(size: tuple[float, float]):
@@ -95,8 +92,8 @@ def plot_pgd_vs_worst_case(result: ExperimentResult, path: str | os.PathLike | N
 def _per_eps_rows(result: ExperimentResult) -> list[list[str]]:
     from .experiment import LIBRARY_PGD
 
-    return [[m.name, f"{e:g}", *(_pct(m.pgd[lib].get(e)) for lib in LIBRARY_PGD),
-             _pct(m.worst_case.get(e)), _pct(min((a[e] for a in m.attacks.values()
+    return [[m.name, f"{e:g}", *(pct(m.pgd[lib].get(e)) for lib in LIBRARY_PGD),
+             pct(m.worst_case.get(e)), pct(min((a[e] for a in m.attacks.values()
                                                   if a.get(e) is not None), default=None))]
             for m in result.models for e in result.config.eps]
 
@@ -233,7 +230,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
         ["model", "capped sites", "training", "final train loss", "final train acc", "seconds"],
         [[m.name, ", ".join(f"{s} -> {a}" for s, a in m.capped_sites.items()) or "none",
           m.spec.training, f"{m.train_history['loss'][-1]:.4f}",
-          _pct(m.train_history["accuracy"][-1]), f"{m.seconds:.1f}"] for m in result.models]), ""]
+          pct(m.train_history["accuracy"][-1]), f"{m.seconds:.1f}"] for m in result.models]), ""]
     lines += ["## Settings", "", _markdown(["setting", "value"], _settings(result)), ""]
     lines += ["Library versions: " + ", ".join(f"{k} {v}" for k, v in sorted(result.versions.items())),
               ""]

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from ._format import pct
 from . import _files
 from ._console import format_table, print_table
 from ._fingerprint import differences as _fingerprint_differences
@@ -124,10 +125,6 @@ _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 def _json_line(obj: Mapping[str, Any]) -> str:
     return _ENCODER.encode(obj) + "\n"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100.0 * value:.1f}%"
 
 
 def _fmt_eps(eps: float) -> str:
@@ -433,14 +430,14 @@ class Results:
 
     def _summary_cells(self) -> list[list[str]]:
         cells = [
-            ["clean", "-", _pct(self.clean_accuracy()), str(len(self.samples)), "", "", "", ""]
+            ["clean", "-", pct(self.clean_accuracy()), str(len(self.samples)), "", "", "", ""]
         ]
         for s in self.summary():
             cells.append(
                 [
                     s["attack"],
                     _fmt_eps(s["eps"]),
-                    _pct(s["robust_accuracy"]),
+                    pct(s["robust_accuracy"]),
                     str(s["n"]),
                     "" if s["violations"] is None else str(s["violations"]),
                     "" if s["failed"] is None else str(s["failed"]),
@@ -458,7 +455,7 @@ class Results:
             [
                 e["family"],
                 _fmt_eps(e["eps"]),
-                *(_pct(e["accuracy"].get(lib)) for lib in libs),
+                *(pct(e["accuracy"].get(lib)) for lib in libs),
                 f"{e['max_gap']:.1f}",
                 f"{e['disagreements']}/{e['n_common']}",
             ]
@@ -488,8 +485,8 @@ class Results:
             cert, worst = self.certified(eps), self.worst_case(eps)
             if cert is not None and worst is not None:
                 notes.append(
-                    f"eps {_fmt_eps(eps)}: certified {_pct(cert)} <= robust accuracy <= "
-                    f"{_pct(worst)} (worst case over attacks)"
+                    f"eps {_fmt_eps(eps)}: certified {pct(cert)} <= robust accuracy <= "
+                    f"{pct(worst)} (worst case over attacks)"
                 )
         if m:
             notes.append(

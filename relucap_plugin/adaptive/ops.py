@@ -381,7 +381,7 @@ def _scan(model: nn.Module, x: Tensor) -> tuple[dict[str, CapSite], dict[str, di
             note(path, type(module).__name__, args[0], 0.0, module_cap(module, args[0]))
         return None
 
-    from ..attacks import caller_state, model_device
+    from .._torch import caller_state, model_device
 
     net = eager_module(model)
     tracker = tracking(net, "record", on_op, on_module)
