@@ -40,6 +40,7 @@ from .growth import GrowthTable, perturbation_growth  # noqa: F401  (re-exported
 
 __all__ = [
     "CHECKS",
+    "Check",
     "EVIDENCE",
     "LEVELS",
     "RISK",
@@ -67,36 +68,58 @@ TOLERANCE = 0.02
 #: Fraction of samples above which zero gradients or fully saturated capped layers fire.
 ZERO_FRACTION = 0.01
 
-#: Flag name -> what it means when it fires (one line each; docs/honest-evaluation.md has more).
-CHECKS: dict[str, str] = {
-    "zero_gradients": "many inputs have an all-zero, NaN or inf input gradient: gradient attacks "
-                      "cannot move them",
-    "saturated_caps": "a capped layer has every unit at 0 or at its cap for many inputs, so no "
-                      "gradient passes it",
-    "accuracy_rises_with_eps": "robust accuracy rises with eps or exceeds clean accuracy: the "
-                               "attack fails, not the model",
-    "unbounded_not_chance": "an attack with an unbounded budget stays above chance level: it "
-                            "cannot find examples that must exist",
-    "blackbox_beats_whitebox": "a black-box attack breaks samples the white-box attacks did not: "
-                               "the gradients mislead",
-    "transfer_beats_whitebox": "examples crafted on the uncapped twin break samples the white-box "
-                               "attacks did not: the gradients mislead",
-    "surrogate_beats_whitebox": "the same attack with a surrogate gradient through the caps (BPDA) "
-                                "breaks samples plain white-box did not",
-    "single_step_beats_iterative": "a single-step attack breaks samples the iterative ones did "
-                                   "not: the iterative attacks are stuck",
-    "more_steps_change_verdict": "more steps or restarts break samples the base attack did not, "
-                                 "beyond sampling noise: the attack has not converged",
-    "nondeterministic_logits": "repeated forward passes give different logits: randomness can "
-                               "hide gradients (use EOT attacks)",
+@dataclass(frozen=True)
+class Check:
+    """What a check's flag says: ``label`` (a few words for a table cell), ``meaning`` (one line:
+    what a fired flag says about the evaluation) and ``kind``: ``"evidence"`` (an attack gap on
+    paired per-sample outcomes, fires only when significant) or ``"risk"`` (says masking may
+    happen but measures no gap)."""
+
+    label: str
+    meaning: str
+    kind: str
+
+
+#: Flag name -> its :class:`Check` (label, meaning, kind); docs/honest-evaluation.md has more.
+#: A new check is one function returning ``_flag(name, ...)``, one entry here and its call in
+#: :func:`audit`; the tables, the verdict and the experiment report read everything else here.
+CHECKS: dict[str, Check] = {
+    "zero_gradients": Check(
+        "zero grads", "many inputs have an all-zero, NaN or inf input gradient: gradient attacks "
+        "cannot move them", "risk"),
+    "saturated_caps": Check(
+        "saturated caps", "a capped layer has every unit at 0 or at its cap for many inputs, so no "
+        "gradient passes it", "risk"),
+    "accuracy_rises_with_eps": Check(
+        "acc rises with eps", "robust accuracy rises with eps or exceeds clean accuracy: the "
+        "attack fails, not the model", "risk"),
+    "unbounded_not_chance": Check(
+        "unbounded > chance", "an attack with an unbounded budget stays above chance level: it "
+        "cannot find examples that must exist", "risk"),
+    "blackbox_beats_whitebox": Check(
+        "black-box wins", "a black-box attack breaks samples the white-box attacks did not: "
+        "the gradients mislead", "evidence"),
+    "transfer_beats_whitebox": Check(
+        "transfer wins", "examples crafted on the uncapped twin break samples the white-box "
+        "attacks did not: the gradients mislead", "evidence"),
+    "surrogate_beats_whitebox": Check(
+        "BPDA wins", "the same attack with a surrogate gradient through the caps (BPDA) "
+        "breaks samples plain white-box did not", "evidence"),
+    "single_step_beats_iterative": Check(
+        "FGSM wins", "a single-step attack breaks samples the iterative ones did "
+        "not: the iterative attacks are stuck", "evidence"),
+    "more_steps_change_verdict": Check(
+        "more steps change it", "more steps or restarts break samples the base attack did not, "
+        "beyond sampling noise: the attack has not converged", "evidence"),
+    "nondeterministic_logits": Check(
+        "random logits", "repeated forward passes give different logits: randomness can "
+        "hide gradients (use EOT attacks)", "risk"),
 }
 
 #: Checks that measure an attack gap on paired per-sample outcomes (fire only when significant).
-EVIDENCE = ("blackbox_beats_whitebox", "transfer_beats_whitebox", "surrogate_beats_whitebox",
-            "single_step_beats_iterative", "more_steps_change_verdict")
+EVIDENCE = tuple(name for name, check in CHECKS.items() if check.kind == "evidence")
 #: Checks that say masking may happen but measure no gap.
-RISK = ("zero_gradients", "saturated_caps", "accuracy_rises_with_eps", "unbounded_not_chance",
-        "nondeterministic_logits")
+RISK = tuple(name for name, check in CHECKS.items() if check.kind == "risk")
 #: The verdict's three levels, strongest first.
 LEVELS = ("masking measured", "risk factors only", "no sign")
 
@@ -125,11 +148,11 @@ class Flag:
 
 
 def _flag(name: str, fired: bool, **evidence: Any) -> Flag:
-    return Flag(name, bool(fired), CHECKS[name], evidence)
+    return Flag(name, bool(fired), CHECKS[name].meaning, evidence)
 
 
 def _skip(name: str, reason: str) -> Flag:
-    return Flag(name, False, CHECKS[name], {"skipped": reason})
+    return Flag(name, False, CHECKS[name].meaning, {"skipped": reason})
 
 
 def _fmt(value: Any) -> str:

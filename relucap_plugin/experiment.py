@@ -246,21 +246,6 @@ class ModelResult:
         return {"name": self.name, "spec": asdict(self.spec), **d}
 
 
-#: Short labels of the gradient-masking flags (relucap_plugin.diagnostics.CHECKS) for a table cell.
-FLAG_LABELS = {
-    "zero_gradients": "zero grads",
-    "saturated_caps": "saturated caps",
-    "accuracy_rises_with_eps": "acc rises with eps",
-    "unbounded_not_chance": "unbounded > chance",
-    "blackbox_beats_whitebox": "black-box wins",
-    "transfer_beats_whitebox": "transfer wins",
-    "surrogate_beats_whitebox": "BPDA wins",
-    "single_step_beats_iterative": "FGSM wins",
-    "more_steps_change_verdict": "more steps change it",
-    "nondeterministic_logits": "random logits",
-}
-
-
 def short_verdict(level: str, over: dict[str, Any] | None = None, eps: float | None = None) -> str:
     """The calibrated verdict for a table cell: ``"measured +X pts [lo, hi]"`` (PGD's
     over-report at ``eps``, default the audit's headline eps), ``"risk factors only"`` or
@@ -273,8 +258,10 @@ def short_verdict(level: str, over: dict[str, Any] | None = None, eps: float | N
 
 
 def fired_labels(fired: Sequence[str]) -> str:
-    """The short labels of the fired checks, comma-separated."""
-    return ", ".join(FLAG_LABELS.get(f, f) for f in fired)
+    """The short labels (:data:`relucap_plugin.diagnostics.CHECKS`) of the fired checks, comma-separated."""
+    from .diagnostics import CHECKS
+
+    return ", ".join(CHECKS[f].label if f in CHECKS else f for f in fired)
 
 
 @dataclass

@@ -66,12 +66,10 @@ def plot_robust_accuracy(result: ExperimentResult, path: str | os.PathLike | Non
 def plot_pgd_vs_worst_case(result: ExperimentResult, path: str | os.PathLike | None = None):
     """Bars at the headline eps: PGD through each library next to the worst case, per model.
     A worst case far below PGD means PGD alone over-reports robustness."""
-    from .experiment import LIBRARY_PGD
-
     fig = _figure((max(6, 0.9 * len(result.models) + 2), 4))
     ax = fig.add_subplot()
     eps = result.config.headline_eps
-    series = [(f"PGD {lib}", lambda m, lib=lib: m.pgd[lib].get(eps)) for lib in LIBRARY_PGD]
+    series = [(f"PGD {lib}", lambda m, lib=lib: m.pgd[lib].get(eps)) for lib in _libraries(result)]
     series.append(("worst case", lambda m: m.worst_case.get(eps)))
     width = 0.8 / len(series)
     for k, (label, value) in enumerate(series):
@@ -89,10 +87,13 @@ def plot_pgd_vs_worst_case(result: ExperimentResult, path: str | os.PathLike | N
     return fig
 
 
-def _per_eps_rows(result: ExperimentResult) -> list[list[str]]:
-    from .experiment import LIBRARY_PGD
+def _libraries(result: ExperimentResult) -> list[str]:
+    """The libraries whose PGD the result's models hold, in the result's order."""
+    return list(dict.fromkeys(lib for m in result.models for lib in m.pgd))
 
-    return [[m.name, f"{e:g}", *(pct(m.pgd[lib].get(e)) for lib in LIBRARY_PGD),
+
+def _per_eps_rows(result: ExperimentResult) -> list[list[str]]:
+    return [[m.name, f"{e:g}", *(pct(m.pgd[lib].get(e)) for lib in _libraries(result)),
              pct(m.worst_case.get(e)), pct(min((a[e] for a in m.attacks.values()
                                                   if a.get(e) is not None), default=None))]
             for m in result.models for e in result.config.eps]
@@ -144,9 +145,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
     """Write ``report.md``, ``summary.json`` and the plots of ``result`` into ``folder``;
     returns the path of ``report.md``. Without matplotlib the report says the plots are
     missing and why."""
-    from .experiment import LIBRARY_PGD, ExperimentResult
-
-    if not isinstance(result, ExperimentResult):
+    if not all(hasattr(result, a) for a in ("models", "config", "table_rows", "TABLE_COLUMNS")):
         raise TypeError(f"result must be an ExperimentResult, got {type(result).__name__}")
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
@@ -189,7 +188,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
     lines += [
         "## Robust accuracy per eps",
         "",
-        _markdown(["model", "eps", *(f"PGD {lib}" for lib in LIBRARY_PGD), "worst case",
+        _markdown(["model", "eps", *(f"PGD {lib}" for lib in _libraries(result)), "worst case",
                    "strongest single attack"], _per_eps_rows(result)),
         "",
         "## Plots",
