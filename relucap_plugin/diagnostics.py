@@ -11,8 +11,7 @@ Bonferroni correction, :mod:`relucap_plugin.significance`) or *risk factors* (:d
 zero gradients, saturated caps, ...). :func:`verdict` has three levels: ``"masking measured:
 PGD over-reports by X points [interval]"``, ``"risk factors only"``, ``"no sign"``; its number
 is :func:`over_report`, PGD (the plain white-box attacks) minus the worst case. The checks follow Carlini et al. 2019, Athalye
-et al. 2018 and AutoAttack's own checks; ``docs/honest-evaluation.md`` explains each one and
-what to do when it fires.
+et al. 2018 and AutoAttack's own checks; docs/honest-evaluation.md explains each (and the fix).
 
 :func:`perturbation_growth` (from :mod:`relucap_plugin.growth`) shows the mechanism of arXiv
 2405.03777 on a user's model: how much an input perturbation grows layer by layer.
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ._console import format_table, print_table
+from ._format import markdown_table
 from .adaptive import attack_kind, cap_statistics, evaluate_suite, find_caps
 from ._torch import caller_state, model_device
 from .attacks import get_attack
@@ -68,52 +68,42 @@ TOLERANCE = 0.02
 #: Fraction of samples above which zero gradients or fully saturated capped layers fire.
 ZERO_FRACTION = 0.01
 
+
 @dataclass(frozen=True)
 class Check:
-    """What a check's flag says: ``label`` (a few words for a table cell), ``meaning`` (one line:
-    what a fired flag says about the evaluation) and ``kind``: ``"evidence"`` (an attack gap on
-    paired per-sample outcomes, fires only when significant) or ``"risk"`` (says masking may
-    happen but measures no gap)."""
+    """A check's ``label`` (a table cell), ``kind`` (``"evidence"``: an attack gap on paired
+    per-sample outcomes, fires only when significant; ``"risk"``: measures no gap) and
+    ``meaning`` (one line: what a fired flag says about the evaluation)."""
 
     label: str
-    meaning: str
     kind: str
+    meaning: str
 
 
-#: Flag name -> its :class:`Check` (label, meaning, kind); docs/honest-evaluation.md has more.
+#: Flag name -> its :class:`Check` (label, kind, meaning); docs/honest-evaluation.md has more.
 #: A new check is one function returning ``_flag(name, ...)``, one entry here and its call in
 #: :func:`audit`; the tables, the verdict and the experiment report read everything else here.
 CHECKS: dict[str, Check] = {
-    "zero_gradients": Check(
-        "zero grads", "many inputs have an all-zero, NaN or inf input gradient: gradient attacks "
-        "cannot move them", "risk"),
-    "saturated_caps": Check(
-        "saturated caps", "a capped layer has every unit at 0 or at its cap for many inputs, so no "
-        "gradient passes it", "risk"),
-    "accuracy_rises_with_eps": Check(
-        "acc rises with eps", "robust accuracy rises with eps or exceeds clean accuracy: the "
-        "attack fails, not the model", "risk"),
-    "unbounded_not_chance": Check(
-        "unbounded > chance", "an attack with an unbounded budget stays above chance level: it "
-        "cannot find examples that must exist", "risk"),
-    "blackbox_beats_whitebox": Check(
-        "black-box wins", "a black-box attack breaks samples the white-box attacks did not: "
-        "the gradients mislead", "evidence"),
-    "transfer_beats_whitebox": Check(
-        "transfer wins", "examples crafted on the uncapped twin break samples the white-box "
-        "attacks did not: the gradients mislead", "evidence"),
-    "surrogate_beats_whitebox": Check(
-        "BPDA wins", "the same attack with a surrogate gradient through the caps (BPDA) "
-        "breaks samples plain white-box did not", "evidence"),
-    "single_step_beats_iterative": Check(
-        "FGSM wins", "a single-step attack breaks samples the iterative ones did "
-        "not: the iterative attacks are stuck", "evidence"),
-    "more_steps_change_verdict": Check(
-        "more steps change it", "more steps or restarts break samples the base attack did not, "
-        "beyond sampling noise: the attack has not converged", "evidence"),
-    "nondeterministic_logits": Check(
-        "random logits", "repeated forward passes give different logits: randomness can "
-        "hide gradients (use EOT attacks)", "risk"),
+    "zero_gradients": Check("zero grads", "risk",
+        "many inputs have an all-zero, NaN or inf input gradient: gradient attacks cannot move them"),
+    "saturated_caps": Check("saturated caps", "risk",
+        "a capped layer has every unit at 0 or at its cap for many inputs, so no gradient passes it"),
+    "accuracy_rises_with_eps": Check("acc rises with eps", "risk",
+        "robust accuracy rises with eps or exceeds clean accuracy: the attack fails, not the model"),
+    "unbounded_not_chance": Check("unbounded > chance", "risk",
+        "an attack with an unbounded budget stays above chance level: it cannot find examples that must exist"),
+    "blackbox_beats_whitebox": Check("black-box wins", "evidence",
+        "a black-box attack breaks samples the white-box attacks did not: the gradients mislead"),
+    "transfer_beats_whitebox": Check("transfer wins", "evidence",
+        "examples crafted on the uncapped twin break samples the white-box attacks did not: the gradients mislead"),
+    "surrogate_beats_whitebox": Check("BPDA wins", "evidence",
+        "the same attack with a surrogate gradient through the caps (BPDA) breaks samples plain white-box did not"),
+    "single_step_beats_iterative": Check("FGSM wins", "evidence",
+        "a single-step attack breaks samples the iterative ones did not: the iterative attacks are stuck"),
+    "more_steps_change_verdict": Check("more steps change it", "evidence",
+        "more steps or restarts break samples the base attack did not, beyond sampling noise: the attack has not converged"),
+    "nondeterministic_logits": Check("random logits", "risk",
+        "repeated forward passes give different logits: randomness can hide gradients (use EOT attacks)"),
 }
 
 #: Checks that measure an attack gap on paired per-sample outcomes (fire only when significant).
@@ -531,12 +521,7 @@ class Audit:
     def table(self, markdown: bool = False) -> str:
         """Results table, flags table and verdict as text (or Markdown)."""
         columns = ("check", "status", "evidence")
-        if markdown:
-            from .results import _markdown
-
-            flags = _markdown(columns, self._cells())
-        else:
-            flags = format_table(columns, self._cells())
+        flags = (markdown_table if markdown else format_table)(columns, self._cells())
         return "\n\n".join([self.results.table(markdown).rstrip(), "Gradient-masking checks",
                             flags, *self._lines()]) + "\n"
 

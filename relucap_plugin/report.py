@@ -11,9 +11,8 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from ._format import pct
+from ._format import markdown_table, pct
 from ._files import atomic_write, check_target, save_figure
-from .results import _markdown
 from .threat import STEP_SIZE_FACTOR
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,7 +168,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
         "",
         f"## Results at eps {c.headline_eps:g}",
         "",
-        _markdown(result.TABLE_COLUMNS, result.table_rows()),
+        markdown_table(result.TABLE_COLUMNS, result.table_rows()),
         "",
         "Robust accuracy counts a sample as robust only if it is classified correctly clean and "
         "on the verified adversarial example. *PGD <library>*: the same PGD through each "
@@ -188,7 +187,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
     lines += [
         "## Robust accuracy per eps",
         "",
-        _markdown(["model", "eps", *(f"PGD {lib}" for lib in _libraries(result)), "worst case",
+        markdown_table(["model", "eps", *(f"PGD {lib}" for lib in _libraries(result)), "worst case",
                    "strongest single attack"], _per_eps_rows(result)),
         "",
         "## Plots",
@@ -217,7 +216,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
             "crafted on the capped model: mean of ||h(x_adv) - h(x)||_2 / ||x_adv - x||_2 per "
             "layer output.",
             "",
-            _markdown(("layer", "type", "capped", "uncapped twin"), result.growth._cells()),
+            markdown_table(("layer", "type", "capped", "uncapped twin"), result.growth._cells()),
             "",
         ]
         if not plots_note:
@@ -225,12 +224,12 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
     lines += ["## Masking verdicts", ""]
     lines += [f"- **{m.name}**: {m.verdict.split(': ', 1)[-1]}" for m in result.models]
     lines += ["", "## Models", ""]
-    lines += [_markdown(
+    lines += [markdown_table(
         ["model", "capped sites", "training", "final train loss", "final train acc", "seconds"],
         [[m.name, ", ".join(f"{s} -> {a}" for s, a in m.capped_sites.items()) or "none",
           m.spec.training, f"{m.train_history['loss'][-1]:.4f}",
           pct(m.train_history["accuracy"][-1]), f"{m.seconds:.1f}"] for m in result.models]), ""]
-    lines += ["## Settings", "", _markdown(["setting", "value"], _settings(result)), ""]
+    lines += ["## Settings", "", markdown_table(["setting", "value"], _settings(result)), ""]
     lines += ["Library versions: " + ", ".join(f"{k} {v}" for k, v in sorted(result.versions.items())),
               ""]
     lines += [

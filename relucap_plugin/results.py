@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from ._format import pct
+from ._format import markdown_table, pct
 from . import _files
 from ._console import format_table, print_table
 from ._fingerprint import differences as _fingerprint_differences
@@ -132,13 +132,6 @@ def _fmt_eps(eps: float) -> str:
     decimal form."""
     short, k = f"{eps:g}", round(eps * 255)
     return f"{k}/255" if len(short) > 6 and k > 0 and math.isclose(eps * 255, k, rel_tol=1e-9) else short
-
-
-def _markdown(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    esc = [[("" if v is None else str(v)).replace("|", "\\|") for v in r] for r in rows]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in esc]
-    return "\n".join(lines)
 
 
 def _ordered_union(*lists: Iterable[Any]) -> list[Any]:
@@ -497,7 +490,7 @@ class Results:
 
     def table(self, markdown: bool = False) -> str:
         """The summary (and agreement) tables and notes as text, or as Markdown."""
-        fmt = _markdown if markdown else format_table
+        fmt = markdown_table if markdown else format_table
         parts = [self._title(), fmt(self._COLUMNS, self._summary_cells())]
         columns, cells = self._agreement_cells()
         if cells:
