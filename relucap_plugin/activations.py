@@ -78,7 +78,7 @@ def validate_cap(cap: object, name: str = "cap") -> float | Tensor:
     return cap
 
 
-def _channel_view(cap: Tensor, x: Tensor) -> Tensor:
+def channel_view(cap: Tensor, x: Tensor) -> Tensor:
     """Reshape per-channel ``cap`` of shape (C,) to broadcast over ``x`` of shape (N, C, *)."""
     if x.dim() < 2 or x.shape[1] != cap.shape[0]:
         raise ValueError(
@@ -143,7 +143,7 @@ def _hardtanh_cap(x: Tensor, cap: float, inplace: bool) -> Tensor:
 def capped_relu(x: Tensor, cap: float | Tensor, inplace: bool = False) -> Tensor:
     """Functional capped ReLU ``min(max(x, 0), cap)``; ``cap`` as in :class:`CappedReLU`."""
     if isinstance(cap, Tensor) and cap.dim() > 0:
-        return _cap_where(x, _channel_view(cap, x))
+        return _cap_where(x, channel_view(cap, x))
     cap = float(cap)
     if math.isinf(cap):
         return F.relu(x, inplace=inplace)
@@ -191,7 +191,7 @@ class CappedReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.per_channel:
-            return _cap_where(x, _channel_view(self.cap_tensor, x))
+            return _cap_where(x, channel_view(self.cap_tensor, x))
         if math.isinf(self.cap_value):
             return F.relu(x, inplace=self.inplace)
         return _hardtanh_cap(x, self.cap_value, self.inplace)
@@ -258,7 +258,7 @@ class LearnableCappedReLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         cap = (F.softplus(self.raw_cap) + self.min_cap).to(x.dtype)
         if cap.dim() > 0:
-            cap = _channel_view(cap, x)
+            cap = channel_view(cap, x)
         return _cap_where(x, cap)
 
     @property
@@ -331,7 +331,7 @@ class DynamicCappedReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.running_cap.dim() > 0 and (x.dim() < 2 or x.shape[1] != self.running_cap.shape[0]):
-            _channel_view(self.running_cap, x)  # raises the shape error
+            channel_view(self.running_cap, x)  # raises the shape error
         if self.training:
             with torch.no_grad():
                 stat = self._measure(x).to(self.running_cap.device)
@@ -342,7 +342,7 @@ class DynamicCappedReLU(nn.Module):
                 self.num_batches_tracked += 1
         cap = (self.running_cap * self.scale).to(x.dtype)
         if cap.dim() > 0:
-            cap = _channel_view(cap, x)
+            cap = channel_view(cap, x)
         return _cap_where(x, cap)
 
     @property

@@ -11,18 +11,16 @@ attack from it is asked for.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
+from ._torch import caller_state, check_inputs, check_logits, clean_logits, float_dtype, model_device, seeded
 from .registry import parse_spec
 from .threat import NORMS, ThreatModel
 
@@ -96,76 +94,6 @@ def _libraries() -> list[str]:
     from .adapters import LIBRARIES
 
     return list(LIBRARIES)
-
-
-# --------------------------------------------------------------------------------------------
-# Caller state
-
-
-def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
-    """Device of the model's first parameter or buffer; ``default`` for a stateless model."""
-    for tensor in _tensors(model):
-        return tensor.device
-    return default if default is not None else torch.device("cpu")
-
-
-def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    yield from model.parameters()
-    yield from model.buffers()
-
-
-def _float_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:
-    for tensor in _tensors(model):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return default
-
-
-@contextlib.contextmanager
-def caller_state(model: nn.Module) -> Iterator[None]:
-    """Run with ``model`` in eval mode and its parameters frozen; restore everything afterwards.
-
-    Restored: every submodule's ``training`` flag (mixed modes survive), each parameter's
-    ``requires_grad`` and ``.grad`` (libraries call ``zero_grad`` or backpropagate into weights),
-    and the device, should a library have moved the model. Freezing the parameters also keeps
-    attacks from computing weight gradients they do not need.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    devices = [(t, t.device) for t in _tensors(model)]
-    try:
-        model.eval()
-        for p, _, _ in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        moved = any(t.device != d for t, d in devices)
-        if moved:
-            model.to(devices[0][1])
-        for m, training in modes:
-            m.training = training
-        for p, requires_grad, grad in params:
-            p.requires_grad_(requires_grad)
-            p.grad = grad
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed torch, numpy and ``random`` for the block and restore their states afterwards."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2**32)
-            random.seed(seed)
-            yield
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +306,7 @@ class Attack:
         eps = self._check_eps(eps, tm)
         x = self._check_x(x, tm)
         device = model_device(model, x.device)
-        dtype = _float_dtype(model, x.dtype)
+        dtype = float_dtype(model, x.dtype)
         self.check_dtype(dtype)
         with caller_state(model), torch.enable_grad(), seeded(seed, device):
             xd = x.detach().to(device=device, dtype=dtype)
@@ -460,15 +388,7 @@ class Attack:
                 f"x must be a non-empty floating tensor of shape (N, ...) (images as (N, C, H, W)), "
                 f"got {x.dtype} of shape {tuple(x.shape)}"
             )
-        check_finite_inputs(x, "x")
-        lo, hi = tm.bounds
-        x_min, x_max = float(x.min()), float(x.max())
-        if not (lo <= x_min and x_max <= hi):
-            raise ValueError(
-                f"x has values in [{x_min:.4g}, {x_max:.4g}], outside the threat model's bounds "
-                f"{tm.bounds}; feed inputs in bounds (pixels in [0, 1]) and put normalisation "
-                "inside the model, or set ThreatModel(bounds=...)"
-            )
+        check_inputs(x, tm.bounds, "x")
         return x
 
     def _check_y(
@@ -557,54 +477,7 @@ class Attack:
 
 
 def _logits(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    out = model(x)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
-        raise TypeError(
-            f"{name}: the model must return logits of shape (N, classes), got {what}; wrap a model "
-            "that returns a tuple/dict so that it returns the logits tensor"
-        )
-    return out
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is torch running out of (CUDA or CPU) memory."""
-    oom = getattr(torch.cuda, "OutOfMemoryError", ())
-    return (bool(oom) and isinstance(exc, oom)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
-def check_finite_inputs(x: torch.Tensor, what: str) -> None:
-    """Refuse inputs ``x`` (N, ...) holding NaN or inf (ValueError naming the samples)."""
-    bad = (~torch.isfinite(x.detach().flatten(1))).any(1).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(
-            f"{what} holds NaN/inf values in {len(bad)} sample(s) (positions {bad[:5]}); clean or "
-            "drop them (torch.nan_to_num, or x[torch.isfinite(x).flatten(1).all(1)])"
-        )
-
-
-def clean_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, where: str) -> torch.Tensor:
-    """``forward(x)`` for clean inputs ``x`` (N, ...) -> logits (N, classes), refusing (ValueError) a
-    model that cannot take ``x`` or returns NaN/inf logits: no robustness can be measured then."""
-    try:
-        logits = forward(x)
-    except RuntimeError as exc:
-        if is_out_of_memory(exc):
-            raise
-        raise ValueError(
-            f"{where}: the model failed on clean inputs of shape {tuple(x.shape)} ({exc}); pass data "
-            "of the shape the model expects, e.g. (N, 1, 28, 28) for an MNIST model"
-        ) from exc
-    bad = (~torch.isfinite(logits)).any(1).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(
-            f"{where}: the model returns non-finite logits (NaN/inf) on {len(bad)} of {len(x)} clean "
-            f"inputs (positions {bad[:5]}), so no robustness can be measured; check its weights (a "
-            "diverged training or a NaN checkpoint), the input scale and its activations"
-        )
-    return logits
+    return check_logits(model(x), "wrap a model that returns a tuple/dict so that it returns the logits tensor", name)
 
 
 def _fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, name: str) -> torch.Tensor:

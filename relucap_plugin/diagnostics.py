@@ -11,8 +11,7 @@ Bonferroni correction, :mod:`relucap_plugin.significance`) or *risk factors* (:d
 zero gradients, saturated caps, ...). :func:`verdict` has three levels: ``"masking measured:
 PGD over-reports by X points [interval]"``, ``"risk factors only"``, ``"no sign"``; its number
 is :func:`over_report`, PGD (the plain white-box attacks) minus the worst case. The checks follow Carlini et al. 2019, Athalye
-et al. 2018 and AutoAttack's own checks; ``docs/honest-evaluation.md`` explains each one and
-what to do when it fires.
+et al. 2018 and AutoAttack's own checks; docs/honest-evaluation.md explains each (and the fix).
 
 :func:`perturbation_growth` (from :mod:`relucap_plugin.growth`) shows the mechanism of arXiv
 2405.03777 on a user's model: how much an input perturbation grows layer by layer.
@@ -30,8 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from ._console import format_table, print_table
+from ._format import markdown_table
 from .adaptive import attack_kind, cap_statistics, evaluate_suite, find_caps
-from .attacks import caller_state, get_attack, model_device
+from ._torch import caller_state, model_device
+from .attacks import get_attack
 from .results import Results
 from .significance import ALPHA, clopper_pearson, mcnemar_exact
 from .threat import EvalConfig, ThreatModel
@@ -39,6 +40,7 @@ from .growth import GrowthTable, perturbation_growth  # noqa: F401  (re-exported
 
 __all__ = [
     "CHECKS",
+    "Check",
     "EVIDENCE",
     "LEVELS",
     "RISK",
@@ -66,36 +68,48 @@ TOLERANCE = 0.02
 #: Fraction of samples above which zero gradients or fully saturated capped layers fire.
 ZERO_FRACTION = 0.01
 
-#: Flag name -> what it means when it fires (one line each; docs/honest-evaluation.md has more).
-CHECKS: dict[str, str] = {
-    "zero_gradients": "many inputs have an all-zero, NaN or inf input gradient: gradient attacks "
-                      "cannot move them",
-    "saturated_caps": "a capped layer has every unit at 0 or at its cap for many inputs, so no "
-                      "gradient passes it",
-    "accuracy_rises_with_eps": "robust accuracy rises with eps or exceeds clean accuracy: the "
-                               "attack fails, not the model",
-    "unbounded_not_chance": "an attack with an unbounded budget stays above chance level: it "
-                            "cannot find examples that must exist",
-    "blackbox_beats_whitebox": "a black-box attack breaks samples the white-box attacks did not: "
-                               "the gradients mislead",
-    "transfer_beats_whitebox": "examples crafted on the uncapped twin break samples the white-box "
-                               "attacks did not: the gradients mislead",
-    "surrogate_beats_whitebox": "the same attack with a surrogate gradient through the caps (BPDA) "
-                                "breaks samples plain white-box did not",
-    "single_step_beats_iterative": "a single-step attack breaks samples the iterative ones did "
-                                   "not: the iterative attacks are stuck",
-    "more_steps_change_verdict": "more steps or restarts break samples the base attack did not, "
-                                 "beyond sampling noise: the attack has not converged",
-    "nondeterministic_logits": "repeated forward passes give different logits: randomness can "
-                               "hide gradients (use EOT attacks)",
+
+@dataclass(frozen=True)
+class Check:
+    """A check's ``label`` (a table cell), ``kind`` (``"evidence"``: an attack gap on paired
+    per-sample outcomes, fires only when significant; ``"risk"``: measures no gap) and
+    ``meaning`` (one line: what a fired flag says about the evaluation)."""
+
+    label: str
+    kind: str
+    meaning: str
+
+
+#: Flag name -> its :class:`Check` (label, kind, meaning); docs/honest-evaluation.md has more.
+#: A new check is one function returning ``_flag(name, ...)``, one entry here and its call in
+#: :func:`audit`; the tables, the verdict and the experiment report read everything else here.
+CHECKS: dict[str, Check] = {
+    "zero_gradients": Check("zero grads", "risk",
+        "many inputs have an all-zero, NaN or inf input gradient: gradient attacks cannot move them"),
+    "saturated_caps": Check("saturated caps", "risk",
+        "a capped layer has every unit at 0 or at its cap for many inputs, so no gradient passes it"),
+    "accuracy_rises_with_eps": Check("acc rises with eps", "risk",
+        "robust accuracy rises with eps or exceeds clean accuracy: the attack fails, not the model"),
+    "unbounded_not_chance": Check("unbounded > chance", "risk",
+        "an attack with an unbounded budget stays above chance level: it cannot find examples that must exist"),
+    "blackbox_beats_whitebox": Check("black-box wins", "evidence",
+        "a black-box attack breaks samples the white-box attacks did not: the gradients mislead"),
+    "transfer_beats_whitebox": Check("transfer wins", "evidence",
+        "examples crafted on the uncapped twin break samples the white-box attacks did not: the gradients mislead"),
+    "surrogate_beats_whitebox": Check("BPDA wins", "evidence",
+        "the same attack with a surrogate gradient through the caps (BPDA) breaks samples plain white-box did not"),
+    "single_step_beats_iterative": Check("FGSM wins", "evidence",
+        "a single-step attack breaks samples the iterative ones did not: the iterative attacks are stuck"),
+    "more_steps_change_verdict": Check("more steps change it", "evidence",
+        "more steps or restarts break samples the base attack did not, beyond sampling noise: the attack has not converged"),
+    "nondeterministic_logits": Check("random logits", "risk",
+        "repeated forward passes give different logits: randomness can hide gradients (use EOT attacks)"),
 }
 
 #: Checks that measure an attack gap on paired per-sample outcomes (fire only when significant).
-EVIDENCE = ("blackbox_beats_whitebox", "transfer_beats_whitebox", "surrogate_beats_whitebox",
-            "single_step_beats_iterative", "more_steps_change_verdict")
+EVIDENCE = tuple(name for name, check in CHECKS.items() if check.kind == "evidence")
 #: Checks that say masking may happen but measure no gap.
-RISK = ("zero_gradients", "saturated_caps", "accuracy_rises_with_eps", "unbounded_not_chance",
-        "nondeterministic_logits")
+RISK = tuple(name for name, check in CHECKS.items() if check.kind == "risk")
 #: The verdict's three levels, strongest first.
 LEVELS = ("masking measured", "risk factors only", "no sign")
 
@@ -124,11 +138,11 @@ class Flag:
 
 
 def _flag(name: str, fired: bool, **evidence: Any) -> Flag:
-    return Flag(name, bool(fired), CHECKS[name], evidence)
+    return Flag(name, bool(fired), CHECKS[name].meaning, evidence)
 
 
 def _skip(name: str, reason: str) -> Flag:
-    return Flag(name, False, CHECKS[name], {"skipped": reason})
+    return Flag(name, False, CHECKS[name].meaning, {"skipped": reason})
 
 
 def _fmt(value: Any) -> str:
@@ -507,12 +521,7 @@ class Audit:
     def table(self, markdown: bool = False) -> str:
         """Results table, flags table and verdict as text (or Markdown)."""
         columns = ("check", "status", "evidence")
-        if markdown:
-            from .results import _markdown
-
-            flags = _markdown(columns, self._cells())
-        else:
-            flags = format_table(columns, self._cells())
+        flags = (markdown_table if markdown else format_table)(columns, self._cells())
         return "\n\n".join([self.results.table(markdown).rstrip(), "Gradient-masking checks",
                             flags, *self._lines()]) + "\n"
 

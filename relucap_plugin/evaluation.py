@@ -27,17 +27,8 @@ from . import distributed as _distributed
 from .distributed import get_rank
 from ._console import progress as _progress
 from .adapters import native_library, native_notes, read_native
-from .attacks import (
-    Attack,
-    _float_dtype,
-    caller_state,
-    check_finite_inputs,
-    clean_logits,
-    get_attack,
-    is_out_of_memory,
-    make_attack,
-    perturbation_norm,
-)
+from ._torch import caller_state, check_inputs, check_logits, clean_logits, float_dtype, is_out_of_memory
+from .attacks import Attack, get_attack, make_attack, perturbation_norm
 from ._fingerprint import DataDigest, parameters_digest, run_fingerprint
 from .data import DataLike, as_dataset, as_loader, check_labels, unpack_batch
 from .results import Results, ResultsWriter, open_results_file
@@ -324,17 +315,9 @@ class _Runner:
                 "convert uint8 images with x.float() / 255"
             )
         where = f"data samples {start}..{start + len(x) - 1}"
-        check_finite_inputs(x, where)
-        lo, hi = self.tm.bounds
-        x_min, x_max = (float(v) for v in torch.aminmax(x))
-        if not (lo <= x_min and x_max <= hi):
-            raise ValueError(
-                f"data samples {start}..{start + len(x) - 1} have values in [{x_min:.4g}, "
-                f"{x_max:.4g}], outside the threat model's bounds {self.tm.bounds}; feed inputs in "
-                "bounds (put normalisation inside the model) or set ThreatModel(bounds=...)"
-            )
+        check_inputs(x, self.tm.bounds, where)
         if self.dtype is None:
-            self.dtype = _float_dtype(self.net, x.dtype)
+            self.dtype = float_dtype(self.net, x.dtype)
         xd = x.to(device=self.device, dtype=self.dtype)
         yd = y.to(device=self.device, dtype=torch.long)
         logits = clean_logits(self._logits, xd, where)
@@ -357,18 +340,9 @@ class _Runner:
 
     @torch.no_grad()
     def _logits(self, x: Tensor) -> Tensor:
-        out = self.net(x)
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            what = (
-                f"a tensor of shape {tuple(out.shape)}"
-                if isinstance(out, Tensor)
-                else type(out).__name__
-            )
-            raise TypeError(
-                f"the model must return logits of shape (N, classes), got {what}; "
-                "for a model returning a tuple or dict pass output=<index, key or function>"
-            )
-        return out
+        return check_logits(
+            self.net(x), "for a model returning a tuple or dict pass output=<index, key or function>"
+        )
 
     def _attack(
         self, attack: Attack, eps: float, batch: _Batch, attacked: list[int]
@@ -642,7 +616,7 @@ def evaluate(
         for line in native_notes(attack_list):
             print(line, file=sys.stderr)
     for attack in attack_list:
-        attack.check_dtype(_float_dtype(net, torch.float32))
+        attack.check_dtype(float_dtype(net, torch.float32))
     _check_loader(data)
     loader = as_loader(data, batch_size=cfg.batch_size)
     if _expected_samples(data, cfg) == 0:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._format import pct
 from .threat import EvalConfig, ThreatModel
 
 __all__ = [
@@ -245,25 +246,6 @@ class ModelResult:
         return {"name": self.name, "spec": asdict(self.spec), **d}
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-#: Short labels of the gradient-masking flags (relucap_plugin.diagnostics.CHECKS) for a table cell.
-FLAG_LABELS = {
-    "zero_gradients": "zero grads",
-    "saturated_caps": "saturated caps",
-    "accuracy_rises_with_eps": "acc rises with eps",
-    "unbounded_not_chance": "unbounded > chance",
-    "blackbox_beats_whitebox": "black-box wins",
-    "transfer_beats_whitebox": "transfer wins",
-    "surrogate_beats_whitebox": "BPDA wins",
-    "single_step_beats_iterative": "FGSM wins",
-    "more_steps_change_verdict": "more steps change it",
-    "nondeterministic_logits": "random logits",
-}
-
-
 def short_verdict(level: str, over: dict[str, Any] | None = None, eps: float | None = None) -> str:
     """The calibrated verdict for a table cell: ``"measured +X pts [lo, hi]"`` (PGD's
     over-report at ``eps``, default the audit's headline eps), ``"risk factors only"`` or
@@ -276,8 +258,10 @@ def short_verdict(level: str, over: dict[str, Any] | None = None, eps: float | N
 
 
 def fired_labels(fired: Sequence[str]) -> str:
-    """The short labels of the fired checks, comma-separated."""
-    return ", ".join(FLAG_LABELS.get(f, f) for f in fired)
+    """The short labels (:data:`relucap_plugin.diagnostics.CHECKS`) of the fired checks, comma-separated."""
+    from .diagnostics import CHECKS
+
+    return ", ".join(CHECKS[f].label if f in CHECKS else f for f in fired)
 
 
 @dataclass
@@ -301,8 +285,8 @@ class ExperimentResult:
         :attr:`TABLE_COLUMNS` as text. Times are left out, so equal seeds give equal rows."""
         eps = self.config.headline_eps if eps is None else float(eps)
         return [
-            (m.name, _pct(m.clean), *(_pct(m.pgd[lib].get(eps)) for lib in LIBRARY_PGD),
-             _pct(m.worst_case.get(eps)), short_verdict(m.level, m.over_report, eps))
+            (m.name, pct(m.clean), *(pct(m.pgd[lib].get(eps)) for lib in LIBRARY_PGD),
+             pct(m.worst_case.get(eps)), short_verdict(m.level, m.over_report, eps))
             for m in self.models
         ]
 
@@ -517,8 +501,8 @@ def _run(config: ExperimentConfig, folder: str | None, progress: bool, keep_mode
         models.append(run_model(spec, config, train_data, eval_data, folder, progress))
         m = models[-1]
         eps = config.headline_eps
-        _log(f"      clean {_pct(m.clean)}, PGD {_pct(m.pgd['torchattacks'][eps])}, worst case "
-             f"{_pct(m.worst_case[eps])} at eps {eps:g} ({m.seconds:.1f} s)", progress)
+        _log(f"      clean {pct(m.clean)}, PGD {pct(m.pgd['torchattacks'][eps])}, worst case "
+             f"{pct(m.worst_case[eps])} at eps {eps:g} ({m.seconds:.1f} s)", progress)
 
     for spec in specs:
         run(spec)

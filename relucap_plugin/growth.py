@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ._console import format_table, print_table
 from .adaptive import uncapped_twin
-from .attacks import caller_state, model_device
+from ._torch import caller_state, model_device
 
 __all__ = ["GrowthTable", "perturbation_growth"]
 

@@ -11,8 +11,8 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from ._format import markdown_table, pct
 from ._files import atomic_write, check_target, save_figure
-from .results import _markdown
 from .threat import STEP_SIZE_FACTOR
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,10 +26,6 @@ PLOTS = {
     "pgd_vs_worst_case": "pgd_vs_worst_case.png",
     "growth": "perturbation_growth.png",
 }
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _figure(size: tuple[float, float]):
@@ -69,12 +65,10 @@ def plot_robust_accuracy(result: ExperimentResult, path: str | os.PathLike | Non
 def plot_pgd_vs_worst_case(result: ExperimentResult, path: str | os.PathLike | None = None):
     """Bars at the headline eps: PGD through each library next to the worst case, per model.
     A worst case far below PGD means PGD alone over-reports robustness."""
-    from .experiment import LIBRARY_PGD
-
     fig = _figure((max(6, 0.9 * len(result.models) + 2), 4))
     ax = fig.add_subplot()
     eps = result.config.headline_eps
-    series = [(f"PGD {lib}", lambda m, lib=lib: m.pgd[lib].get(eps)) for lib in LIBRARY_PGD]
+    series = [(f"PGD {lib}", lambda m, lib=lib: m.pgd[lib].get(eps)) for lib in _libraries(result)]
     series.append(("worst case", lambda m: m.worst_case.get(eps)))
     width = 0.8 / len(series)
     for k, (label, value) in enumerate(series):
@@ -92,11 +86,14 @@ def plot_pgd_vs_worst_case(result: ExperimentResult, path: str | os.PathLike | N
     return fig
 
 
-def _per_eps_rows(result: ExperimentResult) -> list[list[str]]:
-    from .experiment import LIBRARY_PGD
+def _libraries(result: ExperimentResult) -> list[str]:
+    """The libraries whose PGD the result's models hold, in the result's order."""
+    return list(dict.fromkeys(lib for m in result.models for lib in m.pgd))
 
-    return [[m.name, f"{e:g}", *(_pct(m.pgd[lib].get(e)) for lib in LIBRARY_PGD),
-             _pct(m.worst_case.get(e)), _pct(min((a[e] for a in m.attacks.values()
+
+def _per_eps_rows(result: ExperimentResult) -> list[list[str]]:
+    return [[m.name, f"{e:g}", *(pct(m.pgd[lib].get(e)) for lib in _libraries(result)),
+             pct(m.worst_case.get(e)), pct(min((a[e] for a in m.attacks.values()
                                                   if a.get(e) is not None), default=None))]
             for m in result.models for e in result.config.eps]
 
@@ -147,9 +144,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
     """Write ``report.md``, ``summary.json`` and the plots of ``result`` into ``folder``;
     returns the path of ``report.md``. Without matplotlib the report says the plots are
     missing and why."""
-    from .experiment import LIBRARY_PGD, ExperimentResult
-
-    if not isinstance(result, ExperimentResult):
+    if not all(hasattr(result, a) for a in ("models", "config", "table_rows", "TABLE_COLUMNS")):
         raise TypeError(f"result must be an ExperimentResult, got {type(result).__name__}")
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
@@ -173,7 +168,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
         "",
         f"## Results at eps {c.headline_eps:g}",
         "",
-        _markdown(result.TABLE_COLUMNS, result.table_rows()),
+        markdown_table(result.TABLE_COLUMNS, result.table_rows()),
         "",
         "Robust accuracy counts a sample as robust only if it is classified correctly clean and "
         "on the verified adversarial example. *PGD <library>*: the same PGD through each "
@@ -192,7 +187,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
     lines += [
         "## Robust accuracy per eps",
         "",
-        _markdown(["model", "eps", *(f"PGD {lib}" for lib in LIBRARY_PGD), "worst case",
+        markdown_table(["model", "eps", *(f"PGD {lib}" for lib in _libraries(result)), "worst case",
                    "strongest single attack"], _per_eps_rows(result)),
         "",
         "## Plots",
@@ -221,7 +216,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
             "crafted on the capped model: mean of ||h(x_adv) - h(x)||_2 / ||x_adv - x||_2 per "
             "layer output.",
             "",
-            _markdown(("layer", "type", "capped", "uncapped twin"), result.growth._cells()),
+            markdown_table(("layer", "type", "capped", "uncapped twin"), result.growth._cells()),
             "",
         ]
         if not plots_note:
@@ -229,12 +224,12 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
     lines += ["## Masking verdicts", ""]
     lines += [f"- **{m.name}**: {m.verdict.split(': ', 1)[-1]}" for m in result.models]
     lines += ["", "## Models", ""]
-    lines += [_markdown(
+    lines += [markdown_table(
         ["model", "capped sites", "training", "final train loss", "final train acc", "seconds"],
         [[m.name, ", ".join(f"{s} -> {a}" for s, a in m.capped_sites.items()) or "none",
           m.spec.training, f"{m.train_history['loss'][-1]:.4f}",
-          _pct(m.train_history["accuracy"][-1]), f"{m.seconds:.1f}"] for m in result.models]), ""]
-    lines += ["## Settings", "", _markdown(["setting", "value"], _settings(result)), ""]
+          pct(m.train_history["accuracy"][-1]), f"{m.seconds:.1f}"] for m in result.models]), ""]
+    lines += ["## Settings", "", markdown_table(["setting", "value"], _settings(result)), ""]
     lines += ["Library versions: " + ", ".join(f"{k} {v}" for k, v in sorted(result.versions.items())),
               ""]
     lines += [

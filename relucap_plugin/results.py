@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from ._format import markdown_table, pct
 from . import _files
 from ._console import format_table, print_table
 from ._fingerprint import differences as _fingerprint_differences
@@ -126,22 +127,11 @@ def _json_line(obj: Mapping[str, Any]) -> str:
     return _ENCODER.encode(obj) + "\n"
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100.0 * value:.1f}%"
-
-
 def _fmt_eps(eps: float) -> str:
     """``eps`` as people write it: ``0.3``, or ``8/255`` for a budget in 255ths with no short
     decimal form."""
     short, k = f"{eps:g}", round(eps * 255)
     return f"{k}/255" if len(short) > 6 and k > 0 and math.isclose(eps * 255, k, rel_tol=1e-9) else short
-
-
-def _markdown(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    esc = [[("" if v is None else str(v)).replace("|", "\\|") for v in r] for r in rows]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in esc]
-    return "\n".join(lines)
 
 
 def _ordered_union(*lists: Iterable[Any]) -> list[Any]:
@@ -433,14 +423,14 @@ class Results:
 
     def _summary_cells(self) -> list[list[str]]:
         cells = [
-            ["clean", "-", _pct(self.clean_accuracy()), str(len(self.samples)), "", "", "", ""]
+            ["clean", "-", pct(self.clean_accuracy()), str(len(self.samples)), "", "", "", ""]
         ]
         for s in self.summary():
             cells.append(
                 [
                     s["attack"],
                     _fmt_eps(s["eps"]),
-                    _pct(s["robust_accuracy"]),
+                    pct(s["robust_accuracy"]),
                     str(s["n"]),
                     "" if s["violations"] is None else str(s["violations"]),
                     "" if s["failed"] is None else str(s["failed"]),
@@ -458,7 +448,7 @@ class Results:
             [
                 e["family"],
                 _fmt_eps(e["eps"]),
-                *(_pct(e["accuracy"].get(lib)) for lib in libs),
+                *(pct(e["accuracy"].get(lib)) for lib in libs),
                 f"{e['max_gap']:.1f}",
                 f"{e['disagreements']}/{e['n_common']}",
             ]
@@ -488,8 +478,8 @@ class Results:
             cert, worst = self.certified(eps), self.worst_case(eps)
             if cert is not None and worst is not None:
                 notes.append(
-                    f"eps {_fmt_eps(eps)}: certified {_pct(cert)} <= robust accuracy <= "
-                    f"{_pct(worst)} (worst case over attacks)"
+                    f"eps {_fmt_eps(eps)}: certified {pct(cert)} <= robust accuracy <= "
+                    f"{pct(worst)} (worst case over attacks)"
                 )
         if m:
             notes.append(
@@ -500,7 +490,7 @@ class Results:
 
     def table(self, markdown: bool = False) -> str:
         """The summary (and agreement) tables and notes as text, or as Markdown."""
-        fmt = _markdown if markdown else format_table
+        fmt = markdown_table if markdown else format_table
         parts = [self._title(), fmt(self._COLUMNS, self._summary_cells())]
         columns, cells = self._agreement_cells()
         if cells:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import _files
 from ._console import progress as _progress
 from .activations import apply_saved_caps, saved_caps
-from .attacks import check_finite_inputs
+from ._torch import check_finite_inputs
 from .data import DataLike, as_loader, check_labels, unpack_batch
 from .threat import check_budget, resolve_device
 

@@ -174,9 +174,9 @@ def test_determinism_and_gradient_checks_on_small_models():
 
 
 def test_verdict_levels_separate_evidence_from_risk_factors():
-    ok = Flag("zero_gradients", False, CHECKS["zero_gradients"], {"zero_fraction": 0.0})
-    risk = Flag("saturated_caps", True, CHECKS["saturated_caps"], {})
-    gap = Flag("transfer_beats_whitebox", True, CHECKS["transfer_beats_whitebox"], {})
+    ok = Flag("zero_gradients", False, CHECKS["zero_gradients"].meaning, {"zero_fraction": 0.0})
+    risk = Flag("saturated_caps", True, CHECKS["saturated_caps"].meaning, {})
+    gap = Flag("transfer_beats_whitebox", True, CHECKS["transfer_beats_whitebox"].meaning, {})
     over = {"over_report": 0.125, "interval": (0.08, 0.18), "eps": 0.1}
     assert verdict([ok]) == "no sign of gradient masking in 1 checks"
     assert verdict_level([ok]) == "no sign"

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attacks import CallContext, Native, _float_dtype, model_device
+from .._torch import float_dtype, model_device
+from ..attacks import CallContext, Native
 from . import LIBRARIES, ModelView, build_attack
 from .base import From, LibraryAttack
 
@@ -149,7 +150,7 @@ class ARTAttack(LibraryAttack):
     def _native(self, model, eps, *, input_shape, num_classes):
         if input_shape is None or num_classes is None:
             raise ValueError(f"{self.name}.native needs input_shape= (one sample, e.g. (1, 28, 28)) and num_classes=")
-        device, dtype = model_device(model), _float_dtype(model, torch.float32)
+        device, dtype = model_device(model), float_dtype(model, torch.float32)
         est = classifier(model, input_shape=tuple(input_shape), num_classes=num_classes,
                          bounds=self.threat_model.bounds, device=device, dtype=dtype, keep_modes=True)
         batch_size = self.batch_size or 256

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..attacks import CallContext, Native, _float_dtype, model_device
+from .._torch import float_dtype, model_device
+from ..attacks import CallContext, Native
 from . import LIBRARIES, ModelView, build_attack
 from .base import From, LibraryAttack
 
@@ -63,7 +64,7 @@ class FoolboxAttack(LibraryAttack):
 
     def _fmodel(self, model, device, keep_modes: bool = False) -> Any:
         if keep_modes:
-            model = ModelView(model, device=device, dtype=_float_dtype(model, torch.float32), keep_modes=True)
+            model = ModelView(model, device=device, dtype=float_dtype(model, torch.float32), keep_modes=True)
         return _lib().PyTorchModel(model, bounds=self.threat_model.bounds, device=device, preprocessing=None)
 
     def _run(self, model, x, y, eps, target, ctx: CallContext):

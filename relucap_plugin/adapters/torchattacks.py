@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..attacks import CallContext, Native, _float_dtype, model_device
+from .._torch import float_dtype, model_device
+from ..attacks import CallContext, Native
 from . import LIBRARIES, ModelView, build_attack
 from .base import LibraryAttack
 
@@ -76,7 +77,7 @@ class TorchattacksAttack(LibraryAttack):
         return view.to_model_space(u_adv.detach()).reshape(x.shape)
 
     def _native(self, model, eps, *, input_shape, num_classes):
-        device, dtype = model_device(model), _float_dtype(model, torch.float32)
+        device, dtype = model_device(model), float_dtype(model, torch.float32)
         if input_shape is not None and len(input_shape) != 3:
             raise ValueError("torchattacks works on images (C, H, W); pass input_shape of length 3")
         view = ModelView(model, device=device, dtype=dtype, bounds=self.threat_model.bounds, keep_modes=True)

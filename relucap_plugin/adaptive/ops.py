@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..activations import CappedReLU, DynamicCappedReLU, LearnableCappedReLU, _channel_view
+from ..activations import CappedReLU, DynamicCappedReLU, LearnableCappedReLU, channel_view
 
 __all__ = ["CAPPED_TYPES", "CapScan", "CapSite", "cap_statistics", "eager_module", "find_caps",
            "module_cap", "opaque_modules"]
@@ -56,7 +56,7 @@ def module_cap(module: nn.Module, x: Tensor) -> Tensor:
     else:
         raise TypeError(f"{type(module).__name__} is not a capped activation ({CAPPED_TYPES})")
     cap = torch.as_tensor(cap, dtype=x.dtype, device=x.device)
-    return _channel_view(cap, x) if cap.dim() > 0 else cap
+    return channel_view(cap, x) if cap.dim() > 0 else cap
 
 
 def eager_module(model: nn.Module) -> nn.Module:
@@ -381,7 +381,7 @@ def _scan(model: nn.Module, x: Tensor) -> tuple[dict[str, CapSite], dict[str, di
             note(path, type(module).__name__, args[0], 0.0, module_cap(module, args[0]))
         return None
 
-    from ..attacks import caller_state, model_device
+    from .._torch import caller_state, model_device
 
     net = eager_module(model)
     tracker = tracking(net, "record", on_op, on_module)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._console import progress as _progress
-from ..attacks import caller_state
+from .._torch import caller_state, model_device
 from ..data import DataLike, as_loader, unpack_batch
 from ..results import CERTIFY_LIBRARY, Results
 from ..threat import EvalConfig, ThreatModel
@@ -100,12 +100,6 @@ def _as_threat(threat_model: ThreatModel | Mapping[str, Any]) -> ThreatModel:
     raise TypeError(f"threat_model must be a ThreatModel or a dict, got {type(threat_model).__name__}")
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def certify(
     model: nn.Module,
     data: DataLike,
@@ -134,7 +128,7 @@ def certify(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     tm = _as_threat(threat_model)
     cfg = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(dict(config or {}))
-    device = _model_device(model)
+    device = model_device(model)
     name = f"{CERTIFY_LIBRARY}:{method}"
     metadata = {
         "model": model_name or type(model).__name__,

@@ -1,0 +1,166 @@
+"""Package-internal torch utilities: placement, the caller's model state, seeding, input checks.
+
+Attacks, evaluation, diagnostics, training, growth and certification all run a user's model on a
+user's tensors; the rules for doing so (which device and dtype the model lives on, what to
+restore afterwards, how to seed a block, which inputs to refuse and with which message) live
+here once. The names are public within the package and not exported from ``relucap_plugin``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------------------------
+# Placement
+
+
+def tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    """The model's parameters, then its buffers."""
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
+    """Device of the model's first parameter or buffer; ``default`` for a stateless model."""
+    for tensor in tensors(model):
+        return tensor.device
+    return default if default is not None else torch.device("cpu")
+
+
+def float_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:
+    """Dtype of the model's first floating parameter or buffer; ``default`` if it has none."""
+    for tensor in tensors(model):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return default
+
+
+# --------------------------------------------------------------------------------------------
+# Caller state and seeding
+
+
+@contextlib.contextmanager
+def caller_state(model: nn.Module) -> Iterator[None]:
+    """Run with ``model`` in eval mode and its parameters frozen; restore everything afterwards.
+
+    Restored: every submodule's ``training`` flag (mixed modes survive), each parameter's
+    ``requires_grad`` and ``.grad`` (libraries call ``zero_grad`` or backpropagate into weights),
+    and the device, should a library have moved the model. Freezing the parameters also keeps
+    attacks from computing weight gradients they do not need.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    devices = [(t, t.device) for t in tensors(model)]
+    try:
+        model.eval()
+        for p, _, _ in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        moved = any(t.device != d for t, d in devices)
+        if moved:
+            model.to(devices[0][1])
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad, grad in params:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch, numpy and ``random`` for the block and restore their states afterwards."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch running out of (CUDA or CPU) memory."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return (bool(oom) and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Input and output checks
+
+
+def check_finite_inputs(x: torch.Tensor, what: str) -> None:
+    """Refuse inputs ``x`` (N, ...) holding NaN or inf (ValueError naming the samples)."""
+    bad = (~torch.isfinite(x.detach().flatten(1))).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"{what} holds NaN/inf values in {len(bad)} sample(s) (positions {bad[:5]}); clean or "
+            "drop them (torch.nan_to_num, or x[torch.isfinite(x).flatten(1).all(1)])"
+        )
+
+
+def check_inputs(x: torch.Tensor, bounds: tuple[float, float], what: str) -> None:
+    """Refuse inputs ``x`` (N, ...) that hold NaN/inf or leave the threat model's ``bounds``.
+
+    The one input check of attack calls and of evaluation; ``what`` names the inputs in the
+    message (``"x"``, ``"data samples 0..99"``).
+    """
+    check_finite_inputs(x, what)
+    lo, hi = bounds
+    x_min, x_max = (float(v) for v in torch.aminmax(x.detach()))
+    if not (lo <= x_min and x_max <= hi):
+        raise ValueError(
+            f"{what} has values in [{x_min:.4g}, {x_max:.4g}], outside the threat model's bounds "
+            f"{tuple(bounds)}; feed inputs in bounds (pixels in [0, 1]; put normalisation inside the "
+            "model) or set ThreatModel(bounds=...)"
+        )
+
+
+def check_logits(out: object, fix: str, where: str = "") -> torch.Tensor:
+    """Return ``out`` if it is a logits tensor (N, classes), else a TypeError ending in ``fix``.
+
+    ``where`` prefixes the message (the attack's name); ``fix`` says how to make a model that
+    returns a tuple or dict usable from the caller's side.
+    """
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        prefix = f"{where}: " if where else ""
+        raise TypeError(f"{prefix}the model must return logits of shape (N, classes), got {what}; {fix}")
+    return out
+
+
+def clean_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, where: str) -> torch.Tensor:
+    """``forward(x)`` for clean inputs ``x`` (N, ...) -> logits (N, classes), refusing (ValueError) a
+    model that cannot take ``x`` or returns NaN/inf logits: no robustness can be measured then."""
+    try:
+        logits = forward(x)
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise ValueError(
+            f"{where}: the model failed on clean inputs of shape {tuple(x.shape)} ({exc}); pass data "
+            "of the shape the model expects, e.g. (N, 1, 28, 28) for an MNIST model"
+        ) from exc
+    bad = (~torch.isfinite(logits)).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"{where}: the model returns non-finite logits (NaN/inf) on {len(bad)} of {len(x)} clean "
+            f"inputs (positions {bad[:5]}), so no robustness can be measured; check its weights (a "
+            "diverged training or a NaN checkpoint), the input scale and its activations"
+        )
+    return logits
