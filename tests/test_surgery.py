@@ -831,3 +831,21 @@ def test_cli_inspect(capsys):
     assert "not a torchvision model name" in capsys.readouterr().err
     assert main(["inspect", "resnet18", "--input-shape", "1,x"]) == 2
     assert "--input-shape" in capsys.readouterr().err
+
+
+def test_calibrate_caps_refuses_integer_and_non_finite_data():
+    """uint8 images gave a raw dtype error from inside torch; a NaN pixel gave a NaN cap."""
+    from relucap_plugin.surgery import calibrate_caps
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"torch.uint8 inputs.*x.float\(\) / 255"):
+        calibrate_caps(model, torch.randint(0, 255, (8, 1, 4, 4), dtype=torch.uint8))
+    x = torch.rand(8, 1, 4, 4)
+    x[3, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf values in 1 sample\(s\) \(positions \[3\]\)"):
+        calibrate_caps(model, x)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    caps = calibrate_caps(model, torch.rand(8, 1, 4, 4))
+    assert all(math.isfinite(c) and c > 0 for c in caps.values())

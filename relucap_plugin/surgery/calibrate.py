@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._torch import check_finite_inputs
 from ._records import ReluSite, _check_mode, _check_model, _placement
 from .convert import _Converter
 from .select import _select
@@ -127,6 +128,11 @@ def calibrate_caps(
     device, dtype = _placement(work)
 
     def prepare(x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            raise TypeError(
+                f"calibrate_caps: data holds {x.dtype} inputs; activation statistics need float "
+                "inputs in the model's range, e.g. x.float() / 255 for uint8 images")
+        check_finite_inputs(x, "calibrate_caps: data")
         if device is not None:
             x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
         return x
