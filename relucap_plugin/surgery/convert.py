@@ -38,6 +38,7 @@ from ._records import (
     _site_op,
 )
 from . import verify
+from .quantize import cap_quantizable, refuse_fused
 from .runtime import has_with_block, wrap_forward
 from .select import _plan, _recipe
 from .sites import _Call, _discover, _Discovery, _moved, _region_key, _Sites, _SiteTracer
@@ -468,9 +469,8 @@ def cap_relus(
     mode = _check_mode(mode)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False (got {inplace!r})")
+    refuse_fused(model)
     if quantizable:
-        from .quantize import cap_quantizable
-
         return cap_quantizable(model, cap, sites, example_input, inplace)
     if cap is None:
         raise TypeError("cap is required: a number, math.inf (plain ReLU), a spec or a mapping")

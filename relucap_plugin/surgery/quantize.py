@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.ao.nn.intrinsic.modules.fused import _FusedModule
 from torch.ao.nn.quantized import FloatFunctional
 
 from ._records import _RECORDS, CapReport, ConversionCheckError, _check_model, _Record
@@ -43,8 +44,8 @@ class _CapHook:
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         if getattr(module, "inplace", False) and not output.is_quantized:
-            return output.clamp_(max=self.cap)
-        return torch.clamp(output, max=self.cap)
+            return output.clamp_(0.0, self.cap)
+        return torch.clamp(output, 0.0, self.cap)
 
     def __repr__(self) -> str:
         return f"_CapHook(cap={self.cap:g})"
@@ -63,7 +64,7 @@ class CappedFunctional(nn.Module):
         self.cap = float(cap)
 
     def add_relu(self, x: Tensor, y: Tensor) -> Tensor:
-        return torch.clamp(self.inner.add_relu(x, y), max=self.cap)
+        return torch.clamp(self.inner.add_relu(x, y), 0.0, self.cap)
 
     def add(self, x: Tensor, y: Tensor) -> Tensor:
         return self.inner.add(x, y)
@@ -91,6 +92,20 @@ class CappedFunctional(nn.Module):
         return f"cap={self.cap:g} (on add_relu)"
 
 
+def refuse_fused(model: nn.Module) -> None:
+    """Raise if a ReLU sits inside a module ``fuse_modules`` made (``ConvReLU2d``, ...):
+    ``convert`` rebuilds such a module from its conv alone and applies a plain ReLU, so a cap
+    installed there would vanish from the quantized model without a word."""
+    for path, module in model.named_modules():
+        if isinstance(module, _FusedModule):
+            if any(type(m) in _RELU_TYPES for m in module.children()):
+                raise ValueError(
+                    f"cap_relus: {path!r} is a fused {type(module).__name__} (from fuse_model() "
+                    "or fuse_modules): torch.ao.quantization.convert rebuilds it with a plain "
+                    "ReLU, so a cap installed inside it would be lost. Cap the model before "
+                    "fusing: cap_relus(model, cap, quantizable=True), then model.fuse_model()")
+
+
 def _numeric_cap(cap: Any) -> float:
     ok = isinstance(cap, (int, float)) and not isinstance(cap, bool)
     if not ok or math.isnan(cap) or cap <= 0:
@@ -110,7 +125,7 @@ def cap_quantizable(model: nn.Module, cap: Any, sites: Any, example_input: Any,
     and every ReLU site must be an ``nn.ReLU``/``nn.ReLU6`` module or a ``FloatFunctional``
     ``add_relu`` call; anything else raises with the model unchanged.
     """
-    from .convert import cap_relus
+    from .convert import cap_relus  # convert imports this module
 
     _check_model(model, "cap_relus")
     value = _numeric_cap(cap)
