@@ -55,8 +55,13 @@ def _quantize(model: nn.Module, engine: str, batches: list[torch.Tensor]) -> nn.
 ENGINES = [e for e in ("fbgemm", "qnnpack") if e in torch.backends.quantized.supported_engines]
 
 
-@pytest.mark.parametrize("name,engine", [("resnet18", ENGINES[0]), ("mobilenet_v2", ENGINES[-1])])
-@pytest.mark.parametrize("cap", [math.inf, CAP])
+# resnet18 under both engines: qnnpack's quantized clamp on channels_last tensors needed a
+# workaround (see quantize._clamp) that only a qnnpack run with binding caps shows
+CASES = ([("resnet18", ENGINES[0], math.inf), ("mobilenet_v2", ENGINES[-1], math.inf),
+          ("mobilenet_v2", ENGINES[-1], CAP)] + [("resnet18", engine, CAP) for engine in ENGINES])
+
+
+@pytest.mark.parametrize("name,engine,cap", CASES)
 def test_quantized_capped_model_follows_float_capped_model(models, name, engine, cap):
     model = models[name]
     gen = torch.Generator().manual_seed(1)

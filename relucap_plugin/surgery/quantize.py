@@ -36,6 +36,16 @@ from .verify import reference_run
 _RELU_TYPES = (nn.ReLU, nn.ReLU6)
 
 
+def _clamp(x: Tensor, cap: float) -> Tensor:
+    """``clamp(x, 0, cap)`` for float and quantized ``x``. A quantized ``x`` is made contiguous
+    first: with the qnnpack engine, torch 2.14's quantized clamp/hardtanh on a channels_last
+    tensor (what quantized convs return) writes channels_last data with contiguous strides,
+    scrambling the channels (measured: errors up to the cap itself)."""
+    if x.is_quantized:
+        x = x.contiguous()
+    return torch.clamp(x, 0.0, cap)
+
+
 class _CapHook:
     """Forward hook clamping a ReLU module's output at ``cap`` (picklable, deep-copyable)."""
 
@@ -45,7 +55,7 @@ class _CapHook:
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         if getattr(module, "inplace", False) and not output.is_quantized:
             return output.clamp_(0.0, self.cap)
-        return torch.clamp(output, 0.0, self.cap)
+        return _clamp(output, self.cap)
 
     def __repr__(self) -> str:
         return f"_CapHook(cap={self.cap:g})"
@@ -64,7 +74,7 @@ class CappedFunctional(nn.Module):
         self.cap = float(cap)
 
     def add_relu(self, x: Tensor, y: Tensor) -> Tensor:
-        return torch.clamp(self.inner.add_relu(x, y), 0.0, self.cap)
+        return _clamp(self.inner.add_relu(x, y), self.cap)
 
     def add(self, x: Tensor, y: Tensor) -> Tensor:
         return self.inner.add(x, y)
