@@ -184,7 +184,7 @@ def cap_quantizable(model: nn.Module, cap: Any, sites: Any, example_input: Any,
     how = {s.name: "hook" if s.kind == "module" else "functional" for s in found}
     return target, CapReport(
         model=target, method="quantizable", rewritten=(), sites=found,
-        replaced={n: f"clamp(max={value:g})" for n in how},
+        replaced={n: f"clamp(0, {value:g})" for n in how},
         paths={s.name: s.module_path or s.owner for s in found},
         warnings=float_report.warnings, _record=record, how=how, check=check)
 
