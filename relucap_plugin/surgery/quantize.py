@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 from torch.ao.nn.intrinsic.modules.fused import _FusedModule
 from torch.ao.nn.quantized import FloatFunctional
 
@@ -170,8 +172,12 @@ def cap_quantizable(model: nn.Module, cap: Any, sites: Any, example_input: Any,
             parent._modules[name] = CappedFunctional(module, value)
             record.replaced.append((parent, name, module))
     target.__dict__.setdefault(_RECORDS, []).append(record)
+    notes = tuple(float_report.warnings)
     if args is None:
         check = f"not run: {unchecked}"
+        notes += (f"cap_relus(..., quantizable=True): the conversion was not self-checked: "
+                  f"{unchecked}",)
+        warnings.warn(notes[-1], UserWarning, stacklevel=3)
     else:
         try:
             check = _check_against(target, reference, args, len(relus), len(functionals))
@@ -186,7 +192,7 @@ def cap_quantizable(model: nn.Module, cap: Any, sites: Any, example_input: Any,
         model=target, method="quantizable", rewritten=(), sites=found,
         replaced={n: f"clamp(0, {value:g})" for n in how},
         paths={s.name: s.module_path or s.owner for s in found},
-        warnings=float_report.warnings, _record=record, how=how, check=check)
+        warnings=notes, _record=record, how=how, check=check)
 
 
 def _add_relu_calls(model: nn.Module, functionals: list, args: tuple) -> int:
@@ -209,9 +215,12 @@ def _check_against(target: nn.Module, reference: nn.Module, args: tuple | None,
                    n_modules: int, n_functionals: int) -> str:
     """``target`` must match the float conversion ``reference`` bit for bit on ``args``."""
     with torch.no_grad():
-        want, got = reference(*args), target(*args)
-    if not torch.equal(want, got):
-        worst = (want - got).abs().max().item()
+        want, got = tree_flatten(reference(*args))[0], tree_flatten(target(*args))[0]
+    same = len(want) == len(got) and all(
+        torch.equal(w, g) if isinstance(w, Tensor) else w == g for w, g in zip(want, got))
+    if not same:
+        worst = max(((w - g).abs().max().item() for w, g in zip(want, got)
+                     if isinstance(w, Tensor) and w.shape == g.shape), default=math.inf)
         raise ConversionCheckError(
             f"cap_relus(..., quantizable=True): the quantizable form differs from the float "
             f"conversion by up to {worst:.3g} on the check input: some ReLU is applied where "
