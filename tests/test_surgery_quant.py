@@ -154,3 +154,11 @@ def test_quantizable_refusals_name_the_problem(kwargs, error, match):
     with pytest.raises(error, match=match):
         cap_relus(model, example_input=torch.randn(1, 3, 8, 8), quantizable=True, **kwargs)
     assert type(model.relu) is nn.ReLU and not model.relu._forward_hooks
+
+
+def test_unchecked_quantizable_conversion_says_so():
+    model = nn.Sequential(nn.Flatten(), nn.ReLU())
+    with pytest.warns(UserWarning, match="not self-checked: no example_input"):
+        capped, report = cap_relus(model, CAP, quantizable=True)
+    assert report.check.startswith("not run")
+    assert capped(torch.full((1, 3), 2.0)).max().item() == CAP
