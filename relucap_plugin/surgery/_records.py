@@ -94,8 +94,11 @@ class _Record:
     added: list[tuple[nn.Module, str]] = field(default_factory=list)
     forwards: list[tuple[nn.Module, Any]] = field(default_factory=list)
     constants: list[tuple[nn.Module, str]] = field(default_factory=list)
+    hooks: list[Any] = field(default_factory=list)
 
     def undo(self) -> None:
+        for handle in reversed(self.hooks):
+            handle.remove()
         for module, previous in reversed(self.forwards):
             if previous is None:
                 module.__dict__.pop("forward", None)
