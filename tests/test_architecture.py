@@ -47,6 +47,9 @@ LAZY_CYCLES: dict[tuple[str, ...], str] = {
         "importing attacks imports no adapter (and no library)",
     ("relucap_plugin.surgery.runtime", "relucap_plugin.surgery.sites", "relucap_plugin.surgery.verify"):
         "inside the surgery subpackage: discovery runs the model, verification re-discovers",
+    ("relucap_plugin.surgery.convert", "relucap_plugin.surgery.quantize"):
+        "inside the surgery subpackage: cap_relus(quantizable=True) dispatches to quantize, which "
+        "checks itself against the ordinary float conversion",
     ("relucap_plugin.adaptive", "relucap_plugin.adaptive.suite", "relucap_plugin.distributed",
      "relucap_plugin.evaluation"):
         "evaluate builds the adaptive suite and hands distributed runs to distributed.py, which "
