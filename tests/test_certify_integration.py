@@ -132,3 +132,22 @@ def test_unsupported_certify_method_is_refused(trained, digits):
         certify(trained, digits[1], ThreatModel("Linf", eps=0.1), "exact")
     with pytest.raises(ValueError, match="logits"):
         certified_margins(nn.Identity(), torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), 0.1)
+
+
+def test_certified_rows_of_another_model_or_data_do_not_merge():
+    """certify() records evaluate()'s run identity: certified rows of model B merged into attack
+    rows of model A would print a bracket of two different models (it used to merge silently)."""
+    from relucap_plugin import ThreatModel, evaluate, mlp
+    from relucap_plugin.certification import certify
+
+    torch.manual_seed(0)
+    a, b = mlp((32,)).eval(), mlp((32,)).eval()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    tm = ThreatModel(norm="Linf", eps=(0.05,))
+    attacked = evaluate(a, (x, y), ["torch:FGSM"], tm, progress=False)
+    merged = attacked.merge(certify(a, (x, y), tm, "ibp", progress=False))
+    assert merged.certified(0.05) is not None
+    with pytest.raises(ValueError, match="model's weights and buffers"):
+        attacked.merge(certify(b, (x, y), tm, "ibp", progress=False))
+    with pytest.raises(ValueError, match="inputs or labels"):
+        attacked.merge(certify(a, (x.flip(0), y.flip(0)), tm, "ibp", progress=False))

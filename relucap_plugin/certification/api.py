@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._console import progress as _progress
 from .._torch import caller_state, model_device
+from .._fingerprint import DataDigest, json_digest, run_fingerprint
 from ..data import DataLike, as_loader, unpack_batch
 from ..results import CERTIFY_LIBRARY, Results
 from ..threat import EvalConfig, ThreatModel
@@ -141,6 +142,7 @@ def certify(
     loader = as_loader(data, batch_size=cfg.batch_size)
     graph = None
     seen = 0
+    digest = DataDigest()
     with caller_state(model), torch.no_grad():
         for batch in _progress(loader, f"certify ({method})", total=len(loader)
                                if hasattr(loader, "__len__") else None, enabled=progress):
@@ -149,7 +151,9 @@ def certify(
                 x, y = x[: cfg.n_samples - seen], y[: cfg.n_samples - seen]
             if len(x) == 0:
                 break
-            x, y = x.to(device), torch.as_tensor(y).to(device).long().reshape(-1)
+            x, y = torch.as_tensor(x), torch.as_tensor(y).reshape(-1)
+            digest.update(seen, x, y)  # the exact inputs, as evaluate() hashes them
+            x, y = x.to(device), y.to(device).long()
             if graph is None:
                 graph = compile_model(model, x[:1])
                 _check_logits(graph, model)
@@ -178,4 +182,10 @@ def certify(
     if seen == 0:
         raise ValueError("the data set is empty; pass at least one (x, y) sample")
     metadata["n_samples"] = seen
+    # the same identity as an evaluate() run, so merging certified rows into the attack rows of
+    # another model, other data or another threat model is refused instead of mixing the two
+    metadata["fingerprint"] = {
+        **run_fingerprint(model, digest, tm, cfg, ()),
+        "attacks": {name: json_digest({"method": method, "max_neurons": max_neurons})},
+    }
     return Results(rows, metadata)
