@@ -44,6 +44,15 @@ def _cli_message(exc: BaseException) -> str:
     return f"{named[0]}: {text}" if named else text
 
 
+def _error(command: str, exc: BaseException, code: int, cleanup=None) -> int:
+    """Report a rejected or failed run: ``relucap COMMAND: error: ...`` in the CLI's words on
+    stderr; ``cleanup`` removes an --out folder the run created. Returns the exit code."""
+    if cleanup is not None:
+        cleanup()
+    print(f"relucap {command}: error: {_cli_message(exc)}", file=sys.stderr)
+    return code
+
+
 def _eps_value(text: str) -> float:
     """An ``--eps`` value: a number (0.3) or a fraction (8/255)."""
     try:
@@ -183,12 +192,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                            resume=not args.no_resume, output=output, progress=not args.quiet,
                            model_name=args.model, notes=notes, keep_adversarial=args.save_adversarial)
     except AttackFailedError as exc:
-        print(f"relucap evaluate: error: {_cli_message(exc)}", file=sys.stderr)
-        return 1
+        return _error("evaluate", exc, 1)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        cleanup()
-        print(f"relucap evaluate: error: {_cli_message(exc)}", file=sys.stderr)
-        return 2
+        return _error("evaluate", exc, 2, cleanup)
     if not is_main_process():  # under torchrun rank 0 writes and prints the merged table
         return 0
     _write_tables(args.out, "results", results.table)
@@ -284,12 +290,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         report = audit(model, data, tm, cfg, results=results, model_name=args.model)
         certified = _audit_certified(model, data, tm, cfg, results, args)
     except AttackFailedError as exc:
-        print(f"relucap audit: error: {_cli_message(exc)}", file=sys.stderr)
-        return 1
+        return _error("audit", exc, 1)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        cleanup()
-        print(f"relucap audit: error: {_cli_message(exc)}", file=sys.stderr)
-        return 2
+        return _error("audit", exc, 2, cleanup)
     _write_tables(args.out, "audit", report.table,
                   {"flags.json": json.dumps(report.to_dict(), indent=1, default=str)})
     payload = {**_results_payload("audit", args, results), "verdict": report.verdict,
@@ -324,12 +327,9 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         if os.path.exists(attacks):
             table = Results.load(attacks).merge(table)
     except BracketError as exc:
-        print(f"relucap certify: error: {_cli_message(exc)}", file=sys.stderr)
-        return 1
+        return _error("certify", exc, 1)
     except (ValueError, TypeError, FileNotFoundError, ImportError, UnsupportedOpError) as exc:
-        cleanup()
-        print(f"relucap certify: error: {_cli_message(exc)}", file=sys.stderr)
-        return 2
+        return _error("certify", exc, 2, cleanup)
     _write_tables(args.out, "certify", table.table)
     payload = {**_results_payload("certify", args, table),
                "certified": [{"eps": e, "certified_accuracy": table.certified(e)} for e in tm.eps]}
