@@ -16,6 +16,7 @@ import gzip
 import importlib.util
 import os
 import pickle
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -42,6 +43,7 @@ __all__ = [
     "load_mnist",
     "load_mnist5k",
     "mnist5k_path",
+    "numbered_batches",
     "unpack_batch",
 ]
 
@@ -163,20 +165,10 @@ def as_tensors(data: DataLike, limit: int | None = None) -> tuple[Tensor, Tensor
         assert isinstance(dataset, TensorDataset)
         x, y = dataset.tensors
         return (x, y) if limit is None else (x[:limit], y[:limit])
-    xs: list[Tensor] = []
-    ys: list[Tensor] = []
-    count = 0
-    for batch in as_loader(data, batch_size=256):
-        x, y = unpack_batch(batch)
-        xs.append(x)
-        ys.append(torch.as_tensor(y).long().reshape(-1))
-        count += len(x)
-        if limit is not None and count >= limit:
-            break
-    if not xs:
+    batches = [(x, y) for _, x, y in numbered_batches(as_loader(data, batch_size=256), limit)]
+    if not batches:
         raise ValueError("the data set is empty; pass at least one (x, y) sample")
-    x, y = torch.cat(xs), torch.cat(ys)
-    return (x, y) if limit is None else (x[:limit], y[:limit])
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
 def check_labels(y: Any, num_classes: int | None = None, where: str = "the data") -> Tensor:
@@ -213,6 +205,32 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         + "; make the Dataset's __getitem__ return (image, label)"
     )
+
+
+def numbered_batches(
+    loader: Iterable[Any], limit: int | None = None, starts: Sequence[int] | None = None
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(index of the first sample, x, y)`` of each non-empty batch of ``loader``, ``y`` int64
+    (N,), stopping after ``limit`` samples in all (the batch that crosses it is cut).
+
+    The one batching with a sample limit that evaluation, distributed ranks and
+    :func:`as_tensors` share: a run's rows are keyed by these indices. ``starts`` gives each
+    batch's first index when ``loader`` yields only some batches of a run (a distributed rank's);
+    by default they are counted from 0.
+    """
+    start = 0
+    for number, batch in enumerate(loader):
+        if starts is not None:
+            start = starts[number]
+        x, y = unpack_batch(batch)
+        x, y = torch.as_tensor(x), torch.as_tensor(y).reshape(-1)
+        if limit is not None and start + len(x) > limit:
+            x, y = x[: max(limit - start, 0)], y[: max(limit - start, 0)]
+        if len(x):
+            yield start, x, y
+        start += len(x)
+        if limit is not None and start >= limit and starts is None:
+            return
 
 
 # --------------------------------------------------------------------------- splits

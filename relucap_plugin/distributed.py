@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 
 from ._files import check_target
 from ._fingerprint import DataDigest, differences, model_digest
-from .data import unpack_batch
+from .data import numbered_batches
 from .results import Results, ResultsWriter, load_same_evaluation, open_results_file
 from .threat import resolve_device
 
@@ -159,14 +159,9 @@ def adopt_shards(path: str, results: Results, writer: ResultsWriter, resume: boo
         if not resume:
             os.remove(check_target(f, "results", what="shard"))
             continue
-        rows = []
-        for r in load_same_evaluation(f, results.metadata).rows:
-            old = results._rows.get((r["sample"], r["attack"], r["eps"]))
-            if old is None or (old["status"] == "failed" and r["status"] != "failed"):
-                rows.append(r)
-        if rows:
-            results._add(rows)
-            writer.write(rows)
+        changed = results.add(load_same_evaluation(f, results.metadata).rows)
+        if changed:
+            writer.write(changed)
 
 
 # ------------------------------------------------------------------------------ process group
@@ -340,9 +335,7 @@ class DistContext:
             )
         plan = _batch_plan(loader)
         if plan is None:
-            from .evaluation import _batches
-
-            for number, (start, x, y) in enumerate(_batches(loader, limit)):
+            for number, (start, x, y) in enumerate(numbered_batches(loader, limit)):
                 if every or self.owns(number):
                     if not every:
                         self.samples.update(range(start, start + len(x)))
@@ -357,14 +350,10 @@ class DistContext:
             if (every or self.owns(b)) and (limit is None or starts[b] < limit)
         ]
         sub = _subset_loader(loader, [plan[b] for b in owned])
-        for b, batch in zip(owned, sub):
-            x, y = unpack_batch(batch)
-            x, y = torch.as_tensor(x), torch.as_tensor(y).reshape(-1)
-            if limit is not None and starts[b] + len(x) > limit:
-                x, y = x[: limit - starts[b]], y[: limit - starts[b]]
+        for start, x, y in numbered_batches(sub, limit, starts=[starts[b] for b in owned]):
             if not every:
-                self.samples.update(range(starts[b], starts[b] + len(x)))
-            yield starts[b], x, y
+                self.samples.update(range(start, start + len(x)))
+            yield start, x, y
 
     def check_same(self, model: nn.Module, metadata: Mapping[str, Any]) -> None:
         """Raise on every rank if the ranks disagree on the model weights or the evaluation."""

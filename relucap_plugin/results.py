@@ -161,19 +161,31 @@ class Results:
 
     # ------------------------------------------------------------------ rows
     def extend(self, rows: Iterable[Mapping[str, Any]]) -> int:
-        """Add rows; a key already present is kept, except that a completed row replaces a
-        ``"failed"`` one (a resumed run retried it). Returns how many were added or replaced."""
-        return self._add(_normalise_row(row) for row in rows)
+        """:meth:`add`, returning how many rows were added or replaced."""
+        return len(self._add(_normalise_row(row) for row in rows))
 
-    def _add(self, rows: Iterable[dict[str, Any]]) -> int:
-        """:meth:`extend` for rows that already have every field in its plain type."""
-        changed = 0
+    def add(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Add rows under the table's one rule: a new key is added; a key already present is
+        kept, except that a completed row replaces a ``"failed"`` one (a resumed run retried
+        it). Returns what changed: the rows added or replaced (copies), in order, e.g. to
+        append exactly those to a results file."""
+        return [dict(r) for r in self._add(_normalise_row(row) for row in rows)]
+
+    def get(self, key: Key) -> dict[str, Any] | None:
+        """The row of ``key`` = (sample, attack, eps) (a copy), or ``None``."""
+        row = self._rows.get((int(key[0]), str(key[1]), float(key[2])))
+        return None if row is None else dict(row)
+
+    def _add(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """:meth:`add` for rows that already have every field in its plain type; returns the
+        stored rows that changed."""
+        changed = []
         for row in rows:
             key = _key(row)
             old = self._rows.get(key)
             if old is None or (old["status"] == "failed" and row["status"] != "failed"):
                 self._rows[key] = row
-                changed += 1
+                changed.append(row)
                 self._has_certify = self._has_certify or row["library"] == CERTIFY_LIBRARY
         if changed:
             self._index = None

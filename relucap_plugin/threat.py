@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -67,8 +67,30 @@ def check_budget(name: str, value: int) -> int:
     return value
 
 
+_S = TypeVar("_S", bound="_Settings")
+
+
+class _Settings:
+    """``to_dict``/``from_dict`` of the settings dataclasses below: the fields named in
+    ``_tuples`` are lists in the dict (JSON) and tuples again when read back."""
+
+    _tuples: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (lists for tuples); :meth:`from_dict` reads it back."""
+        d = asdict(self)  # type: ignore[call-overload]
+        return {**d, **{f: list(d[f]) for f in self._tuples if d[f] is not None}}
+
+    @classmethod
+    def from_dict(cls: type[_S], data: dict[str, Any]) -> _S:
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error (not silently dropped)."""
+        _check_fields(cls, data)
+        data = {**data, **{f: tuple(data[f]) for f in cls._tuples if data.get(f) is not None}}
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class ThreatModel:
+class ThreatModel(_Settings):
     """What the attacker may do and how hard it tries; the same for every library.
 
     ``norm`` is ``"Linf"`` or ``"L2"`` (``"linf"``/``"inf"``/``"l2"`` accepted). ``eps`` is one
@@ -90,6 +112,7 @@ class ThreatModel:
     random_start: bool = True
     targeted: bool = False
     loss: str = "ce"
+    _tuples = ("eps", "bounds")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -157,28 +180,12 @@ class ThreatModel:
         """A validated copy with ``changes`` applied."""
         return type(self)(**{**self.to_dict(), **changes})
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (lists for tuples); :meth:`from_dict` reads it back."""
-        d = asdict(self)
-        d["eps"] = list(self.eps)
-        d["bounds"] = list(self.bounds)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ThreatModel:
-        """Rebuild from :meth:`to_dict` output; unknown keys are an error (not silently dropped)."""
-        _check_fields(cls, data)
-        data = dict(data)
-        if "bounds" in data:
-            data["bounds"] = tuple(data["bounds"])
-        return cls(**data)
-
 
 _DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Settings):
     """How an evaluation runs: batch size, device, seed and how many samples (None = all).
 
     ``device`` is ``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"``, ``"cuda:1"``
@@ -191,6 +198,7 @@ class EvalConfig:
     seed: int = 0
     n_samples: int | None = None
     input_shape: tuple[int, ...] | None = None
+    _tuples = ("input_shape",)
 
     def __post_init__(self) -> None:
         if self.input_shape is not None:
@@ -228,21 +236,9 @@ class EvalConfig:
         return resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict; a torch.device is stored as its string."""
-        d = asdict(self)
-        d["device"] = str(self.device)
-        if self.input_shape is not None:
-            d["input_shape"] = list(self.input_shape)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
-        """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
-        _check_fields(cls, data)
-        data = dict(data)
-        if data.get("input_shape") is not None:
-            data["input_shape"] = tuple(data["input_shape"])
-        return cls(**data)
+        """Plain JSON-able dict (lists for tuples; a torch.device as its string);
+        :meth:`from_dict` reads it back."""
+        return {**super().to_dict(), "device": str(self.device)}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

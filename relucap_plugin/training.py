@@ -108,26 +108,16 @@ def _adversarial(
     bounds: tuple[float, float] | None,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """L-inf attack for training: optional uniform start, ``steps`` signed steps of ``alpha``.
-
-    Each step is projected onto the eps-ball around ``x`` and into ``bounds``. Returns detached
-    adversarial inputs of the shape of ``x``; parameter gradients are left untouched.
+    """L-inf attack for training: optional uniform start (from ``generator``), ``steps`` signed
+    steps of ``alpha`` on the cross-entropy, each projected onto the eps-ball around ``x`` and
+    into ``bounds``: :func:`relucap_plugin.adapters.plain_torch.pgd`, the loop of ``torch:PGD``.
+    Returns detached adversarial inputs of the shape of ``x``; parameter gradients are left
+    untouched and the model stays in the mode it is in (train mode here).
     """
-    x = x.detach()
-    delta = torch.zeros_like(x)
-    if random_start:
-        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu")
-        delta = ((2 * noise - 1) * eps).to(x.device)
-    for _ in range(steps):
-        x_adv = x + delta
-        if bounds is not None:
-            x_adv = x_adv.clamp(*bounds)
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        delta = (x_adv.detach() + alpha * grad.sign() - x).clamp(-eps, eps)
-    x_adv = x + delta
-    return (x_adv.clamp(*bounds) if bounds is not None else x_adv).detach()
+    from .adapters.plain_torch import pgd
+
+    return pgd(model, x, y, eps, norm="Linf", steps=steps, step_size=alpha, random_start=random_start,
+               loss="ce", bounds=bounds or (-math.inf, math.inf), generator=generator)
 
 
 def _check_in_bounds(x: Tensor, bounds: tuple[float, float] | None) -> None:
@@ -148,7 +138,8 @@ def _make_optimizer(
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _batches(loader: Any, epochs: int):
+def _epoch_batches(loader: Any, epochs: int):
+    """``(epoch, batch)`` over ``epochs`` passes of ``loader``."""
     for epoch in range(epochs):
         for batch in loader:
             yield epoch, batch
@@ -268,7 +259,7 @@ def train(
             sums = [0.0, 0, 0]  # loss * n, correct, n
             current, step, graph = 0, 0, None
             num_classes: int | None = None
-            for epoch, batch in _progress(_batches(loader, epochs), f"train ({method})",
+            for epoch, batch in _progress(_epoch_batches(loader, epochs), f"train ({method})",
                                           total=total, enabled=progress):
                 if epoch != current:
                     _end_epoch(history, sums, model, checkpoint)

@@ -140,3 +140,13 @@ def test_capped_checkpoint_into_a_plain_model_is_refused_or_restored(capped_mlp,
     assert not (tmp_path / "out").exists()
     assert main([*argv, "--restore-caps"]) == 0
     assert json.loads(capsys.readouterr().out)["clean_accuracy"] > 0.8
+
+
+def test_python_m_relucap_plugin_runs_the_cli():
+    """``python -m relucap_plugin`` is the ``relucap`` command (relucap_plugin/__main__.py)."""
+    import relucap_plugin
+
+    done = subprocess.run([sys.executable, "-m", "relucap_plugin", "inspect", "mlp:16,8"],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(relucap_plugin.__file__)))
+    assert done.returncode == 0, done.stderr
+    assert "mlp:16,8: 2 ReLU sites" in done.stdout

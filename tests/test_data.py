@@ -18,6 +18,7 @@ from relucap_plugin.data import (
     load_digits_dataset,
     load_mnist,
     load_mnist5k,
+    numbered_batches,
     unpack_batch,
 )
 
@@ -254,3 +255,18 @@ def test_unpack_batch_rejects_non_pairs():
         unpack_batch({"image": 1, "label": 2})
     with pytest.raises(TypeError, match="of length 3"):
         unpack_batch((1, 2, 3))
+
+
+@pytest.mark.parametrize("limit", [None, 1, 5, 7, 100])
+def test_numbered_batches_index_by_first_sample_and_cut_at_the_limit(limit):
+    x, y = torch.rand(10, 1, 2, 2), torch.arange(10) % 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    got = list(numbered_batches(loader, limit))
+    n = 10 if limit is None else min(limit, 10)
+    assert [s for s, _, _ in got] == list(range(0, n, 3))
+    assert torch.equal(torch.cat([b for _, b, _ in got]), x[:n])
+    assert torch.equal(torch.cat([c for _, _, c in got]), y[:n])
+    # a rank's batches (2nd and 4th of the run) keep the run's indices
+    part = [b for i, b in enumerate(loader) if i in (1, 3)]
+    assert [(s, len(b)) for s, b, _ in numbered_batches(part, limit, starts=[3, 9])] == [
+        (s, len(x[s:n][:3])) for s in (3, 9) if s < n]

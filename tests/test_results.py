@@ -236,3 +236,18 @@ def test_open_results_file_resumes_repairs_and_refuses_other_evaluations(tmp_pat
     fresh, writer = open_results_file(path, META, resume=False)
     writer.close()
     assert len(fresh) == 0 and len(Results.load(path)) == 0
+
+
+def test_add_returns_what_changed_under_the_failed_row_rule():
+    """``Results.add`` is the one public way to add rows: a completed row replaces a failed one,
+    nothing else replaces a row, and what changed comes back (to append to a file)."""
+    res = Results([row(0, "a:X", 0.1, None, status="failed"), row(1, "a:X", 0.1, True)], META)
+    changed = res.add([row(0, "a:X", 0.1, False), row(1, "a:X", 0.1, False),
+                       row(2, "a:X", 0.1, True)])
+    assert [(r["sample"], r["adv_correct"]) for r in changed] == [(0, False), (2, True)]
+    assert res.get((1, "a:X", 0.1))["adv_correct"] is True  # a completed row is kept
+    assert res.get((0, "a:X", 0.1))["status"] == "ok" and res.get((3, "a:X", 0.1)) is None
+    assert res.add([row(0, "a:X", 0.1, None, status="failed")]) == []  # a failure never replaces
+    changed[0]["adv_correct"] = True
+    res.get((0, "a:X", 0.1))["adv_correct"] = True
+    assert res.robust_accuracy("a:X", 0.1) == pytest.approx(2 / 3)  # copies: the table is intact

@@ -291,3 +291,25 @@ def test_checkpoint_bad_files(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(ImportError, match="pip install safetensors"):
         save_checkpoint(mlp(widths=(8,)), tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("steps, alpha, random_start", [(1, 0.1, False), (1, 0.125, True), (5, 0.05, True)])
+def test_training_pgd_is_torch_pgd_bit_for_bit_for_the_same_seed(steps, alpha, random_start):
+    """Adversarial training (fgsm, fgsm_rs, pgd) and ``torch:PGD`` run one L-inf PGD loop: the
+    same inputs, seed and settings give the identical adversarial batch."""
+    from relucap_plugin import ThreatModel, get_attack
+
+    torch.manual_seed(0)
+    model = mlp((32,)).eval()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    seed = 7
+    ours = _adversarial(model, x, y, 0.1, alpha, steps, random_start, (0.0, 1.0),
+                        torch.Generator().manual_seed(seed))
+    tm = ThreatModel("Linf", eps=0.1, steps=steps, step_size=alpha, random_start=random_start)
+    theirs = get_attack("torch:PGD", tm)(model, x, y, seed=seed)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, x) and (ours - x).abs().max() <= 0.1 + 1e-6
+    if random_start:  # another seed, another start
+        other = _adversarial(model, x, y, 0.1, alpha, steps, True, (0.0, 1.0),
+                             torch.Generator().manual_seed(seed + 1))
+        assert not torch.equal(ours, other)

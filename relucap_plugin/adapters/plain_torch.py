@@ -50,13 +50,18 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, target: torch.
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def _random_start(x: torch.Tensor, eps: float, norm: str,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniform random point of the ``norm`` ball around ``x``, drawn from the global RNG on
+    ``x``'s device, or from ``generator`` on the CPU (the same start on any device)."""
+    device = x.device if generator is None else torch.device("cpu")
     if norm == "Linf":
-        return x + torch.empty_like(x).uniform_(-eps, eps)
-    direction = torch.randn_like(x)
+        return x + torch.empty_like(x, device=device).uniform_(-eps, eps, generator=generator).to(x.device)
+    direction = torch.empty_like(x, device=device).normal_(generator=generator).to(x.device)
     direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
     d = x[0].numel()
-    radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) ** (1.0 / d) * eps
+    radius = torch.empty(x.shape[0], device=device, dtype=x.dtype).uniform_(generator=generator).to(x.device)
+    radius = radius ** (1.0 / d) * eps
     return x + direction * radius.view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -80,16 +85,22 @@ def pgd(
     loss: str = "ce",
     bounds: tuple[float, float] = (0.0, 1.0),
     target: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Projected gradient ascent on ``attack_loss`` from ``x`` (N, ...); returns the last iterate.
 
     Gradients come from ``torch.autograd.grad`` through the model's own backward, so custom
-    ``autograd.Function``\\ s (straight-through or other surrogate gradients) are used as written.
-    ``step_size=None`` is ``2.5 * eps / steps``. Runs under ``torch.enable_grad()``.
+    ``autograd.Function``\\ s (straight-through or other surrogate gradients) are used as written;
+    parameter ``.grad``\\ s are not touched and the model's train/eval mode is the caller's.
+    ``step_size=None`` is ``2.5 * eps / steps``. The random start comes from ``generator`` if
+    given, else from the global RNG. Runs under ``torch.enable_grad()``. The one PGD loop of the
+    package: ``torch:PGD``/``torch:FGSM`` and adversarial training
+    (:func:`relucap_plugin.training.train`) both call it.
     """
     step_size = 2.5 * eps / steps if step_size is None else step_size
     x = x.detach()
-    x_adv = project(x, _random_start(x, eps, norm), eps, norm, bounds) if random_start else x.clone()
+    x_adv = (project(x, _random_start(x, eps, norm, generator), eps, norm, bounds) if random_start
+             else x.clone())
     with torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)

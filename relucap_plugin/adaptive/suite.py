@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..attacks import Attack, get_attack
 from ..threat import ThreatModel
 from .ops import eager_module, find_caps
-from .surrogate import DEFAULT_TEMPERATURE, _check_mode, capped_sites, surrogate_gradients, uncapped_twin
+from .surrogate import DEFAULT_TEMPERATURE, _check_surrogate, capped_sites, surrogate_gradients, uncapped_twin
 
 __all__ = [
     "BLACK_BOX_FAMILIES",
@@ -81,7 +81,7 @@ class SurrogateAttack(_WrappedAttack):
     """
 
     def __init__(self, inner: Attack, mode: str = "ste", temperature: float = DEFAULT_TEMPERATURE):
-        self.mode, self.temperature = _check_mode(mode, temperature)
+        self.mode, self.temperature = _check_surrogate(mode, temperature)
         self.family = f"{inner.family}+bpda"  # type: ignore[misc]
         label = mode if mode == "ste" else f"{mode},t={self.temperature:g}"
         super().__init__(inner, name=f"{inner.spec}+bpda({label})")

@@ -51,7 +51,9 @@ def capped_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if type(m) in CAPPED_TYPES]
 
 
-def _check_mode(mode: str, temperature: float) -> tuple[str, float]:
+def _check_surrogate(mode: str, temperature: float) -> tuple[str, float]:
+    """The surrogate gradient's ``mode`` and ``temperature``, checked (one of
+    :data:`SURROGATE_MODES`; a positive finite number)."""
     if mode not in SURROGATE_MODES:
         raise ValueError(f"surrogate mode must be one of {', '.join(map(repr, SURROGATE_MODES))}, "
                          f"got {mode!r}")
@@ -157,7 +159,7 @@ def surrogate_gradients(
     an exception. Inside scripted submodules nothing changes (:func:`opaque_modules`); for a
     ``torch.compile``-d model, call its eager module (:func:`eager_module`) within the block.
     """
-    mode, temperature = _check_mode(mode, temperature)
+    mode, temperature = _check_surrogate(mode, temperature)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     tracker, flipped = _install(model, mode, temperature)
@@ -176,7 +178,7 @@ def with_surrogate_gradients(
 
     The model transform counterpart of :func:`surrogate_gradients`; ``model`` is untouched.
     """
-    mode, temperature = _check_mode(mode, temperature)
+    mode, temperature = _check_surrogate(mode, temperature)
     clone = copy.deepcopy(eager_module(model))
     _install(clone, mode, temperature)
     return clone

@@ -69,7 +69,9 @@ class _RecorderRecipe:
         return None
 
 
-def _batches(data: Any, batch_size: int) -> Iterator[Tensor]:
+def _input_batches(data: Any, batch_size: int) -> Iterator[Tensor]:
+    """The inputs ``x`` of ``data`` batch by batch (a tensor is split into ``batch_size``
+    chunks; the labels of ``(x, y)`` batches are not needed for calibration)."""
     if isinstance(data, Tensor):
         yield from data.split(batch_size)
         return
@@ -120,7 +122,7 @@ def calibrate_caps(
         raise ValueError(f"max_batches must be a positive int or None (got {max_batches!r})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int (got {batch_size!r})")
-    batches = _batches(data, batch_size)
+    batches = _input_batches(data, batch_size)
     first = next(batches, None)
     if first is None:
         raise ValueError("calibrate_caps: data yielded no batch; pass at least one batch of inputs")
