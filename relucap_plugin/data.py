@@ -30,6 +30,8 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from ._format import short_repr
+
 __all__ = [
     "MNIST5K_RELATIVE_PATH",
     "DataLike",
@@ -102,9 +104,9 @@ def as_dataset(data: DataLike) -> Dataset:
         return data
     if isinstance(data, (tuple, list)):
         if len(data) != 2:
-            raise ValueError(f"an (x, y) pair has 2 entries, got {len(data)}; " + _DATA_HELP)
+            raise ValueError(f"an (x, y) pair has 2 entries, got {len(data)} ({short_repr(data)}); " + _DATA_HELP)
         return _pair_dataset(*data)
-    raise TypeError(f"cannot use {type(data).__name__} as data; " + _DATA_HELP)
+    raise TypeError(f"cannot use {type(data).__name__} as data (got {short_repr(data)}); " + _DATA_HELP)
 
 
 def _batch_rows(dataset: TensorDataset, index: list[int]) -> tuple[Tensor, ...]:
