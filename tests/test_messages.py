@@ -318,6 +318,7 @@ CLI_CASES = [
     ("demo-epochs", ["demo", "--epochs", "0"], ["--epochs", "0"]),
     ("demo-n-train", ["demo", "--n-train", "3"], ["--n-train", "3"]),
     ("demo-eps", ["demo", "--eps", "-0.1"], ["--eps", "-0.1"]),
+    ("demo-device", ["demo", "--device", "tpu"], ["--device", "'tpu'"]),
 ]
 
 
