@@ -404,8 +404,9 @@ def accuracy(
     try:
         for batch in as_loader(data, batch_size=batch_size):
             x, y = unpack_batch(batch)
-            pred = model(x.to(dev)).argmax(1).cpu()
-            correct += (pred == torch.as_tensor(y).reshape(-1)).sum().item()
+            logits = model(x.to(dev))
+            pred = logits.argmax(1).cpu()
+            correct += (pred == check_labels(y, logits.shape[-1], f"accuracy's batch from sample {total}")).sum().item()
             total += len(pred)
     finally:
         model.train(was_training)
@@ -479,8 +480,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, restore_caps: 
     check_module(model, "load_checkpoint")
     fmt = _checkpoint_format(path)
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    _files.check_target(path, None, what="checkpoint", hint="pass a file written by save_checkpoint")
     if fmt == "safetensors":
         try:
             state = _safetensors().load_file(path, device="cpu")
