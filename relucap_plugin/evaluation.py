@@ -149,7 +149,7 @@ def _as_attacks(
     if not isinstance(attacks, Sequence) or not attacks:
         raise ValueError(
             "attacks must be a non-empty list of specs ('torchattacks:PGD'), Attack "
-            "objects or functions fn(model, x, y, eps) -> x_adv"
+            f"objects or functions fn(model, x, y, eps) -> x_adv; got {type(attacks).__name__} {attacks!r:.80}"
         )
     out = []
     for a in attacks:

@@ -4,6 +4,7 @@ input's real layout, and the named suites whose per-sample worst case is the hea
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -307,6 +308,10 @@ def get_suite(name: str, threat_model: ThreatModel, model: nn.Module | None = No
     """
     if name not in SUITES:
         raise ValueError(f"unknown attack suite {name!r}; valid: {', '.join(SUITES)}")
+    accepted = [p for p in inspect.signature(SUITES[name]).parameters if p != "threat_model"]
+    if set(kwargs) - set(accepted):
+        raise TypeError(f"suite {name!r} does not take {sorted(set(kwargs) - set(accepted))} (suite_kwargs); "
+                        f"it accepts {accepted}")
     attacks = SUITES[name](threat_model, **kwargs)
     if model is not None and _has_caps(model, example_input) is False:
         attacks = [a for a in attacks if not isinstance(a, SurrogateAttack)
