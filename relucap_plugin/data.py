@@ -66,7 +66,7 @@ def _as_tensor(value: Any, name: str) -> Tensor:
         return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
-    raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(value).__name__}; "
+    raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(value).__name__} {short_repr(value)}; "
                     + _DATA_HELP)
 
 
@@ -212,7 +212,7 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
         return batch[0], check_labels(batch[1])
     raise TypeError(
         f"data batches must be (x, y) pairs, got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "") + f" ({short_repr(batch)})"
         + "; make the Dataset's __getitem__ return (image, label)"
     )
 

@@ -182,6 +182,10 @@ API_CASES = [
     ("as_tensors-limit", lambda m, x, y, t: r.as_tensors((x, y), limit=0), ValueError, ["limit", "0"]),
     ("as_tensors-str", lambda m, x, y, t: r.as_tensors("data"), TypeError, ["cannot use str as data", "'data'"]),
     ("as_loader-batch_size", lambda m, x, y, t: r.as_loader((x, y), batch_size=0), ValueError, ["batch_size", "0"]),
+    ("evaluate-x-nested-list", lambda m, x, y, t: r.evaluate(m, ([[1.0]], y[:1]), "torch:FGSM", TM), TypeError,
+     ["x must be a torch tensor or numpy array", "list [[1.0]]"]),
+    ("accuracy-dataset-without-labels", lambda m, x, y, t: r.accuracy(m, _Unlabelled(x)), TypeError,
+     ["(x, y) pairs", "Tensor(dtype=torch.float32, shape=(6, 1, 4, 4))"]),
     ("as_dataset-list-of-three", lambda m, x, y, t: r.as_dataset([1, 2, 3]), ValueError, ["got 3", "[1, 2, 3]"]),
     ("load_mnist-missing", lambda m, x, y, t: r.load_mnist(t / "nomnist"), FileNotFoundError,
      ["nomnist", "train-images-idx3-ubyte"]),
@@ -253,6 +257,19 @@ API_CASES = [
     ("Results-row-fields", lambda m, x, y, t: r.Results([{"sample": 0}]), ValueError,
      ["{'sample': 0}", "'attack'"]),
 ]
+
+
+class _Unlabelled(torch.utils.data.Dataset):
+    """A Dataset that forgot its labels (returns images only)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
 
 
 def _text(folder):
