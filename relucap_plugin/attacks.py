@@ -249,7 +249,7 @@ class Attack:
             )
         if clash:
             raise ValueError(
-                f"{self.name}: {', '.join(clash)} is set from the threat model; change the "
+                f"{self.name}: {', '.join(f'{k}={self.overrides[k]!r}' for k in clash)} is set from the threat model; change the "
                 f"ThreatModel field instead (mapping: {self._mapped_parameters()})"
             )
         accepted = self._accepted_overrides()

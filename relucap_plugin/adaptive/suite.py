@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import Attack, get_attack
-from ..threat import ThreatModel
+from ..threat import ThreatModel, check_budget
 from .ops import eager_module, find_caps
 from .surrogate import DEFAULT_TEMPERATURE, _check_mode, capped_sites, surrogate_gradients, uncapped_twin
 
@@ -248,6 +248,7 @@ def _square(threat_model: ThreatModel, queries: int) -> Attack:
 
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
         raise ValueError(f"square_queries must be an int >= 1 (the Square attack's query budget), got {queries!r}")
+    check_budget("square_queries", queries)
     for spec in ("torchattacks:Square", "art:Square"):
         if LIBRARIES[spec.split(":")[0]].installed():
             return get_attack(spec, threat_model, steps=queries)
