@@ -249,8 +249,9 @@ class Attack:
             )
         if clash:
             raise ValueError(
-                f"{self.name}: {', '.join(f'{k}={self.overrides[k]!r}' for k in clash)} is set from the threat model; change the "
-                f"ThreatModel field instead (mapping: {self._mapped_parameters()})"
+                f"{self.name}: {', '.join(clash)} is set from the threat model; change the "
+                f"ThreatModel field instead (mapping: {self._mapped_parameters()}); given: "
+                + ", ".join(f"{k}={self.overrides[k]!r}" for k in clash)
             )
         accepted = self._accepted_overrides()
         if accepted is not None:
