@@ -21,9 +21,7 @@ import torch
 from torch import nn
 
 from ._format import short_repr
-from ._torch import (
-    caller_state, check_inputs, check_logits, check_module, clean_logits, float_dtype, model_device, seeded,
-)
+from ._torch import caller_state, check_inputs, check_logits, check_module, clean_logits, float_dtype, model_device, seeded
 from .registry import parse_spec
 from .threat import NORMS, ThreatModel
 

@@ -567,8 +567,6 @@ def audit(
     from .data import as_tensors
 
     config = config or EvalConfig()
-    if results is not None and not isinstance(results, Results):
-        raise TypeError(f"audit: results must be the Results of evaluate/evaluate_suite or None, got {results!r:.80}")
     x, y = as_tensors(data, limit=config.n_samples)
     if results is None:
         results = evaluate_suite(model, (x, y), threat_model, suite, config, extra_attacks=["torch:FGSM"],

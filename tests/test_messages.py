@@ -223,7 +223,6 @@ API_CASES = [
     ("uncap-int", lambda m, x, y, t: r.uncap(5), TypeError, ["uncap", "int 5"]),
     # adaptive attacks, audit, certify, growth
     ("audit-threat_model-float", lambda m, x, y, t: r.audit(m, (x, y), 0.1), TypeError, ["threat_model", "float 0.1"]),
-    ("audit-results-int", lambda m, x, y, t: r.audit(m, (x, y), TM, results=5), TypeError, ["results", "5"]),
     ("audit-suite_kwargs-unknown", lambda m, x, y, t: r.audit(m, (x, y), TM, suite_kwargs={"foo": 1}), TypeError,
      ["suite_kwargs", "['foo']", "square_queries"]),
     ("get_suite-unknown-kwarg", lambda m, x, y, t: r.get_suite("standard", TM, foo=1), TypeError,
