@@ -497,7 +497,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         shape = _shape_arg(args.input_shape, "1,3,224,224")
         sites = find_relus(model, None if shape is None else torch.zeros(shape), mode=args.mode)
     except (ValueError, TypeError, ImportError) as exc:
-        print(f"relucap inspect: error: {exc}", file=sys.stderr)
+        print(f"relucap inspect: error: {_cli_message(exc)}", file=sys.stderr)
         return 2
     shared = sum(s.shared for s in sites)
     print_sites(sites, title=f"{args.model}: {len(sites)} ReLU sites ({shared} on shared modules)")
