@@ -22,3 +22,16 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in esc]
     return "\n".join(lines)
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``value`` as an error message shows what the user passed: arrays and tensors by type, dtype
+    and shape (never their values), anything else as its ``repr`` cut to ``limit`` characters."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        return f"{type(value).__name__}(dtype={value.dtype}, shape={tuple(shape)})"
+    if isinstance(value, (tuple, list)) and any(hasattr(v, "shape") for v in value[:3]):
+        inner = ", ".join(short_repr(v, limit) for v in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"

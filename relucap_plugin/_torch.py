@@ -164,3 +164,12 @@ def clean_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
             "diverged training or a NaN checkpoint), the input scale and its activations"
         )
     return logits
+
+
+def check_module(model: object, where: str) -> None:
+    """Refuse a ``model`` argument of ``where`` (a public function's name) that is not an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        from ._format import short_repr
+
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__} "
+                        f"{short_repr(model)}; build the model first (e.g. relucap_plugin.mlp())")

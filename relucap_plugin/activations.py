@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._format import short_repr
+
 __all__ = [
     "CappedReLU",
     "LearnableCappedReLU",
@@ -142,6 +144,9 @@ def _hardtanh_cap(x: Tensor, cap: float, inplace: bool) -> Tensor:
 
 def capped_relu(x: Tensor, cap: float | Tensor, inplace: bool = False) -> Tensor:
     """Functional capped ReLU ``min(max(x, 0), cap)``; ``cap`` as in :class:`CappedReLU`."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"capped_relu: x must be a torch.Tensor, got {type(x).__name__} {short_repr(x)}; "
+                        "pass torch.as_tensor(x)")
     if isinstance(cap, Tensor) and cap.dim() > 0:
         return _cap_where(x, channel_view(cap, x))
     cap = float(cap)
@@ -233,7 +238,7 @@ class LearnableCappedReLU(nn.Module):
             init = cap
         else:
             if math.isinf(cap):
-                raise ValueError("a learnable cap must start finite; use e.g. cap=6.0")
+                raise ValueError(f"a learnable cap must start finite (got cap={cap!r}); use e.g. cap=6.0")
             if num_channels is not None and (
                 isinstance(num_channels, bool) or not isinstance(num_channels, int)
                 or num_channels < 1
@@ -450,6 +455,9 @@ def share_parameters(modules: nn.Module | Iterable[nn.Module]) -> int:
     the network-wide setting of Dai et al.: one alpha (and beta) for the whole network. Returns
     how many modules now share another module's parameters.
     """
+    if not isinstance(modules, nn.Module) and not isinstance(modules, Iterable):
+        raise TypeError(f"share_parameters: modules must be a model or an iterable of activation modules, "
+                        f"got {type(modules).__name__} {short_repr(modules)}")
     found = modules.modules() if isinstance(modules, nn.Module) else modules
     first: dict[type, nn.Module] = {}
     tied = 0

@@ -20,7 +20,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from ._torch import caller_state, check_inputs, check_logits, clean_logits, float_dtype, model_device, seeded
+from ._format import short_repr
+from ._torch import caller_state, check_inputs, check_logits, check_module, clean_logits, float_dtype, model_device, seeded
 from .registry import parse_spec
 from .threat import NORMS, ThreatModel
 
@@ -182,7 +183,7 @@ class Attack:
         batch_size: int | None = None,
     ) -> None:
         if threat_model is not None and not isinstance(threat_model, ThreatModel):
-            raise TypeError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__}")
+            raise TypeError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__} {threat_model!r:.80}")
         self.name = name or f"{self.library}:{self.native_name or type(self).__name__}"
         self.overrides = dict(overrides or {})
         self.changes = dict(changes or {})
@@ -247,7 +248,8 @@ class Attack:
         if clash:
             raise ValueError(
                 f"{self.name}: {', '.join(clash)} is set from the threat model; change the "
-                f"ThreatModel field instead (mapping: {self._mapped_parameters()})"
+                f"ThreatModel field instead (mapping: {self._mapped_parameters()}); given: "
+                + ", ".join(f"{k}={self.overrides[k]!r}" for k in clash)
             )
         accepted = self._accepted_overrides()
         if accepted is not None:
@@ -301,8 +303,7 @@ class Attack:
         they are checked like the model's own.
         """
         tm = self._require_threat_model()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_module(model, f"attack {self.name}")
         eps = self._check_eps(eps, tm)
         x = self._check_x(x, tm)
         device = model_device(model, x.device)
@@ -382,7 +383,7 @@ class Attack:
 
     def _check_x(self, x: torch.Tensor, tm: ThreatModel) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape (N, ...), got {type(x).__name__}")
+            raise TypeError(f"x must be a torch.Tensor of shape (N, ...), got {short_repr(x)}; pass torch.as_tensor(x)")
         if not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(
                 f"x must be a non-empty floating tensor of shape (N, ...) (images as (N, C, H, W)), "
@@ -403,7 +404,8 @@ class Attack:
                 f"y must be integer class labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}"
             )
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"labels must be in [0, {num_classes - 1}] (the model has {num_classes} classes)")
+            raise ValueError(f"{self.name}: labels must be in [0, {num_classes - 1}] (the model has {num_classes} "
+                             f"classes), but y holds labels in [{int(y.min())}, {int(y.max())}]; pass class indices")
         return y.to(device=device, dtype=torch.long)
 
     def _targets(
@@ -417,7 +419,9 @@ class Attack:
             return logits.argmin(1)
         target = self._check_y(model, x, target, device, num_classes)
         if bool((target == y).any()):
-            raise ValueError("target classes must differ from the labels y")
+            same = torch.nonzero(target == y).flatten().tolist()
+            raise ValueError(f"{self.name}: target classes must differ from the labels y, but target equals y "
+                             f"at sample(s) {same[:10]}; pick other target classes, or target=None")
         return target
 
     def _run_restarts(
@@ -555,14 +559,18 @@ def get_attack(spec: str | Attack, threat_model: ThreatModel, *, batch_size: int
     """
     if isinstance(spec, Attack):
         if overrides:
-            raise TypeError("overrides apply to spec strings, not to Attack instances")
+            raise TypeError(f"get_attack: overrides {sorted(overrides)} apply to spec strings, not to the Attack "
+                            f"instance {spec.name}; pass get_attack('{spec.name}(...)', threat_model) instead")
         return spec if spec.threat_model is threat_model else spec.with_threat_model(threat_model)
     if not isinstance(threat_model, ThreatModel):
-        raise TypeError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__}")
+        raise TypeError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__} {threat_model!r:.80}")
     from .adapters import load_adapter
 
     library, name, spec_overrides = parse_attack(spec)
-    adapter = load_adapter(library)
+    try:
+        adapter = load_adapter(library)
+    except ValueError as exc:
+        raise ValueError(f"attack spec {spec!r}: {exc}") from None
     return adapter.build(name, threat_model, {**spec_overrides, **overrides}, batch_size=batch_size)
 
 

@@ -30,9 +30,13 @@ _FLAGS = {
     r"\bout=": "--out ",
     r"\bstep_size=": "--step-size ",
     r"\bpass restore_caps=True\b": "pass --restore-caps",
+    r"^(attack spec\b|unknown \w+ attack\b)": r"--attack: \1",
+    r"^unknown attack suite\b": "--suite: unknown attack suite",
 }
 _PREFIX_FLAGS = {"step_size": "--step-size", "batch_size": "--batch-size", "n_samples": "--n-samples",
-                 "restarts": "--restarts", "steps": "--steps", "norm": "--norm"}
+                 "restarts": "--restarts", "steps": "--steps", "norm": "--norm",
+                 "eps": "--eps", "device": "--device", "seed": "--seed", "caps": "--caps", "n_train": "--n-train",
+                 "epochs": "--epochs", "square_queries": "--square-queries", "input_shape": "--input-shape"}
 
 
 def _cli_message(exc: BaseException) -> str:
@@ -392,7 +396,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         shape = _shape_arg(args.input_shape, "1,3,224,224")
         sites = find_relus(model, None if shape is None else torch.zeros(shape), mode=args.mode)
     except (ValueError, TypeError, ImportError) as exc:
-        print(f"relucap inspect: error: {exc}", file=sys.stderr)
+        print(f"relucap inspect: error: {_cli_message(exc)}", file=sys.stderr)
         return 2
     shared = sum(s.shared for s in sites)
     print_sites(sites, title=f"{args.model}: {len(sites)} ReLU sites ({shared} on shared modules)")
@@ -424,7 +428,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
                         eps=None if args.eps is None else tuple(args.eps), device=args.device)
         result = run_experiment(config, out=args.out, progress=not args.quiet)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"relucap {args.command}: error: {exc}", file=sys.stderr)
+        print(f"relucap {args.command}: error: {_cli_message(exc)}", file=sys.stderr)
         return 2
     result.print()
     print(f"{len(result.models)} models in {result.seconds:.0f} s; report, plots and results "

@@ -31,6 +31,8 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from ._format import short_repr
+
 __all__ = [
     "MNIST5K_RELATIVE_PATH",
     "DataLike",
@@ -66,7 +68,7 @@ def _as_tensor(value: Any, name: str) -> Tensor:
         return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
-    raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(value).__name__}; "
+    raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(value).__name__} {short_repr(value)}; "
                     + _DATA_HELP)
 
 
@@ -104,9 +106,9 @@ def as_dataset(data: DataLike) -> Dataset:
         return data
     if isinstance(data, (tuple, list)):
         if len(data) != 2:
-            raise ValueError(f"an (x, y) pair has 2 entries, got {len(data)}; " + _DATA_HELP)
+            raise ValueError(f"an (x, y) pair has 2 entries, got {len(data)} ({short_repr(data)}); " + _DATA_HELP)
         return _pair_dataset(*data)
-    raise TypeError(f"cannot use {type(data).__name__} as data; " + _DATA_HELP)
+    raise TypeError(f"cannot use {type(data).__name__} as data (got {short_repr(data)}); " + _DATA_HELP)
 
 
 def _batch_rows(dataset: TensorDataset, index: list[int]) -> tuple[Tensor, ...]:
@@ -202,7 +204,7 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
         return batch[0], check_labels(batch[1])
     raise TypeError(
         f"data batches must be (x, y) pairs, got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "") + f" ({short_repr(batch)})"
         + "; make the Dataset's __getitem__ return (image, label)"
     )
 

@@ -237,7 +237,7 @@ def setup(device: str | torch.device = "auto") -> DistContext | None:
                 f"{world - 1} process(es) at {os.environ['MASTER_ADDR']}:"
                 f"{os.environ['MASTER_PORT']} and they did not all join ({type(exc).__name__}); "
                 "start every rank (torchrun --nproc-per-node N), unset leftover WORLD_SIZE/"
-                "RANK variables, or raise RELUCAP_RENDEZVOUS_TIMEOUT"
+                f"RANK variables, or raise RELUCAP_RENDEZVOUS_TIMEOUT (seconds, now {wait.total_seconds():g})"
             ) from exc
         atexit.register(_destroy)
     if rank_device.type == "cuda" and dist.get_backend() == "nccl":

@@ -125,7 +125,7 @@ def _as_threat_model(threat_model: ThreatModel | Mapping[str, Any]) -> ThreatMod
         return ThreatModel.from_dict(dict(threat_model))
     raise TypeError(
         f"threat_model must be a ThreatModel (or its to_dict()), got "
-        f"{type(threat_model).__name__}; e.g. ThreatModel('Linf', eps=(0.1, 0.3))"
+        f"{type(threat_model).__name__} {threat_model!r:.80}; e.g. ThreatModel('Linf', eps=(0.1, 0.3))"
     )
 
 
@@ -137,7 +137,7 @@ def _as_config(config: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
     if isinstance(config, Mapping):
         return EvalConfig.from_dict(dict(config))
     raise TypeError(
-        f"config must be an EvalConfig, a dict of its fields or None, got {type(config).__name__}"
+        f"config must be an EvalConfig, a dict of its fields or None, got {type(config).__name__} {config!r:.80}"
     )
 
 
@@ -149,7 +149,7 @@ def _as_attacks(
     if not isinstance(attacks, Sequence) or not attacks:
         raise ValueError(
             "attacks must be a non-empty list of specs ('torchattacks:PGD'), Attack "
-            "objects or functions fn(model, x, y, eps) -> x_adv"
+            f"objects or functions fn(model, x, y, eps) -> x_adv; got {type(attacks).__name__} {attacks!r:.80}"
         )
     out = []
     for a in attacks:
@@ -589,7 +589,7 @@ def evaluate(
     from .adaptive import black_box_layout, first_inputs
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"evaluate: model must be a torch.nn.Module, got {type(model).__name__} {repr(model)[:80]}")
     if isinstance(data, Tensor) and isinstance(attacks, Tensor):
         raise TypeError(
             "evaluate takes the data as one argument: evaluate(model, (x, y), attacks, threat_model, "
@@ -599,6 +599,10 @@ def evaluate(
         raise TypeError(f"output must be an int index, a str key or a function, got {output!r}")
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False, got {resume!r}")
+    if isinstance(notes, str) or not isinstance(notes, Sequence) or not all(isinstance(n, str) for n in notes):
+        raise TypeError(f"notes must be a list of strings, got {repr(notes)[:80]}; e.g. notes=['retrained']")
+    if model_name is not None and not isinstance(model_name, str):
+        raise TypeError(f"model_name must be a string or None, got {type(model_name).__name__} {model_name!r:.80}")
     tm = _as_threat_model(threat_model)
     cfg = _as_config(config)
     check_keep(keep_adversarial)

@@ -132,6 +132,7 @@ class ExperimentConfig:
                              f"{self.threads!r}")
         if self.n_train is not None and (not isinstance(self.n_train, int) or self.n_train < 10):
             raise ValueError(f"n_train must be an int >= 10 or None (all), got {self.n_train!r}")
+        self.threat_model(), self.eval_config()  # eps, device: refused now, not after training
 
     @property
     def headline_eps(self) -> float:

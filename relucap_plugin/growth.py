@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from ._console import format_table, print_table
 from .adaptive import uncapped_twin
-from ._torch import caller_state, model_device
+from ._format import short_repr
+from ._torch import caller_state, check_module, model_device
 
 __all__ = ["GrowthTable", "perturbation_growth"]
 
@@ -110,9 +111,11 @@ def perturbation_growth(model: nn.Module, x: Tensor, x_adv: Tensor, *, twin: boo
     (:func:`relucap_plugin.certification.interval_widths`); the model must be one certify
     supports.
     """
+    check_module(model, "perturbation_growth")
     if not isinstance(x, Tensor) or not isinstance(x_adv, Tensor) or x.shape != x_adv.shape:
-        raise ValueError("x and x_adv must be tensors of the same shape (N, ...), the clean inputs "
-                         "and their perturbed versions")
+        raise ValueError(f"perturbation_growth: x and x_adv must be tensors of the same shape (N, ...), the "
+                         f"clean inputs and their perturbed versions; got x={short_repr(x)}, "
+                         f"x_adv={short_repr(x_adv)}")
     if not bool(((x_adv - x).flatten(1).abs().amax(1) > 0).any()):
         raise ValueError("x_adv equals x for every sample: there is no perturbation to follow; "
                          "pass adversarial (or noisy) inputs")

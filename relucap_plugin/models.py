@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ._format import short_repr
 from .registry import create_activation
 
 __all__ = ["is_model_factory", "mlp", "register_model", "scale_init", "small_cnn"]
@@ -20,9 +21,22 @@ F = TypeVar("F")
 def _check_activation(activation: object) -> None:
     if isinstance(activation, nn.Module):
         raise TypeError(
-            "pass the activation as a name, spec string or class (one module cannot be reused "
-            "for every layer), e.g. 'capped_relu(cap=0.1)'"
+            f"activation={short_repr(activation)} is a module instance; pass the activation as a name, "
+            "spec string or class (one module cannot be reused for every layer), e.g. 'capped_relu(cap=0.1)'"
         )
+
+
+def _activation(activation: Any) -> nn.Module:
+    """A fresh activation module; a bad spec's error names the ``activation=`` argument."""
+    try:
+        return create_activation(activation)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"activation={short_repr(activation)}: {exc}") from None
+
+
+def _check_classes(num_classes: object) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (got {num_classes!r})")
 
 
 def _check_ints(values: Sequence[int], name: str, example: str) -> tuple[int, ...]:
@@ -99,13 +113,13 @@ def mlp(
     which arXiv 2405.03777 found capping the narrow layer most useful. ``init_scale``
     multiplies torch's default initialisation (:func:`scale_init`).
     """
-    if not widths or any(int(w) < 1 for w in widths):
-        raise ValueError(f"widths must be a non-empty sequence of positive ints (got {widths!r})")
+    widths = _check_ints(widths, "widths", "(256, 32, 256)")
+    fan_in = math.prod(_check_ints(in_shape, "in_shape", "(1, 28, 28)"))
+    _check_classes(num_classes)
     _check_activation(activation)
     layers: list[nn.Module] = [nn.Flatten()]
-    fan_in = math.prod(in_shape)
     for w in widths:
-        layers += [nn.Linear(fan_in, int(w)), create_activation(activation)]
+        layers += [nn.Linear(fan_in, int(w)), _activation(activation)]
         fan_in = int(w)
     layers.append(nn.Linear(fan_in, num_classes))
     return scale_init(nn.Sequential(*layers), init_scale)
@@ -139,16 +153,15 @@ def small_cnn(
         )
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
         raise ValueError(f"hidden must be an int >= 0 (got {hidden!r})")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int (got {num_classes!r})")
+    _check_classes(num_classes)
     layers: list[nn.Module] = []
     for out in channels:
-        layers += [nn.Conv2d(c, out, 3, padding=1), create_activation(activation), nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(c, out, 3, padding=1), _activation(activation), nn.MaxPool2d(2)]
         c, h, w = out, h // 2, w // 2
     layers.append(nn.Flatten())
     fan_in = c * h * w
     if hidden:
-        layers += [nn.Linear(fan_in, hidden), create_activation(activation)]
+        layers += [nn.Linear(fan_in, hidden), _activation(activation)]
         fan_in = hidden
     layers.append(nn.Linear(fan_in, num_classes))
     return scale_init(nn.Sequential(*layers), init_scale)

@@ -159,7 +159,9 @@ def create_activation(spec: str | Factory | nn.Module, *args: Any, **kwargs: Any
     """
     if isinstance(spec, nn.Module):
         if args or kwargs:
-            raise TypeError("pass either a module instance or a spec with arguments, not both")
+            raise TypeError(f"create_activation: spec is the module {type(spec).__name__} and arguments were given too "
+                            f"(args={args!r}, kwargs={kwargs!r}); pass either a module instance or a spec "
+                            "with arguments, not both")
         return spec
     if isinstance(spec, str):
         name, spec_args, spec_kwargs = parse_spec(spec)
@@ -171,7 +173,7 @@ def create_activation(spec: str | Factory | nn.Module, *args: Any, **kwargs: Any
     else:
         raise TypeError(
             f"activation spec must be a name, a 'name(key=value)' string, a module class or a "
-            f"module, got {type(spec).__name__}; registered names: {', '.join(list_activations())}"
+            f"module, got {type(spec).__name__} {spec!r:.80}; registered names: {', '.join(list_activations())}"
         )
     try:
         signature = inspect.signature(factory)

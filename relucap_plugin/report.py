@@ -145,7 +145,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
     returns the path of ``report.md``. Without matplotlib the report says the plots are
     missing and why."""
     if not all(hasattr(result, a) for a in ("models", "config", "table_rows", "TABLE_COLUMNS")):
-        raise TypeError(f"result must be an ExperimentResult, got {type(result).__name__}")
+        raise TypeError(f"result must be an ExperimentResult, got {type(result).__name__} {result!r:.80}")
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     c = result.config

@@ -582,7 +582,7 @@ class Results:
                 "keep_adversarial='worst' or 'all' (CLI --save-adversarial worst|all)")
         if eps is None:
             if len(self.eps) != 1:
-                raise ValueError(f"pass eps= (one of {self.eps})")
+                raise ValueError(f"these results hold several budgets {self.eps}: pass eps= (one of them)")
             eps = self.eps[0]
         return self._adversarial, float(eps)
 
@@ -635,7 +635,7 @@ class Results:
         metadata = dict(self.metadata)
         for other in others:
             if not isinstance(other, Results):
-                raise TypeError(f"can only merge Results, got {type(other).__name__}")
+                raise TypeError(f"can only merge Results, got {type(other).__name__} {other!r:.80}")
             metadata = _merged_metadata(metadata, other.metadata)
         merged = Results(self._rows.values(), metadata)
         for other in others:
@@ -656,6 +656,9 @@ def _read(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 f"{path} is not a relucap results file: its first line must be the "
                 f'metadata line {{"format": "{FORMAT}", ...}}'
             )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"results file {path!r} does not exist; check the path (evaluate(..., out=) "
+                                "or relucap evaluate --out writes it)")
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     if lines and lines[-1] == "":

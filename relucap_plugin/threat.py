@@ -53,7 +53,7 @@ def _as_float(value: Any, what: str) -> float:
 #: Largest budgets accepted without ``RELUCAP_ALLOW_LARGE_BUDGET=1``: far beyond any published
 #: evaluation (AutoAttack's Square uses 5000 queries), so a value above them is a typo (an extra
 #: zero, eps passed as steps) that would run for days. Our own ceilings.
-BUDGET_CEILINGS = {"steps": 100_000, "restarts": 1_000, "epochs": 10_000, "pgd_steps": 100_000}
+BUDGET_CEILINGS = {"steps": 100_000, "restarts": 1_000, "epochs": 10_000, "pgd_steps": 100_000, "square_queries": 100_000}
 
 
 def check_budget(name: str, value: int) -> int:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import _files
 from ._console import progress as _progress
 from .activations import apply_saved_caps, saved_caps
-from ._torch import check_finite_inputs
+from ._torch import check_finite_inputs, check_module
 from .data import DataLike, as_loader, check_labels, unpack_batch
 from .threat import check_budget, resolve_device
 
@@ -188,8 +188,7 @@ def train(
     at ``eps`` (the target radius); ``schedule`` holds :func:`~relucap_plugin.certification.
     certified_schedule`'s ``warmup``, ``ramp`` (fractions of all steps) and ``kappa_end``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    check_module(model, "train")
     if method not in TRAIN_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(TRAIN_METHODS)}")
     if optimizer not in _OPTIMIZERS:
@@ -385,16 +384,20 @@ def accuracy(
     The model is evaluated where its parameters are (``device`` is used for a parameterless
     model only).
     """
+    check_module(model, "accuracy")
     param = next(model.parameters(), None)
-    dev = param.device if param is not None else resolve_device(device)
+    dev = resolve_device(device) if param is None else param.device
+    if param is not None:
+        resolve_device(device)  # a bad device string is an error even where it is not used
     was_training = model.training
     model.eval()
     correct = total = 0
     try:
         for batch in as_loader(data, batch_size=batch_size):
             x, y = unpack_batch(batch)
-            pred = model(x.to(dev)).argmax(1).cpu()
-            correct += (pred == torch.as_tensor(y).reshape(-1)).sum().item()
+            logits = model(x.to(dev))
+            pred = logits.argmax(1).cpu()
+            correct += (pred == check_labels(y, logits.shape[-1], f"accuracy's batch from sample {total}")).sum().item()
             total += len(pred)
     finally:
         model.train(was_training)
@@ -408,7 +411,7 @@ def accuracy(
 
 def _checkpoint_format(path: str | os.PathLike) -> str:
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__} {path!r:.80}")
     if os.fspath(path).endswith(".safetensors"):
         _safetensors()
         return "safetensors"
@@ -442,6 +445,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     checkpoint whole; an existing file that is not a checkpoint is refused unless
     ``overwrite=True``.
     """
+    check_module(model, "save_checkpoint")
     fmt = _checkpoint_format(path)
     path = _files.check_target(path, "checkpoint", overwrite=overwrite, what="checkpoint")
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -464,16 +468,18 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, restore_caps: 
     with the weights: a model without them is refused, or with ``restore_caps=True`` gets them
     back where it has a ``nn.ReLU`` module (see :func:`~relucap_plugin.activations.apply_saved_caps`).
     """
+    check_module(model, "load_checkpoint")
     fmt = _checkpoint_format(path)
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    _files.check_target(path, None, what="checkpoint", hint="pass a file written by save_checkpoint")
     if fmt == "safetensors":
         try:
             state = _safetensors().load_file(path, device="cpu")
         except Exception as exc:
             raise ValueError(
-                f"{path!r} is not a valid safetensors file ({exc.__class__.__name__}: {exc}); "
+                f"checkpoint {path!r} is not a valid safetensors file ({exc.__class__.__name__}: {exc}); "
                 "save it with save_checkpoint"
             ) from None
     else:
@@ -481,12 +487,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, restore_caps: 
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(
-                f"{path!r} is not a weights-only torch state dict ({exc.__class__.__name__}: "
+                f"checkpoint {path!r} is not a weights-only torch state dict ({exc.__class__.__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); save it with save_checkpoint"
             ) from None
     caps = _caps_in(state, path, fmt)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path!r} does not hold a state dict of tensors; save it with "
+        raise ValueError(f"checkpoint {path!r} does not hold a state dict of tensors; save it with "
                          "save_checkpoint")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

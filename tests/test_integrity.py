@@ -62,7 +62,8 @@ def run(model, data, out, attack=FGSM, tm=TM, cfg=CFG, **kw):
 
 def _python(code: str, tmp_path, env=None, timeout=60):
     """Run ``code`` in a fresh interpreter (what could hang runs there, under a timeout)."""
-    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's package
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root, **(env or {})}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=timeout, env=full, cwd=tmp_path)
 
@@ -283,6 +284,33 @@ def test_9_leftover_world_size_and_rank_are_an_error_not_a_hang(tmp_path):
     done = _python(code, tmp_path, env=env, timeout=90)
     assert "REFUSED" in done.stdout, done.stderr[-2000:]
     assert "not started by torchrun" in done.stdout and "Unset WORLD_SIZE and RANK" in done.stdout
+
+
+def test_a_rank_whose_peer_never_arrives_fails_after_the_rendezvous_timeout(tmp_path):
+    """Rank 0 of a world of 2, started alone with real torch.distributed (gloo): it gives up after
+    RELUCAP_RENDEZVOUS_TIMEOUT (3 s here) with a message saying what it waited for, the variable
+    that sets the wait, and the fix. The 60 s subprocess timeout only keeps a hang from stalling
+    the suite."""
+    code = """
+        import torch
+        from relucap_plugin import evaluate, ThreatModel
+        from relucap_plugin.models import mlp
+        model = mlp((4,), in_shape=(1, 2, 2), num_classes=2)
+        try:
+            evaluate(model, (torch.rand(2, 1, 2, 2), torch.tensor([0, 1])), "torch:FGSM",
+                     ThreatModel("Linf", eps=0.1), {"device": "cpu"}, progress=False)
+        except RuntimeError as exc:
+            print("GAVE UP", exc)
+    """
+    port = _free_port()
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "RELUCAP_DISTRIBUTED": "1", "RELUCAP_RENDEZVOUS_TIMEOUT": "3"}
+    done = _python(code, tmp_path, env=env, timeout=60)
+    assert "GAVE UP" in done.stdout, done.stderr[-2000:]
+    message = done.stdout
+    assert f"rank 0 waited 3 s for the other 1 process(es) at 127.0.0.1:{port}" in message
+    assert "RELUCAP_RENDEZVOUS_TIMEOUT (seconds, now 3)" in message
+    assert "start every rank (torchrun --nproc-per-node N)" in message
 
 
 # --------------------------------------------------------- bad case 10: special files

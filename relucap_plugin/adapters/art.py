@@ -149,7 +149,8 @@ class ARTAttack(LibraryAttack):
 
     def _native(self, model, eps, *, input_shape, num_classes):
         if input_shape is None or num_classes is None:
-            raise ValueError(f"{self.name}.native needs input_shape= (one sample, e.g. (1, 28, 28)) and num_classes=")
+            raise ValueError(f"{self.name}.native needs input_shape= (one sample, e.g. (1, 28, 28)) and num_classes= "
+                             f"(got input_shape={input_shape!r}, num_classes={num_classes!r})")
         device, dtype = model_device(model), float_dtype(model, torch.float32)
         est = classifier(model, input_shape=tuple(input_shape), num_classes=num_classes,
                          bounds=self.threat_model.bounds, device=device, dtype=dtype, keep_modes=True)

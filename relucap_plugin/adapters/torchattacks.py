@@ -79,7 +79,7 @@ class TorchattacksAttack(LibraryAttack):
     def _native(self, model, eps, *, input_shape, num_classes):
         device, dtype = model_device(model), float_dtype(model, torch.float32)
         if input_shape is not None and len(input_shape) != 3:
-            raise ValueError("torchattacks works on images (C, H, W); pass input_shape of length 3")
+            raise ValueError(f"torchattacks works on images (C, H, W); pass input_shape of length 3, got {input_shape!r}")
         view = ModelView(model, device=device, dtype=dtype, bounds=self.threat_model.bounds, keep_modes=True)
         if num_classes is None and "num_classes" in self.mapping.values():
             raise ValueError(f"{self.name}.native needs num_classes= (torchattacks assumes 10 otherwise)")

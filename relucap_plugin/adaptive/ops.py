@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .._torch import check_module
 from ..activations import CappedReLU, DynamicCappedReLU, LearnableCappedReLU, channel_view
 
 __all__ = ["CAPPED_TYPES", "CapScan", "CapSite", "cap_statistics", "eager_module", "find_caps",
@@ -399,8 +400,7 @@ def find_caps(model: nn.Module, example_input: Tensor) -> CapScan:
     Runs one forward pass (eval mode, ``no_grad``; the model's state is restored). Sites are
     listed once with the number of calls; scripted submodules are listed as ``opaque``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model, "find_caps")
     if not isinstance(example_input, Tensor):
         raise TypeError("example_input must be a tensor (N, ...) the model accepts, e.g. x[:8], got "
                         f"{type(example_input).__name__}")

@@ -4,6 +4,7 @@ input's real layout, and the named suites whose per-sample worst case is the hea
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import Attack, get_attack
-from ..threat import ThreatModel
+from ..threat import ThreatModel, check_budget
 from .ops import eager_module, find_caps
 from .surrogate import DEFAULT_TEMPERATURE, _check_surrogate, capped_sites, surrogate_gradients, uncapped_twin
 
@@ -52,7 +53,7 @@ class _WrappedAttack(Attack):
     def __init__(self, inner: Attack, name: str):
         if not isinstance(inner, Attack):
             raise TypeError(f"inner must be an Attack (e.g. get_attack('torch:PGD', tm)), got "
-                            f"{type(inner).__name__}")
+                            f"{type(inner).__name__} {inner!r:.80}")
         self.inner = inner
         self.library = inner.library  # type: ignore[misc]
         self.norms = inner.norms  # type: ignore[misc]
@@ -104,7 +105,7 @@ class TransferAttack(_WrappedAttack):
                  surrogate_name: str | None = None):
         if surrogate is not None and not (isinstance(surrogate, nn.Module) or callable(surrogate)):
             raise TypeError("surrogate must be an nn.Module, a function model -> nn.Module, or None "
-                            f"(the uncapped twin), got {type(surrogate).__name__}")
+                            f"(the uncapped twin), got {type(surrogate).__name__} {surrogate!r:.80}")
         self.surrogate = surrogate
         self.family = "transfer"  # type: ignore[misc]
         label = surrogate_name or ("uncapped" if surrogate is None else
@@ -245,6 +246,9 @@ def black_box_layout(attacks: Sequence[Attack], input_shape: Sequence[int] | Non
 def _square(threat_model: ThreatModel, queries: int) -> Attack:
     from ..adapters import LIBRARIES
 
+    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+        raise ValueError(f"square_queries must be an int >= 1 (the Square attack's query budget), got {queries!r}")
+    check_budget("square_queries", queries)
     for spec in ("torchattacks:Square", "art:Square"):
         if LIBRARIES[spec.split(":")[0]].installed():
             return get_attack(spec, threat_model, steps=queries)
@@ -265,7 +269,7 @@ def standard_suite(threat_model: ThreatModel, *, square_queries: int = 5000,
     them (:meth:`Results.worst_case`).
     """
     if not isinstance(threat_model, ThreatModel):
-        raise TypeError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__}")
+        raise TypeError(f"threat_model must be a ThreatModel, got {type(threat_model).__name__} {threat_model!r:.80}")
     tm = threat_model.replace(targeted=False, loss="ce")
     pgd_ce = get_attack("torch:PGD", tm)
     pgd_margin = get_attack("torch:PGD-margin", tm)
@@ -305,6 +309,10 @@ def get_suite(name: str, threat_model: ThreatModel, model: nn.Module | None = No
     """
     if name not in SUITES:
         raise ValueError(f"unknown attack suite {name!r}; valid: {', '.join(SUITES)}")
+    accepted = [p for p in inspect.signature(SUITES[name]).parameters if p != "threat_model"]
+    if set(kwargs) - set(accepted):
+        raise TypeError(f"suite {name!r} does not take {sorted(set(kwargs) - set(accepted))} (suite_kwargs); "
+                        f"it accepts {accepted}")
     attacks = SUITES[name](threat_model, **kwargs)
     if model is not None and _has_caps(model, example_input) is False:
         attacks = [a for a in attacks if not isinstance(a, SurrogateAttack)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._torch import check_module
 from .ops import (
     CAPPED_TYPES,
     _as_bound,
@@ -46,8 +47,7 @@ DEFAULT_TEMPERATURE = 4.0
 def capped_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every capped activation *module* of ours in ``model``
     (exact types). Caps written as ops are found by :func:`~relucap_plugin.adaptive.find_caps`."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model, "capped_sites")
     return [(name, m) for name, m in model.named_modules() if type(m) in CAPPED_TYPES]
 
 
@@ -160,8 +160,7 @@ def surrogate_gradients(
     ``torch.compile``-d model, call its eager module (:func:`eager_module`) within the block.
     """
     mode, temperature = _check_surrogate(mode, temperature)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model, "surrogate_gradients")
     tracker, flipped = _install(model, mode, temperature)
     try:
         yield model
@@ -196,6 +195,7 @@ def uncapped_twin(model: nn.Module) -> nn.Module:
     """
     from ..surgery import is_converted, uncap
 
+    check_module(model, "uncapped_twin")
     twin = copy.deepcopy(eager_module(model))
     if is_converted(twin):
         uncap(twin)

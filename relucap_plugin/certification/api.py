@@ -98,7 +98,7 @@ def _as_threat(threat_model: ThreatModel | Mapping[str, Any]) -> ThreatModel:
         return threat_model
     if isinstance(threat_model, Mapping):
         return ThreatModel.from_dict(dict(threat_model))
-    raise TypeError(f"threat_model must be a ThreatModel or a dict, got {type(threat_model).__name__}")
+    raise TypeError(f"threat_model must be a ThreatModel or a dict, got {type(threat_model).__name__} {threat_model!r:.80}")
 
 
 def certify(
@@ -126,7 +126,7 @@ def certify(
     """
     _check_method(method)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"certify: model must be a torch.nn.Module, got {type(model).__name__} {repr(model)[:80]}")
     tm = _as_threat(threat_model)
     cfg = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(dict(config or {}))
     device = model_device(model)

@@ -575,5 +575,5 @@ def compile_model(model: nn.Module, example: Tensor) -> BoundGraph:
     Raises :class:`UnsupportedOpError` naming the first op that cannot be bounded.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__} {repr(model)[:80]}")
     return _Compiler(model, example).run()

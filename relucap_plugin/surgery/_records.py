@@ -190,7 +190,7 @@ def _check_model(model: object, fn: str) -> nn.Module:
             "rewritten. Convert the eager nn.Module first, then script the converted model"
         )
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}")
     for path, m in model.named_modules():
         what = ("a TorchScript module" if isinstance(m, torch.jit.ScriptModule)
                 else "a torch.compile wrapper" if _is_compiled(m) else None)

@@ -78,7 +78,7 @@ def _input_batches(data: Any, batch_size: int) -> Iterator[Tensor]:
     if not isinstance(data, Iterable):
         raise TypeError(
             f"data must be a tensor, a DataLoader, or an iterable of tensors or (x, y) batches; "
-            f"got {type(data).__name__}"
+            f"got {type(data).__name__} {data!r:.80}"
         )
     for batch in data:
         if isinstance(batch, (tuple, list)) and batch:

@@ -53,7 +53,7 @@ def _select(sites: Sequence[ReluSite], selector: Any) -> list[ReluSite]:
     else:
         raise TypeError(
             "sites must be None (all), a glob pattern or list of patterns, site indices, site "
-            f"records, a predicate on a ReluSite, or 'bottleneck'; got {type(selector).__name__}"
+            f"records, a predicate on a ReluSite, or 'bottleneck'; got {type(selector).__name__} {selector!r:.80}"
         )
     names: set[str] = set()
     by_name = {s.name for s in sites}
@@ -127,7 +127,7 @@ def _recipe(value: Any, where: str) -> _Recipe:
     raise TypeError(
         f"{where} must be a number (math.inf = plain ReLU), a 1-D tensor/list of per-channel "
         "caps, an activation spec ('pssilu', 'learnable_capped_relu(cap=1)'), an activation "
-        f"class or factory, or a mapping {{site name or glob: cap}}; got {type(value).__name__}"
+        f"class or factory, or a mapping {{site name or glob: cap}}; got {type(value).__name__} {value!r:.80}"
     )
 
 
