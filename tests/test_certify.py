@@ -331,3 +331,38 @@ def test_product_of_two_input_dependent_tensors_is_refused():
 
     with pytest.raises(UnsupportedOpError, match="not affine"):
         compile_model(Square(), torch.rand(1, 4))
+
+
+# ------------------------------------------------------------------ |W| reuse
+def _ibp_lower(graph, x, y):
+    from relucap_plugin.certification import margin_spec
+
+    return Bounds(graph, Ball(x, 0.1, "Linf", (0.0, 1.0))).ibp_margin(margin_spec(y, 3, x.dtype), y)
+
+
+def test_reused_abs_weights_follow_every_change_of_the_weights():
+    """Inside ``reuse_abs_weights`` an in-place change through the parameter (version bump) or
+    a new tensor (``.data =``) gives the bounds of the changed model; outside the scope, even a
+    ``.data`` write that bumps no version does. Compared with a freshly compiled graph."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), CappedReLU(0.5), nn.Linear(6, 5), nn.ReLU(),
+                        nn.Linear(5, 3)).eval()
+    x, y = torch.rand(4, 4), torch.tensor([0, 1, 2, 0])
+    graph = compile_model(net, x[:1])
+
+    def fresh():
+        return _ibp_lower(compile_model(net, x[:1]), x, y)
+
+    with torch.no_grad():
+        with graph.reuse_abs_weights():
+            first = _ibp_lower(graph, x, y)
+            assert torch.equal(first, fresh())
+            net[0].weight.mul_(-3.0)
+            changed = _ibp_lower(graph, x, y)
+            assert not torch.allclose(changed, first) and torch.equal(changed, fresh())
+            net[2].weight.data = torch.randn(5, 6)
+            replaced = _ibp_lower(graph, x, y)
+            assert not torch.allclose(replaced, changed) and torch.equal(replaced, fresh())
+        net[0].weight.data.mul_(0.25)
+        assert torch.equal(_ibp_lower(graph, x, y), fresh())
+        assert not torch.allclose(_ibp_lower(graph, x, y), replaced)

@@ -9,6 +9,7 @@ brackets the truth: certified <= robust accuracy <= worst case over attacks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping
@@ -50,11 +51,11 @@ def margins_on_graph(graph: BoundGraph, x: Tensor, y: Tensor, eps: float | Tenso
     b = Bounds(graph, Ball(x, eps, norm, bounds), crown_intermediate=method != "ibp",
                max_neurons=max_neurons)
     if method == "ibp":
-        m = b.ibp_margin(spec)
+        m = b.ibp_margin(spec, y)
     elif method == "crown":
         m = b.crown_margin(spec)
     else:
-        m = torch.maximum(b.ibp_margin(spec), b.crown_margin(spec))
+        m = torch.maximum(b.ibp_margin(spec, y), b.crown_margin(spec))
     m = m.masked_fill(torch.nn.functional.one_hot(y, k).bool(), math.inf)
     return m.min(1).values
 
@@ -143,7 +144,7 @@ def certify(
     graph = None
     seen = 0
     digest = DataDigest()
-    with caller_state(model), torch.no_grad():
+    with caller_state(model), torch.no_grad(), contextlib.ExitStack() as scope:
         for batch in _progress(loader, f"certify ({method})", total=len(loader)
                                if hasattr(loader, "__len__") else None, enabled=progress):
             x, y = unpack_batch(batch)
@@ -157,6 +158,7 @@ def certify(
             if graph is None:
                 graph = compile_model(model, x[:1])
                 _check_logits(graph, model)
+                scope.enter_context(graph.reuse_abs_weights())
             pred = model(x).argmax(1)
             for eps in tm.eps:
                 start = time.perf_counter()

@@ -14,10 +14,11 @@ clamp ``min(max(z, lo), hi)`` (ReLU, our caps, clamp, Hardtanh, ReLU6) with one 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -92,15 +93,42 @@ class Affine(BoundOp):
         return mid - rad, mid + rad
 
 
+class _AbsWeight:
+    """``|W|`` of a weight, computed once per :meth:`BoundGraph.reuse_abs_weights` scope.
+
+    Outside a scope (the default) it is recomputed at every call. Inside, it is reused while the
+    weight is the same tensor (``data_ptr``) at the same version (``_version``, which every
+    in-place change through the parameter bumps); writes through ``.data`` do not bump the
+    version, hence the scope: callers open it only around work during which they hold the model
+    (``certify``'s loop). Never cached while autograd records the weight (training)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._key: tuple | None = None
+        self._value: Tensor | None = None
+
+    def __call__(self, w: Tensor) -> Tensor:
+        if not self.enabled or (w.requires_grad and torch.is_grad_enabled()):
+            return w.abs()
+        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        if key != self._key:
+            self._key, self._value = key, w.abs()
+        return self._value  # type: ignore[return-value]
+
+    def clear(self) -> None:
+        self.enabled, self._key, self._value = False, None, None
+
+
 class Linear(Affine):
     def __init__(self, weight: Callable[[], Tensor], bias: Callable[[], Tensor | None]):
         self.weight, self.bias = weight, bias
+        self.abs_weight = _AbsWeight()
 
     def lin(self, x):
         return x @ self.weight().t()
 
     def abs_lin(self, r):
-        return r @ self.weight().abs().t()
+        return r @ self.abs_weight(self.weight()).t()
 
     def const(self):
         return self.bias()
@@ -108,25 +136,46 @@ class Linear(Affine):
     def back(self, a):
         return a @ self.weight()
 
+    def ibp(self, b):
+        """Centre and radius in two matrix products, the halving folded into them."""
+        lo, hi = b
+        if lo.dim() != 2:
+            return super().ibp(b)
+        w, bias = self.weight(), self.bias()
+        if bias is None:
+            mid = torch.mm(hi + lo, w.t()).mul_(0.5)
+        else:
+            mid = torch.addmm(bias, hi + lo, w.t(), alpha=0.5)
+        rad = torch.mm(hi - lo, self.abs_weight(w).t())
+        return torch.add(mid, rad, alpha=-0.5), torch.add(mid, rad, alpha=0.5)
+
 
 class Conv2d(Affine):
     def __init__(self, weight, bias, stride, padding, dilation, groups, in_shape):
         self.weight, self.bias = weight, bias
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_shape = in_shape
+        self.abs_weight = _AbsWeight()
 
-    def _conv(self, x, w):
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+    def _conv(self, x, w, b=None):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def lin(self, x):
         return self._conv(x, self.weight())
 
     def abs_lin(self, r):
-        return self._conv(r, self.weight().abs())
+        return self._conv(r, self.abs_weight(self.weight()))
 
     def const(self):
         b = self.bias()
         return None if b is None else b.view(-1, 1, 1)
+
+    def ibp(self, b):
+        lo, hi = b
+        w, bias = self.weight(), self.bias()
+        mid = self._conv(hi + lo, w * 0.5, bias)
+        rad = self._conv(hi - lo, self.abs_weight(w))
+        return torch.add(mid, rad, alpha=-0.5), torch.add(mid, rad, alpha=0.5)
 
     def back(self, a):
         w = self.weight()
@@ -197,12 +246,18 @@ class Sum(BoundOp):
 class Clip(BoundOp):
     """``min(max(z, lo), hi)`` elementwise; ``lo``/``hi`` are callables giving tensors
     broadcastable to the per-sample shape (+-inf for no bound), read at every call so a
-    learnable cap is bounded with its current value."""
+    learnable cap is bounded with its current value. ``scalars``: the same limits as two
+    floats when they are constants, for one ``clamp`` kernel instead of two."""
 
-    def __init__(self, lo: Callable[[], Tensor], hi: Callable[[], Tensor]):
+    def __init__(self, lo: Callable[[], Tensor], hi: Callable[[], Tensor],
+                 scalars: tuple[float, float] | None = None):
         self.lo, self.hi = lo, hi
+        self.scalars = scalars
 
     def forward(self, z):
+        if self.scalars is not None:
+            lo, hi = self.scalars
+            return z.clamp(lo if lo > -math.inf else None, hi if hi < math.inf else None)
         return torch.minimum(torch.maximum(z, self.lo()), self.hi())
 
     def ibp(self, b):
@@ -240,6 +295,20 @@ class BoundGraph:
         for op in self.ops:
             vals.append(x if isinstance(op, Input) else op.forward(*(vals[i] for i in op.inputs)))
         return vals
+
+    @contextlib.contextmanager
+    def reuse_abs_weights(self) -> Iterator[None]:
+        """Within this scope every Linear/Conv2d computes ``|W|`` once and reuses it while the
+        weight tensor and its version are unchanged (see :class:`_AbsWeight`); open it only
+        around work that holds the model unchanged, as :func:`~.api.certify` does."""
+        caches = [op.abs_weight for op in self.ops if isinstance(op, (Linear, Conv2d))]
+        for c in caches:
+            c.enabled = True
+        try:
+            yield
+        finally:
+            for c in caches:
+                c.clear()
 
     def ibp(self, lo: Tensor, hi: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Interval bounds of every op's output for inputs in the box ``[lo, hi]``."""
@@ -421,8 +490,8 @@ class _Compiler:
         elif isinstance(m, nn.Hardtanh):  # ReLU6 too
             op = _clip(m.min_val, m.max_val)
         elif type(m) is _acts.CappedReLU:
-            cap = m.cap_tensor if m.per_channel else torch.tensor(m.cap_value)
-            op = Clip(_fixed(torch.tensor(0.0)), _fixed(_channel(cap, len(in_shape))))
+            op = (Clip(_fixed(torch.tensor(0.0)), _fixed(_channel(m.cap_tensor, len(in_shape))))
+                  if m.per_channel else _clip(0.0, m.cap_value))
         elif type(m) is _acts.LearnableCappedReLU:
             dims = len(in_shape)
             op = Clip(_fixed(torch.tensor(0.0)), lambda m=m: _channel(m.cap, dims))
@@ -552,8 +621,12 @@ def _channel(cap: Tensor, dims: int) -> Tensor:
 
 
 def _clip(lo: Any, hi: Any) -> Clip:
-    lo_t, hi_t = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
-    return Clip(_fixed(lo_t), _fixed(hi_t))
+    """A clip with constant limits (numbers, 0-d or broadcastable tensors); number limits are
+    kept at full precision (float64), a float32 model's bounds round them as its forward does."""
+    lo_t = torch.as_tensor(lo, dtype=torch.float64 if isinstance(lo, (int, float)) else torch.float32)
+    hi_t = torch.as_tensor(hi, dtype=torch.float64 if isinstance(hi, (int, float)) else torch.float32)
+    scalars = (float(lo_t), float(hi_t)) if lo_t.dim() == 0 and hi_t.dim() == 0 else None
+    return Clip(_fixed(lo_t), _fixed(hi_t), scalars)
 
 
 def _batchnorm(m: nn.Module, dims: int):
