@@ -173,30 +173,29 @@ def _points(x0: torch.Tensor, eps: float, norm: str, n: int, gen: torch.Generato
 
 
 def _pgd_points(graph, x0, eps, norm, steps=15):
-    """Points found by PGD pushing every output up and down (one direction per output)."""
+    """Points found by PGD pushing every output up and down (one direction per output and
+    sign; both signs run as one batch)."""
     k = graph.ops[-1].shape[0]
-    found = []
-    for sign in (1.0, -1.0):
-        with torch.enable_grad():
-            x = x0.unsqueeze(0).repeat(k, *[1] * x0.dim()).clone()
-            for _ in range(steps):
-                x.requires_grad_(True)
-                out = graph.values(x.flatten(0, 1))[-1].view(k, x0.shape[0], k)
-                obj = sum(out[j, :, j].sum() for j in range(k)) * sign
-                (g,) = torch.autograd.grad(obj, x)
-                with torch.no_grad():
-                    if norm == "Linf":
-                        x = x + eps / 4 * g.sign()
-                        x = x0 + (x - x0).clamp(-eps, eps)
-                    else:
-                        flat = g.flatten(2)
-                        x = x + eps / 4 * (flat / flat.norm(dim=2, keepdim=True).clamp_min(1e-12)).view_as(x)
-                        dd = (x - x0).flatten(2)
-                        scale = (eps / dd.norm(dim=2, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-                        x = x0 + (dd * scale).view_as(x)
-                    x = x.clamp(0, 1).detach()
-        found.append(x)
-    return torch.cat(found)
+    sign = torch.tensor([1.0, -1.0]).repeat_interleave(k).view(2 * k, 1, 1)
+    with torch.enable_grad():
+        x = x0.unsqueeze(0).repeat(2 * k, *[1] * x0.dim()).clone()
+        for _ in range(steps):
+            x.requires_grad_(True)
+            out = graph.values(x.flatten(0, 1))[-1].view(2 * k, x0.shape[0], k)
+            obj = (out * sign * torch.eye(k).repeat(2, 1).unsqueeze(1)).sum()
+            (g,) = torch.autograd.grad(obj, x)
+            with torch.no_grad():
+                if norm == "Linf":
+                    x = x + eps / 4 * g.sign()
+                    x = x0 + (x - x0).clamp(-eps, eps)
+                else:
+                    flat = g.flatten(2)
+                    x = x + eps / 4 * (flat / flat.norm(dim=2, keepdim=True).clamp_min(1e-12)).view_as(x)
+                    dd = (x - x0).flatten(2)
+                    scale = (eps / dd.norm(dim=2, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+                    x = x0 + (dd * scale).view_as(x)
+                x = x.clamp(0, 1).detach()
+    return x
 
 
 @settings(max_examples=40, **SETTINGS)

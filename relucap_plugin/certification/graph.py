@@ -323,9 +323,12 @@ _OWN_MODULES = {_acts.__name__}
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self):
+    """Our activations and torch's modules are leaves. ``record``: keep each node's source line
+    (costly: most of a trace's time), only asked for to name an op that cannot be bounded."""
+
+    def __init__(self, record: bool = False):
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = record
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return type(m).__module__ in _OWN_MODULES or super().is_leaf_module(m, qualname)
@@ -393,14 +396,13 @@ class _Compiler:
         self.example = example
 
     def run(self) -> BoundGraph:
-        gm = fx.GraphModule(self.model, self.graph)
         env = self.values
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise UnsupportedOpError(
                 f"certify bounds models of one input tensor; {type(self.model).__name__}.forward "
                 f"takes {len(placeholders)} ({', '.join(n.name for n in placeholders)})")
-        interp = fx.Interpreter(gm)
+        interp = fx.Interpreter(self.model, graph=self.graph)
         interp.env = env
         with torch.no_grad():
             for node in self.graph.nodes:
@@ -432,9 +434,18 @@ class _Compiler:
         self.index[node] = len(self.ops)
         self.ops.append(op)
 
+    def _located(self, node: fx.Node) -> fx.Node:
+        """``node`` from a second trace that records source lines (same names, same order)."""
+        try:
+            graph = _Tracer(record=True).trace(self.model)
+        except Exception:  # pragma: no cover - the first trace of the same model succeeded
+            return node
+        return next((n for n in graph.nodes if n.name == node.name), node)
+
     def _fail(self, node: fx.Node, what: str = "") -> None:
         raise UnsupportedOpError(
-            f"certify cannot bound {_where(node, self.modules)}{': ' + what if what else ''}. "
+            f"certify cannot bound {_where(self._located(node), self.modules)}"
+            f"{': ' + what if what else ''}. "
             f"Supported ops: {SUPPORTED}. Replace that op, or certify a sub-model without it")
 
     def _add(self, node: fx.Node) -> None:
