@@ -256,8 +256,14 @@ def _exact_min(w1, b1, cap, c, x0, eps):
 
     n, d = w1.shape
     lo, hi = np.clip(x0 - eps, 0, 1), np.clip(x0 + eps, 0, 1)
+    # a unit's pre-activation range over the box (exact for one layer): patterns outside it
+    # are infeasible LPs, skipped without solving them
+    zl = np.clip(w1, 0, None) @ lo + np.clip(w1, None, 0) @ hi + b1
+    zu = np.clip(w1, 0, None) @ hi + np.clip(w1, None, 0) @ lo + b1
+    allowed = [[p for p, ok in enumerate((zl[j] <= 0, zu[j] >= 0 and zl[j] <= cap, zu[j] >= cap))
+                if ok] for j in range(n)]
     best = math.inf
-    for pattern in itertools.product(range(3), repeat=n):
+    for pattern in itertools.product(*allowed):
         a_ub, b_ub, cost, const = [], [], np.zeros(d), 0.0
         for j, p in enumerate(pattern):
             if p == 0:  # z <= 0

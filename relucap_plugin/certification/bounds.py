@@ -47,7 +47,7 @@ class Ball:
         """The smallest box holding the set (Linf: the set itself)."""
         e = self._eps(self.x0)
         lo, hi = self.bounds
-        return (self.x0 - e).clamp(min=lo), (self.x0 + e).clamp(max=hi)
+        return (self.x0 - e).clamp_(min=lo), (self.x0 + e).clamp_(max=hi)
 
     def concretize(self, a: Tensor) -> Tensor:
         """A lower bound (B, S) of ``a . x`` over the set, for coefficients ``a`` (B, S, ...)."""

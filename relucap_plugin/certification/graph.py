@@ -147,7 +147,7 @@ class Linear(Affine):
         else:
             mid = torch.addmm(bias, hi + lo, w.t(), alpha=0.5)
         rad = torch.mm(hi - lo, self.abs_weight(w).t())
-        return torch.add(mid, rad, alpha=-0.5), torch.add(mid, rad, alpha=0.5)
+        return torch.add(mid, rad, alpha=-0.5), mid.add_(rad, alpha=0.5)
 
 
 class Conv2d(Affine):
@@ -175,7 +175,7 @@ class Conv2d(Affine):
         w, bias = self.weight(), self.bias()
         mid = self._conv(hi + lo, w * 0.5, bias)
         rad = self._conv(hi - lo, self.abs_weight(w))
-        return torch.add(mid, rad, alpha=-0.5), torch.add(mid, rad, alpha=0.5)
+        return torch.add(mid, rad, alpha=-0.5), mid.add_(rad, alpha=0.5)
 
     def back(self, a):
         w = self.weight()
