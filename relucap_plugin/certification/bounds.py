@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .graph import Affine, BoundGraph, Clip, Conv2d, Input, Linear, MaxPool2d, Sum
+from .ops import Affine, BoundGraph, Clip, Conv2d, Input, Linear, MaxPool2d, Sum
 
 __all__ = ["Ball", "Bounds", "clip_relaxation", "margin_spec"]
 
