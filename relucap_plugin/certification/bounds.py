@@ -171,9 +171,9 @@ class Bounds:
         """CROWN bounds of node ``i``'s units that some consumer relaxes inexactly, intersected
         with the current bounds. A unit that is stable for every clip reading it (below, above
         or inside both kinks in every sample of the batch) keeps its bounds: its relaxation is
-        exact on any interval within them, so every later CROWN pass is the same without the
-        two backward rows it would cost (our own saving, as in auto_LiRPA's unstable-only
-        intermediate bounds)."""
+        exact on any interval within them, so every later CROWN pass relaxes it the same way
+        without the two backward rows it would cost; only IBP bounds propagated from its wider
+        interval can be wider (our own saving, as auto_LiRPA bounds only unstable neurons)."""
         lo, hi = self.bounds[i]
         b, n = lo.shape[0], lo[0].numel()
         rows = self._unstable(i).reshape(b, n).any(0).nonzero().flatten()
