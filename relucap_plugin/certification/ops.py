@@ -81,17 +81,20 @@ class _AbsWeight:
         self.enabled = False
         self._key: tuple | None = None
         self._value: Tensor | None = None
+        self._pinned: Tensor | None = None
 
     def __call__(self, w: Tensor) -> Tensor:
         if not self.enabled or (w.requires_grad and torch.is_grad_enabled()):
             return w.abs()
         key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
         if key != self._key:
-            self._key, self._value = key, w.abs()
+            # the detached view keeps the cached storage alive, so no new weight can be given
+            # its address while the key holds it
+            self._key, self._value, self._pinned = key, w.abs(), w.detach()
         return self._value  # type: ignore[return-value]
 
     def clear(self) -> None:
-        self.enabled, self._key, self._value = False, None, None
+        self.enabled, self._key, self._value, self._pinned = False, None, None, None
 
 
 class Linear(Affine):
