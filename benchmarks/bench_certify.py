@@ -7,14 +7,16 @@ test digits, Linf eps 0.1, batch 250.
 
 - ``forward``: ``model(x)`` on the batch (no grad).
 - ``IBP``: interval bounds of every node plus the margin bounds of the output
-  (``Bounds(graph, ball).ibp_margin(spec)``), the graph compiled once beforehand (as
-  ``certify`` does per run).
+  (``Bounds(graph, ball).ibp_margin(spec, y)``), the graph compiled once beforehand (as
+  ``certify`` does per run). Two ways: ``|W| per call`` recomputes every layer's ``|W|`` for
+  each batch (any caller outside a scope); ``|W| reused`` runs inside
+  ``graph.reuse_abs_weights()`` as ``certify`` does for its whole run.
 - ``CROWN``: ``margins_on_graph(..., method="crown")`` in chunks of 32 samples (as ``certify``):
   intermediate CROWN passes for layers of at most 2048 units, then the margin pass.
 - ``PGD-40``: the package's ``torch:PGD`` attack (40 steps), the cheapest attack of the suite.
 
 CPU time of the process (one torch thread), best of the repeats, after an untimed warm-up; the
-IBP/forward ratio is also given as the median of ratios of back-to-back runs. Target: IBP <= 3x
+IBP/forward ratios are also given as the median of ratios of back-to-back runs. Target: IBP <= 3x
 one forward pass.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_certify.py [--repeats 5] [--n 1000]
@@ -60,8 +62,9 @@ def main(argv: list[str] | None = None) -> None:
               "small CNN": small_cnn(activation="capped_relu(cap=1.0)").eval()}
     print(f"{len(x)} samples, batch {BATCH}, Linf eps {EPS}; CPU seconds per 1000 samples (best of "
           f"{args.repeats})\n")
-    print("| model | forward | IBP | IBP / forward (best; median) | CROWN | PGD-40 | CROWN / PGD-40 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | forward | IBP, |W| per call | IBP, |W| reused | IBP / forward, per call "
+          "(best; median) | IBP / forward, reused (best; median) | CROWN | PGD-40 | CROWN / PGD-40 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, model in models.items():
         _measure(name, model, x, y, pgd, args.repeats)
 
@@ -80,7 +83,11 @@ def _measure(name, model, x, y, pgd, repeats) -> None:
     def ibp():
         for xb, yb in batches:
             Bounds(graph, Ball(xb, EPS, "Linf", (0.0, 1.0))).ibp_margin(
-                margin_spec(yb, 10, xb.dtype))
+                margin_spec(yb, 10, xb.dtype), yb)
+
+    def ibp_reused():
+        with graph.reuse_abs_weights():
+            ibp()
 
     @torch.no_grad()
     def crown():
@@ -92,19 +99,24 @@ def _measure(name, model, x, y, pgd, repeats) -> None:
         for xb, yb in batches:
             pgd(model, xb, yb, EPS, seed=0)
 
-    for fn in (forward, ibp, crown, attack):
+    for fn in (forward, ibp, ibp_reused, crown, attack):
         fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in ("forward", "ibp", "crown", "pgd")}
+    times: dict[str, list[float]] = {k: [] for k in ("forward", "ibp", "reused", "crown", "pgd")}
     for _ in range(repeats):
         times["forward"].append(_cpu(forward))
         times["ibp"].append(_cpu(ibp))
+        times["reused"].append(_cpu(ibp_reused))
     for _ in range(max(1, repeats // 2)):
         times["crown"].append(_cpu(crown))
         times["pgd"].append(_cpu(attack))
     best = {k: min(v) * per for k, v in times.items()}
-    median_ratio = statistics.median(i / f for i, f in zip(times["ibp"], times["forward"]))
-    print(f"| {name} | {best['forward']:.3f} s | {best['ibp']:.3f} s | "
-          f"{best['ibp'] / best['forward']:.2f}x; {median_ratio:.2f}x | {best['crown']:.2f} s | "
+
+    def ratio(key: str) -> str:
+        med = statistics.median(i / f for i, f in zip(times[key], times["forward"]))
+        return f"{best[key] / best['forward']:.2f}x; {med:.2f}x"
+
+    print(f"| {name} | {best['forward']:.3f} s | {best['ibp']:.3f} s | {best['reused']:.3f} s | "
+          f"{ratio('ibp')} | {ratio('reused')} | {best['crown']:.2f} s | "
           f"{best['pgd']:.2f} s | {best['crown'] / best['pgd']:.2f}x |", flush=True)
 
 if __name__ == "__main__":

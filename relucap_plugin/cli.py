@@ -10,6 +10,7 @@ so ``relucap --help`` starts without them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -426,6 +427,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
                         n_train=args.n_train, steps=args.steps, square_queries=args.square_queries,
                         caps=None if args.caps is None else tuple(args.caps),
                         eps=None if args.eps is None else tuple(args.eps), device=args.device)
+        if args.certified_training is not None:
+            config = dataclasses.replace(config, certified_training=None if args.certified_training
+                                         == "none" else args.certified_training)
         result = run_experiment(config, out=args.out, progress=not args.quiet)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"relucap {args.command}: error: {_cli_message(exc)}", file=sys.stderr)
@@ -465,6 +469,9 @@ def _add_experiment_parser(sub, name: str, detailed: bool = True) -> None:
                        help="the paper's cap grid 0.01 0.1 1 10 100 instead of " + listed(d.caps))
     p.add_argument("--caps", type=float, nargs="+", default=None, help=f"default {listed(d.caps)}")
     p.add_argument("--pssilu", action="store_true", help="add a PSSiLU network for comparison")
+    p.add_argument("--certified-training", choices=("ibp", "crown_ibp", "none"), default=None,
+                   help=f"the certified-trained capped model (default {d.certified_training}; "
+                   "none: leave it out); every model gets a certified column either way")
     p.add_argument("--out", default=f"relucap-{name}", metavar="DIR",
                    help=f"output folder (default relucap-{name})")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, weights, training and "

@@ -5,7 +5,9 @@ grid (cap x layer position x training), evaluates every model with the same PGD 
 torchattacks, Foolbox and ART and with the honest ``"standard"`` suite, audits it for gradient
 masking, and writes results files, plots and a Markdown report. ``relucap demo`` and
 ``relucap reproduce`` are this one function with the :func:`preset` ``"demo"`` or
-``"reproduce"``.
+``"reproduce"``. One more model is trained for a certificate (IBP or CROWN-IBP training of a
+capped net), and every model gets a certified column: the fraction of samples whose bound
+proves robustness, the lower side of the bracket certified <= robust <= worst case.
 
 Caps are installed with :func:`~relucap_plugin.surgery.cap_relus` on the *untrained* network,
 then the capped network is trained: the paper trains capped networks. Every model starts from
@@ -59,6 +61,7 @@ LIBRARY_PGD = {
 
 _DATASETS = ("mnist5k", "digits")
 _TRAININGS = ("standard", "fgsm", "fgsm_rs", "pgd")
+_CERTIFIED_TRAININGS = ("ibp", "crown_ibp")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,11 @@ class ExperimentConfig:
     one alpha/beta for the whole network). Attacks: L-inf, budgets ``eps``, ``steps`` steps of
     ``2.5 * eps / steps``, random start, ``restarts`` runs; Square with ``square_queries``
     queries. ``n_samples`` test digits are attacked; ``n_train`` limits the training set.
+    ``certified_training`` (``"ibp"``, ``"crown_ibp"`` or None) adds one model: caps of
+    ``certified_cap`` on every site, trained for a certificate at ``train_eps``. Every model is
+    certified at every eps with ``certify_method`` (a method of
+    :func:`~relucap_plugin.certification.certify`; IBP by default, as it costs about as much as
+    a few forward passes).
     ``threads``: torch's intra-op threads during the run (restored after it); 1 by default, as
     these small MLPs gain nothing from more and lose much time on a busy CPU. ``None`` keeps
     torch's setting.
@@ -83,6 +91,9 @@ class ExperimentConfig:
     trainings: tuple[str, ...] = ("standard",)
     fgsm_best: bool = True
     pssilu: bool = False
+    certified_training: str | None = "ibp"
+    certified_cap: float = 1.0
+    certify_method: str = "ibp"
     widths: tuple[int, ...] = (256, 32, 256)
     data: str = "mnist5k"
     n_train: int | None = None
@@ -116,6 +127,16 @@ class ExperimentConfig:
         bad = [t for t in self.trainings if t not in _TRAININGS]
         if bad or not self.trainings:
             raise ValueError(f"trainings {bad or '()'} unknown; choose from {', '.join(_TRAININGS)}")
+        if self.certified_training not in (*_CERTIFIED_TRAININGS, None):
+            raise ValueError(f"certified_training must be one of {', '.join(_CERTIFIED_TRAININGS)} "
+                             f"or None (no certified-trained model), got {self.certified_training!r}")
+        if not (isinstance(self.certified_cap, (int, float)) and 0 < self.certified_cap < math.inf):
+            raise ValueError(f"certified_cap must be a finite number > 0, got {self.certified_cap!r}")
+        from .certification import METHODS
+
+        if self.certify_method not in METHODS:
+            raise ValueError(f"certify_method must be one of {', '.join(METHODS)} (got "
+                             f"{self.certify_method!r})")
         if self.data not in _DATASETS:
             raise ValueError(f"data must be one of {', '.join(_DATASETS)} (got {self.data!r})")
         if not self.eps:
@@ -237,6 +258,7 @@ class ModelResult:
     model: nn.Module | None = field(default=None, repr=False)
     level: str = "no sign"
     over_report: dict[str, Any] | None = None
+    certified: dict[float, float | None] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -279,7 +301,7 @@ class ExperimentResult:
     versions: dict[str, str] = field(default_factory=dict)
 
     TABLE_COLUMNS = ("model", "clean", *(f"PGD {lib}" for lib in LIBRARY_PGD), "worst case",
-                     "masking verdict")
+                     "certified", "masking verdict")
 
     def table_rows(self, eps: float | None = None) -> list[tuple[str, ...]]:
         """One row per model at ``eps`` (default the headline budget): the columns of
@@ -287,7 +309,8 @@ class ExperimentResult:
         eps = self.config.headline_eps if eps is None else float(eps)
         return [
             (m.name, pct(m.clean), *(pct(m.pgd[lib].get(eps)) for lib in LIBRARY_PGD),
-             pct(m.worst_case.get(eps)), short_verdict(m.level, m.over_report, eps))
+             pct(m.worst_case.get(eps)), pct(m.certified.get(eps)),
+             short_verdict(m.level, m.over_report, eps))
             for m in self.models
         ]
 
@@ -340,6 +363,13 @@ def _load_data(config: ExperimentConfig):
     if config.n_train is not None:
         x, y = x[:config.n_train], y[:config.n_train]
     return (x, y), test_set.tensors
+
+
+def certified_spec(config: ExperimentConfig) -> ModelSpec | None:
+    """The certified-trained model of the run (``None`` when ``certified_training`` is None)."""
+    if config.certified_training is None:
+        return None
+    return ModelSpec(config.certified_cap, "all", config.certified_training)
 
 
 def grid(config: ExperimentConfig) -> list[ModelSpec]:
@@ -399,7 +429,10 @@ def _attacks(config: ExperimentConfig, tm: ThreatModel, model: Any, example: tor
 
 def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
               out: str | None, progress: bool = True) -> ModelResult:
-    """Build, train, evaluate and audit one model; its rows go to ``out/results/<slug>.jsonl``."""
+    """Build, train, evaluate, audit and certify one model; its rows (attacks and certificates)
+    go to ``out/results/<slug>.jsonl``. A sample certified yet broken raises
+    :class:`~relucap_plugin.results.BracketError`."""
+    from .certification import certify
     from .diagnostics import audit
     from .evaluation import evaluate
     from .training import save_checkpoint, train
@@ -418,6 +451,11 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
     results = evaluate(net, eval_data, attacks, tm, cfg, out=results_file, resume=False,
                        progress=progress, model_name=spec.name)
     report = audit(net, eval_data, tm, cfg, results=results, model_name=spec.name)
+    cert = certify(net, eval_data, tm, config.certify_method, cfg, progress=False,
+                   model_name=spec.name)
+    merged = results.merge(cert)  # the bracket check: certified and broken is an error
+    if results_file is not None:
+        merged.save(results_file)
     names = {a.spec: a for a in attacks}
     pgd_names = {lib: next(n for n in names if n.startswith(s)) for lib, s in LIBRARY_PGD.items()}
     return ModelResult(
@@ -425,6 +463,7 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
         clean=results.clean_accuracy() or 0.0,
         pgd={lib: {e: results.robust_accuracy(n, e) for e in tm.eps} for lib, n in pgd_names.items()},
         worst_case={e: results.worst_case(e) for e in tm.eps},
+        certified={e: cert.certified(e) for e in tm.eps},
         attacks={a: {e: results.robust_accuracy(a, e) for e in tm.eps} for a in results.attacks},
         verdict=report.verdict,
         fired=[f.name for f in report.flags if f.fired],
@@ -493,17 +532,19 @@ def _run(config: ExperimentConfig, folder: str | None, progress: bool, keep_mode
     train_data, test = _load_data(config)
     eval_data = (test[0][:config.n_samples], test[1][:config.n_samples])
     specs = grid(config)
-    total = len(specs) + (2 if config.fgsm_best else 0)
+    certified = certified_spec(config)
+    total = len(specs) + (2 if config.fgsm_best else 0) + (certified is not None)
     models: list[ModelResult] = []
 
     def run(spec: ModelSpec) -> None:
         _log(f"[{len(models) + 1}/{total}] {spec.name}: cap, train ({spec.training}, "
-             f"{config.epochs} epochs), attack, audit", progress)
+             f"{config.epochs} epochs), attack, audit, certify", progress)
         models.append(run_model(spec, config, train_data, eval_data, folder, progress))
         m = models[-1]
         eps = config.headline_eps
         _log(f"      clean {pct(m.clean)}, PGD {pct(m.pgd['torchattacks'][eps])}, worst case "
-             f"{pct(m.worst_case[eps])} at eps {eps:g} ({m.seconds:.1f} s)", progress)
+             f"{pct(m.worst_case[eps])}, certified {pct(m.certified[eps])} at eps {eps:g} "
+             f"({m.seconds:.1f} s)", progress)
 
     for spec in specs:
         run(spec)
@@ -513,6 +554,8 @@ def _run(config: ExperimentConfig, folder: str | None, progress: bool, keep_mode
                      None if best is None else replace(best.spec, training="fgsm")):
             if spec is not None and spec not in [m.spec for m in models]:
                 run(spec)
+    if certified is not None and certified not in [m.spec for m in models]:
+        run(certified)
     growth = _growth(best, eval_data, config)
     result = ExperimentResult(
         config=config, models=models, best=None if best is None else best.name, out=folder,

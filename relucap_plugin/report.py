@@ -93,8 +93,8 @@ def _libraries(result: ExperimentResult) -> list[str]:
 
 def _per_eps_rows(result: ExperimentResult) -> list[list[str]]:
     return [[m.name, f"{e:g}", *(pct(m.pgd[lib].get(e)) for lib in _libraries(result)),
-             pct(m.worst_case.get(e)), pct(min((a[e] for a in m.attacks.values()
-                                                  if a.get(e) is not None), default=None))]
+             pct(m.worst_case.get(e)), pct(m.certified.get(e)),
+             pct(min((a[e] for a in m.attacks.values() if a.get(e) is not None), default=None))]
             for m in result.models for e in result.config.eps]
 
 
@@ -108,6 +108,10 @@ def _settings(result: ExperimentResult) -> list[tuple[str, Any]]:
                 "point, loss 0.5 * clean + 0.5 * adversarial (Goodfellow et al.)",
         "fgsm_rs": f"FGSM with a random start (fast AT), eps {c.train_eps:g}",
         "pgd": f"PGD-AT, eps {c.train_eps:g}",
+        "ibp": f"IBP training (Gowal et al. 2018) at eps {c.train_eps:g}: clean steps, then eps "
+               "ramped up while kappa goes 1 -> 0.5 (relucap_plugin.certification.losses)",
+        "crown_ibp": f"CROWN-IBP training (Zhang et al. 2020) at eps {c.train_eps:g}: as IBP, "
+                     "with beta 1 -> 0 mixing the CROWN-IBP margin",
     }
     methods = sorted({m.spec.training for m in result.models})
     return [
@@ -128,6 +132,10 @@ def _settings(result: ExperimentResult) -> list[tuple[str, Any]]:
                            "PGD transferred from the uncapped twin; plus torch:FGSM"),
         ("worst case", "per sample, the minimum over every attack of the run (the three library "
                        "PGDs, the suite and FGSM), then the mean over samples"),
+        ("certified", f"relucap_plugin.certification.certify, method {c.certify_method!r}: a "
+                      "sample is certified when a lower bound of its logit margin over the whole "
+                      "eps-ball is positive (sound bounds, never an attack); certified <= true "
+                      "robust accuracy <= worst case"),
         ("masking verdict", "relucap_plugin.diagnostics.audit: ten checks, evidence (exact "
                             "McNemar, family-wise alpha 0.05) vs risk factors, three levels; see "
                             "docs/honest-evaluation.md"),
@@ -177,7 +185,9 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
         "steps beating white-box PGD) is significant on paired per-sample outcomes (exact McNemar "
         "test, Bonferroni), with PGD's over-report at this eps (the white-box PGDs minus the worst "
         "case, points) and its 95% interval; *risk factors only* when only zero gradients, saturated caps and the like "
-        "fired; *no sign* otherwise.",
+        "fired; *no sign* otherwise. *certified*: samples whose certified bound ("
+        f"{c.certify_method}) proves that no input of the eps-ball changes the prediction, the "
+        "lower end of the bracket certified <= true robust accuracy <= worst case.",
         "",
     ]
     if result.best is not None:
@@ -188,7 +198,7 @@ def write_report(result: ExperimentResult, folder: str | os.PathLike) -> str:
         "## Robust accuracy per eps",
         "",
         markdown_table(["model", "eps", *(f"PGD {lib}" for lib in _libraries(result)), "worst case",
-                   "strongest single attack"], _per_eps_rows(result)),
+                        "certified", "strongest single attack"], _per_eps_rows(result)),
         "",
         "## Plots",
         "",

@@ -173,30 +173,29 @@ def _points(x0: torch.Tensor, eps: float, norm: str, n: int, gen: torch.Generato
 
 
 def _pgd_points(graph, x0, eps, norm, steps=15):
-    """Points found by PGD pushing every output up and down (one direction per output)."""
+    """Points found by PGD pushing every output up and down (one direction per output and
+    sign; both signs run as one batch)."""
     k = graph.ops[-1].shape[0]
-    found = []
-    for sign in (1.0, -1.0):
-        with torch.enable_grad():
-            x = x0.unsqueeze(0).repeat(k, *[1] * x0.dim()).clone()
-            for _ in range(steps):
-                x.requires_grad_(True)
-                out = graph.values(x.flatten(0, 1))[-1].view(k, x0.shape[0], k)
-                obj = sum(out[j, :, j].sum() for j in range(k)) * sign
-                (g,) = torch.autograd.grad(obj, x)
-                with torch.no_grad():
-                    if norm == "Linf":
-                        x = x + eps / 4 * g.sign()
-                        x = x0 + (x - x0).clamp(-eps, eps)
-                    else:
-                        flat = g.flatten(2)
-                        x = x + eps / 4 * (flat / flat.norm(dim=2, keepdim=True).clamp_min(1e-12)).view_as(x)
-                        dd = (x - x0).flatten(2)
-                        scale = (eps / dd.norm(dim=2, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-                        x = x0 + (dd * scale).view_as(x)
-                    x = x.clamp(0, 1).detach()
-        found.append(x)
-    return torch.cat(found)
+    sign = torch.tensor([1.0, -1.0]).repeat_interleave(k).view(2 * k, 1, 1)
+    with torch.enable_grad():
+        x = x0.unsqueeze(0).repeat(2 * k, *[1] * x0.dim()).clone()
+        for _ in range(steps):
+            x.requires_grad_(True)
+            out = graph.values(x.flatten(0, 1))[-1].view(2 * k, x0.shape[0], k)
+            obj = (out * sign * torch.eye(k).repeat(2, 1).unsqueeze(1)).sum()
+            (g,) = torch.autograd.grad(obj, x)
+            with torch.no_grad():
+                if norm == "Linf":
+                    x = x + eps / 4 * g.sign()
+                    x = x0 + (x - x0).clamp(-eps, eps)
+                else:
+                    flat = g.flatten(2)
+                    x = x + eps / 4 * (flat / flat.norm(dim=2, keepdim=True).clamp_min(1e-12)).view_as(x)
+                    dd = (x - x0).flatten(2)
+                    scale = (eps / dd.norm(dim=2, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+                    x = x0 + (dd * scale).view_as(x)
+                x = x.clamp(0, 1).detach()
+    return x
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -257,8 +256,14 @@ def _exact_min(w1, b1, cap, c, x0, eps):
 
     n, d = w1.shape
     lo, hi = np.clip(x0 - eps, 0, 1), np.clip(x0 + eps, 0, 1)
+    # a unit's pre-activation range over the box (exact for one layer): patterns outside it
+    # are infeasible LPs, skipped without solving them
+    zl = np.clip(w1, 0, None) @ lo + np.clip(w1, None, 0) @ hi + b1
+    zu = np.clip(w1, 0, None) @ hi + np.clip(w1, None, 0) @ lo + b1
+    allowed = [[p for p, ok in enumerate((zl[j] <= 0, zu[j] >= 0 and zl[j] <= cap, zu[j] >= cap))
+                if ok] for j in range(n)]
     best = math.inf
-    for pattern in itertools.product(range(3), repeat=n):
+    for pattern in itertools.product(*allowed):
         a_ub, b_ub, cost, const = [], [], np.zeros(d), 0.0
         for j, p in enumerate(pattern):
             if p == 0:  # z <= 0
@@ -331,3 +336,38 @@ def test_product_of_two_input_dependent_tensors_is_refused():
 
     with pytest.raises(UnsupportedOpError, match="not affine"):
         compile_model(Square(), torch.rand(1, 4))
+
+
+# ------------------------------------------------------------------ |W| reuse
+def _ibp_lower(graph, x, y):
+    from relucap_plugin.certification import margin_spec
+
+    return Bounds(graph, Ball(x, 0.1, "Linf", (0.0, 1.0))).ibp_margin(margin_spec(y, 3, x.dtype), y)
+
+
+def test_reused_abs_weights_follow_every_change_of_the_weights():
+    """Inside ``reuse_abs_weights`` an in-place change through the parameter (version bump) or
+    a new tensor (``.data =``) gives the bounds of the changed model; outside the scope, even a
+    ``.data`` write that bumps no version does. Compared with a freshly compiled graph."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), CappedReLU(0.5), nn.Linear(6, 5), nn.ReLU(),
+                        nn.Linear(5, 3)).eval()
+    x, y = torch.rand(4, 4), torch.tensor([0, 1, 2, 0])
+    graph = compile_model(net, x[:1])
+
+    def fresh():
+        return _ibp_lower(compile_model(net, x[:1]), x, y)
+
+    with torch.no_grad():
+        with graph.reuse_abs_weights():
+            first = _ibp_lower(graph, x, y)
+            assert torch.equal(first, fresh())
+            net[0].weight.mul_(-3.0)
+            changed = _ibp_lower(graph, x, y)
+            assert not torch.allclose(changed, first) and torch.equal(changed, fresh())
+            net[2].weight.data = torch.randn(5, 6)
+            replaced = _ibp_lower(graph, x, y)
+            assert not torch.allclose(replaced, changed) and torch.equal(replaced, fresh())
+        net[0].weight.data.mul_(0.25)
+        assert torch.equal(_ibp_lower(graph, x, y), fresh())
+        assert not torch.allclose(_ibp_lower(graph, x, y), replaced)

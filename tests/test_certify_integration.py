@@ -151,3 +151,18 @@ def test_certified_rows_of_another_model_or_data_do_not_merge():
         attacked.merge(certify(b, (x, y), tm, "ibp", progress=False))
     with pytest.raises(ValueError, match="inputs or labels"):
         attacked.merge(certify(a, (x.flip(0), y.flip(0)), tm, "ibp", progress=False))
+
+
+@pytest.mark.parametrize("gap, certified", [(1e-6, False), (1e-3, True)])
+def test_a_margin_within_rounding_of_zero_is_no_certificate(gap, certified):
+    """Two logits that differ by ``gap`` everywhere: the certified margin is ``gap`` at any eps;
+    1e-6 is within the float32 rounding tolerance (not certified), 1e-3 is not."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[0.5, -1.0, 2.0], [0.5, -1.0, 2.0]]))
+        net[1].bias.copy_(torch.tensor([gap, 0.0]))
+    data = torch.utils.data.TensorDataset(torch.rand(6, 3), torch.zeros(6, dtype=torch.long))
+    table = certify(net, data, ThreatModel("Linf", eps=0.3), "best", progress=False)
+    margins = [r["margin"] for r in table.rows if r["attack"] == "certify:best"]
+    assert all(m == pytest.approx(gap, rel=1e-2) for m in margins)
+    assert table.certified(0.3) == (1.0 if certified else 0.0)

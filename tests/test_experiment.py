@@ -26,7 +26,7 @@ from relucap_plugin.report import PLOTS
 
 TINY = dict(caps=(0.1,), positions=("bottleneck",), n_train=600, epochs=1, eps=(0.1,),
             n_samples=24, steps=5, square_queries=20)
-MODELS = ["relu", "cap 0.1 bottleneck", "relu +FGSM", "cap 0.1 bottleneck +FGSM"]
+MODELS = ["relu", "cap 0.1 bottleneck", "relu +FGSM", "cap 0.1 bottleneck +FGSM", "cap 1 all +IBP"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_tiny_demo_trains_the_grid_then_fgsm_on_relu_and_the_best_cap(tiny):
     result, _ = tiny
     assert [m.name for m in result.models] == MODELS
     assert result.best == "cap 0.1 bottleneck"  # the only capped model of the grid
-    relu, capped, relu_at, capped_at = result.models
+    relu, capped, relu_at, capped_at, certified = result.models
     assert relu.capped_sites == {} and relu_at.spec.training == "fgsm"
     assert capped.capped_sites == {"4": "capped_relu(cap=0.1)"}  # the 32-unit layer only
     assert capped_at.capped_sites == capped.capped_sites and capped_at.spec.training == "fgsm"
@@ -59,13 +59,14 @@ def test_worst_case_is_at_most_every_single_attack_per_model_and_eps(tiny):
     result, out = tiny
     for m in result.models:
         stored = Results.load(os.path.join(out, "results", f"{m.spec.slug}.jsonl"))
-        assert set(stored.attacks) == set(m.attacks)
+        assert set(stored.attacks) == set(m.attacks) | {"certify:ibp"}
         assert not stored.failed() and not stored.missing()
         for eps in result.config.eps:
             worst = stored.worst_case(eps)
             assert worst == m.worst_case[eps]
-            for attack in stored.attacks:
+            for attack in m.attacks:  # the attacks; the certify rows are the bracket's lower end
                 assert worst <= stored.robust_accuracy(attack, eps)
+            assert stored.certified(eps) <= worst
             for lib in LIBRARY_PGD:
                 assert worst <= m.pgd[lib][eps]
             assert worst <= m.clean
@@ -139,18 +140,19 @@ def test_same_seed_gives_the_identical_results_table(tiny):
 def test_cli_demo_writes_the_report_and_prints_one_table(tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["demo", "--caps", "1", "--n-train", "300", "--epochs", "1", "--eps", "0.1",
+                 "--certified-training", "crown_ibp",
                  "--n-samples", "10", "--steps", "3", "--square-queries", "10", "--quiet",
                  "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    names = ["relu", "cap 1 all", "cap 1 bottleneck", "relu +FGSM"]
+    names = ["relu", "cap 1 all", "cap 1 bottleneck", "relu +FGSM", "cap 1 all +CROWN_IBP"]
     for name in names:
         assert name in printed
     assert "written to" in printed
     report = (out / "report.md").read_text(encoding="utf-8")
     for name in names:
         assert f"| {name} |" in report
-    assert len(list((out / "results").glob("*.jsonl"))) == 5
+    assert len(list((out / "results").glob("*.jsonl"))) == 6  # the grid, FGSM x2, CROWN-IBP
 
 
 def test_cli_reports_bad_settings_without_a_traceback(tmp_path, capsys):
@@ -224,3 +226,44 @@ def test_best_cap_is_highest_worst_case_then_clean_then_earlier():
               _fake(0.1, "bottleneck", 0.5, 0.95), _fake(0.01, "all", 0.99, 0.99, "fgsm")]
     assert pick_best(models, config).name == "cap 10 all"  # ReLU and other trainings excluded
     assert pick_best(models[:1], config) is None
+
+
+def test_certified_trained_row_and_certified_column_bracket_the_worst_case(tiny):
+    """The IBP-trained capped model is the last row; every model's certified column equals its
+    stored certify rows and a direct IBP bound, and is at most its worst case at every eps."""
+    from relucap_plugin.certification import certified_margins, margin_tolerance
+    from relucap_plugin.data import load_mnist5k
+
+    result, out = tiny
+    cert = result.models[-1]
+    assert cert.spec.training == "ibp" and cert.train_history["method"] == "ibp"
+    assert set(cert.capped_sites) == {"2", "4", "6"}  # every site, cap 1
+    col = ExperimentResult.TABLE_COLUMNS.index("certified")
+    assert col == ExperimentResult.TABLE_COLUMNS.index("worst case") + 1
+    x, y = (t[:24] for t in load_mnist5k(seed=0)[1].tensors)
+    for m, row in zip(result.models, result.table_rows()):
+        stored = Results.load(os.path.join(out, "results", f"{m.spec.slug}.jsonl"))
+        for eps in result.config.eps:
+            assert m.certified[eps] is not None
+            assert 0.0 <= m.certified[eps] <= m.worst_case[eps] <= m.clean
+            assert stored.certified(eps) == m.certified[eps]
+            bound = certified_margins(m.model, x, y, eps, method="ibp")
+            logits = m.model(x)
+            proved = (bound > margin_tolerance(logits)) & (logits.argmax(1) == y)
+            assert proved.float().mean().item() == pytest.approx(m.certified[eps])
+        assert row[col] == f"{100 * m.certified[result.config.headline_eps]:.1f}%"
+    report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    assert "IBP training (Gowal et al. 2018)" in report and "method 'ibp'" in report
+
+
+def test_certified_settings_are_checked():
+    from relucap_plugin.experiment import ExperimentConfig, certified_spec
+
+    assert certified_spec(ExperimentConfig(certified_training=None)) is None
+    assert certified_spec(preset("demo")) == ModelSpec(1.0, "all", "ibp")
+    with pytest.raises(ValueError, match="certified_training must be one of ibp, crown_ibp"):
+        preset("demo", certified_training="pgd")
+    with pytest.raises(ValueError, match="certify_method must be one of"):
+        preset("demo", certify_method="lp")
+    with pytest.raises(ValueError, match="certified_cap must be a finite number"):
+        preset("demo", certified_cap=math.inf)

@@ -5,13 +5,14 @@ al. 2018 (IBP, arXiv 1810.12715), Zhang et al. 2018 (CROWN, arXiv 1811.00866) an
 2020 (CROWN-IBP, arXiv 1906.06316). See docs/certification.md.
 """
 
-from .api import METHODS, certified_margins, certify, interval_widths
+from .api import METHODS, ROUNDING_UNITS, certified_margins, certify, interval_widths, margin_tolerance
 from .bounds import Ball, Bounds, clip_relaxation, margin_spec
 from .graph import SUPPORTED, BoundGraph, UnsupportedOpError, compile_model
 from .losses import bound_loss, certified_schedule
 
 __all__ = [
     "METHODS",
+    "ROUNDING_UNITS",
     "SUPPORTED",
     "Ball",
     "BoundGraph",
@@ -25,4 +26,5 @@ __all__ = [
     "compile_model",
     "interval_widths",
     "margin_spec",
+    "margin_tolerance",
 ]

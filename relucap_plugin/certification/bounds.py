@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .graph import Affine, BoundGraph, Clip, Conv2d, Input, Linear, MaxPool2d, Sum
+from .ops import Affine, BoundGraph, Clip, Conv2d, Input, Linear, MaxPool2d, Sum
 
 __all__ = ["Ball", "Bounds", "clip_relaxation", "margin_spec"]
 
@@ -47,7 +47,7 @@ class Ball:
         """The smallest box holding the set (Linf: the set itself)."""
         e = self._eps(self.x0)
         lo, hi = self.bounds
-        return (self.x0 - e).clamp(min=lo), (self.x0 + e).clamp(max=hi)
+        return (self.x0 - e).clamp_(min=lo), (self.x0 + e).clamp_(max=hi)
 
     def concretize(self, a: Tensor) -> Tensor:
         """A lower bound (B, S) of ``a . x`` over the set, for coefficients ``a`` (B, S, ...)."""
@@ -65,9 +65,9 @@ def _box_min(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """min over ``lo <= x <= hi`` of ``a . x``: a (B, S, *shape), lo/hi (B, *shape) -> (B, S)."""
     b, s = a.shape[:2]
     flat = a.reshape(b, s, -1)
-    mid = ((hi + lo) / 2).reshape(b, 1, -1)
-    rad = ((hi - lo) / 2).reshape(b, 1, -1)
-    return (flat * mid).sum(2) - (flat.abs() * rad).sum(2)
+    mid2 = (hi + lo).reshape(b, -1, 1)
+    rad2 = (hi - lo).reshape(b, -1, 1)
+    return (torch.bmm(flat, mid2) - torch.bmm(flat.abs(), rad2)).squeeze(2) * 0.5
 
 
 def _tensor(value: Tensor, like: Tensor) -> Tensor:
@@ -168,14 +168,43 @@ class Bounds:
                 self.bounds[i] = self._tighten(i)
 
     def _tighten(self, i: int) -> tuple[Tensor, Tensor]:
+        """CROWN bounds of node ``i``'s units that some consumer relaxes inexactly, intersected
+        with the current bounds. A unit that is stable for every clip reading it (below, above
+        or inside both kinks in every sample of the batch) keeps its bounds: its relaxation is
+        exact on any interval within them, so every later CROWN pass relaxes it the same way
+        without the two backward rows it would cost; only IBP bounds propagated from its wider
+        interval can be wider (our own saving, as auto_LiRPA bounds only unstable neurons)."""
         lo, hi = self.bounds[i]
         b, n = lo.shape[0], lo[0].numel()
-        eye = torch.eye(n, dtype=lo.dtype, device=lo.device).view(n, *lo.shape[1:])
+        rows = self._unstable(i).reshape(b, n).any(0).nonzero().flatten()
+        if len(rows) == 0:
+            return lo, hi
+        u = len(rows)
+        eye = torch.zeros(u, n, dtype=lo.dtype, device=lo.device)
+        eye[torch.arange(u, device=lo.device), rows] = 1.0
+        eye = eye.view(u, *lo.shape[1:])
         spec = torch.cat([eye, -eye]).unsqueeze(0).expand(b, *([-1] * (eye.dim())))
         res = self.backward(i, spec)
-        new_lo = torch.maximum(lo, res[:, :n].reshape(lo.shape))
-        new_hi = torch.minimum(hi, -res[:, n:].reshape(hi.shape))
-        return new_lo, torch.maximum(new_hi, new_lo)
+        new_lo, new_hi = lo.reshape(b, n).clone(), hi.reshape(b, n).clone()
+        new_lo[:, rows] = torch.maximum(new_lo[:, rows], res[:, :u])
+        new_hi[:, rows] = torch.minimum(new_hi[:, rows], -res[:, u:])
+        return new_lo.view(lo.shape), torch.maximum(new_hi, new_lo).view(hi.shape)
+
+    def _unstable(self, i: int) -> Tensor:
+        """(B, *shape) mask of node ``i``'s units whose relaxation in some consumer is not exact
+        on their current interval (every unit of a max-pool's input counts)."""
+        lo, hi = self.bounds[i]
+        mask = torch.zeros_like(lo, dtype=torch.bool)
+        for op in self.graph.ops:
+            if i not in op.inputs:
+                continue
+            if isinstance(op, MaxPool2d):
+                return torch.ones_like(mask)
+            if isinstance(op, Clip):
+                kl, kh = _tensor(op.lo(), lo), _tensor(op.hi(), lo)
+                stable = (hi <= kl) | (lo >= kh) | ((lo >= kl) & (hi <= kh))
+                mask |= ~stable
+        return mask
 
     def _relaxation(self, i: int) -> tuple:
         if i not in self._relax:
@@ -187,10 +216,21 @@ class Bounds:
                 self._relax[i] = _maxpool_relaxation(op, zl, zu)
         return self._relax[i]
 
-    def ibp_margin(self, spec: Tensor) -> Tensor:
+    def ibp_margin(self, spec: Tensor, labels: Tensor | None = None) -> Tensor:
         """Lower bounds (B, S) of ``spec . output``: IBP with the affine ops after the last
-        nonlinear op folded into the specification (Gowal et al.'s elision of the last layer)."""
-        return self.backward(len(self.graph.ops) - 1, spec, stop_at_nonlinear=True)
+        nonlinear op folded into the specification (Gowal et al.'s elision of the last layer).
+
+        ``labels`` (B,) says that ``spec`` is ``margin_spec(labels)``; where the output is one
+        Linear layer on a nonlinear op and there are at most 32 classes, the same bounds are
+        then computed per pair of classes (:func:`_pair_margins`), without the (B, K, N)
+        coefficients of the generic path."""
+        ops = self.graph.ops
+        last = ops[-1]
+        if (labels is not None and isinstance(last, Linear) and last.shape[0] <= 32
+                and isinstance(ops[last.inputs[0]], (Clip, MaxPool2d))
+                and self.bounds[last.inputs[0]][0].dim() == 2):
+            return _pair_margins(last, *self.bounds[last.inputs[0]], labels)
+        return self.backward(len(ops) - 1, spec, stop_at_nonlinear=True)
 
     def crown_margin(self, spec: Tensor) -> Tensor:
         """Lower bounds (B, S) of ``spec . output`` by a CROWN pass."""
@@ -241,6 +281,22 @@ class Bounds:
             else:  # pragma: no cover - compile_model admits no other op
                 raise TypeError(f"no backward rule for {type(op).__name__}")
         return bias
+
+
+def _pair_margins(op: Linear, lo: Tensor, hi: Tensor, y: Tensor) -> Tensor:
+    """The elided IBP margin ``(W_y - W_j) . z + b_y - b_j`` minimised over ``lo <= z <= hi``,
+    for all j (B, K). Centre term from the centre's logits; radius term ``|W_y - W_j| . r`` from
+    one product of the radius with the K^2 rows ``|W_i - W_j|``: batch-independent work instead
+    of the generic path's (B, K, N) coefficients (our own arrangement of the same bound)."""
+    w, bias = op.weight(), op.bias()
+    k = w.shape[0]
+    mid = torch.mm(hi + lo, w.t()) * 0.5
+    if bias is not None:
+        mid = mid + bias
+    rows = (w.unsqueeze(1) - w.unsqueeze(0)).abs().reshape(k * k, -1)
+    rad = torch.mm(hi - lo, rows.t()).view(-1, k, k) * 0.5
+    idx = torch.arange(len(y), device=y.device)
+    return mid.gather(1, y.view(-1, 1)) - mid - rad[idx, y]
 
 
 def _maxpool_relaxation(op: MaxPool2d, zl: Tensor, zu: Tensor):

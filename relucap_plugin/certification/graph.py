@@ -25,6 +25,18 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .. import activations as _acts
+from .ops import (
+    BoundGraph,
+    BoundOp,
+    Clip,
+    Conv2d,
+    Input,
+    Linear,
+    MaxPool2d,
+    Reshape,
+    ScaleShift,
+    Sum,
+)
 
 __all__ = ["BoundGraph", "BoundOp", "Clip", "UnsupportedOpError", "compile_model"]
 
@@ -40,223 +52,17 @@ class UnsupportedOpError(ValueError):
     """The model holds an op that bound propagation does not support (named, with its place)."""
 
 
-class BoundOp:
-    """One node of the bound graph. ``inputs``: indices of the ops it reads; ``shape``: its
-    output shape per sample (no batch dimension); ``where``: the module path or source line."""
-
-    inputs: tuple[int, ...] = ()
-    shape: tuple[int, ...] = ()
-    name: str = ""
-    where: str = ""
-    module: str | None = None  # the module path, for ops that are modules
-
-    def forward(self, *xs: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def ibp(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-
-class Input(BoundOp):
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-
-class Affine(BoundOp):
-    """``f(x) = lin(x) + const``, applied per sample. Members give ``lin``, ``abs_lin`` (the
-    linear part with absolute coefficients, for the box radius) and ``back`` (its transpose)."""
-
-    def lin(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def abs_lin(self, r: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def const(self) -> Tensor | None:
-        """``f(0)`` broadcastable to ``(N, *shape)``, or None for 0."""
-        return None
-
-    def back(self, a: Tensor) -> Tensor:
-        """``a @ J`` for coefficients ``a`` of shape (N, *shape): shape (N, *input shape)."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        c = self.const()
-        y = self.lin(x)
-        return y if c is None else y + c
-
-    def ibp(self, b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        lo, hi = b
-        mid = self.forward((hi + lo) / 2)
-        rad = self.abs_lin((hi - lo) / 2)
-        return mid - rad, mid + rad
-
-
-class Linear(Affine):
-    def __init__(self, weight: Callable[[], Tensor], bias: Callable[[], Tensor | None]):
-        self.weight, self.bias = weight, bias
-
-    def lin(self, x):
-        return x @ self.weight().t()
-
-    def abs_lin(self, r):
-        return r @ self.weight().abs().t()
-
-    def const(self):
-        return self.bias()
-
-    def back(self, a):
-        return a @ self.weight()
-
-
-class Conv2d(Affine):
-    def __init__(self, weight, bias, stride, padding, dilation, groups, in_shape):
-        self.weight, self.bias = weight, bias
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.in_shape = in_shape
-
-    def _conv(self, x, w):
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
-
-    def lin(self, x):
-        return self._conv(x, self.weight())
-
-    def abs_lin(self, r):
-        return self._conv(r, self.weight().abs())
-
-    def const(self):
-        b = self.bias()
-        return None if b is None else b.view(-1, 1, 1)
-
-    def back(self, a):
-        w = self.weight()
-        out_pad = []
-        for d in range(2):
-            k = w.shape[2 + d]
-            size = (self.shape[1 + d] - 1) * self.stride[d] - 2 * self.padding[d] + (
-                self.dilation[d] * (k - 1) + 1)
-            out_pad.append(self.in_shape[1 + d] - size)
-        return F.conv_transpose2d(a, w, None, self.stride, self.padding, tuple(out_pad),
-                                  self.groups, self.dilation)
-
-
-class ScaleShift(Affine):
-    """``x * scale + shift`` with constants broadcastable to the per-sample shape (batch
-    norm with running statistics, normalisation, add/sub/mul/div/neg by a constant)."""
-
-    def __init__(self, scale: Callable[[], Tensor | None], shift: Callable[[], Tensor | None]):
-        self.scale, self.shift = scale, shift
-
-    def lin(self, x):
-        s = self.scale()
-        return x if s is None else x * s
-
-    def abs_lin(self, r):
-        s = self.scale()
-        return r if s is None else r * s.abs()
-
-    def const(self):
-        return self.shift()
-
-    def back(self, a):
-        s = self.scale()
-        return a if s is None else a * s
-
-
-class Reshape(Affine):
-    def __init__(self, in_shape):
-        self.in_shape = in_shape
-
-    def lin(self, x):
-        return x.reshape(x.shape[0], *self.shape)
-
-    abs_lin = lin
-
-    def back(self, a):
-        return a.reshape(a.shape[0], *self.in_shape)
-
-    def ibp(self, b):
-        return self.lin(b[0]), self.lin(b[1])
-
-
-class Sum(BoundOp):
-    """``x + y`` or ``x - y`` of two input-dependent tensors (residual connections)."""
-
-    def __init__(self, sign: float):
-        self.sign = sign
-
-    def forward(self, x, y):
-        return x + self.sign * y
-
-    def ibp(self, b1, b2):
-        if self.sign > 0:
-            return b1[0] + b2[0], b1[1] + b2[1]
-        return b1[0] - b2[1], b1[1] - b2[0]
-
-
-class Clip(BoundOp):
-    """``min(max(z, lo), hi)`` elementwise; ``lo``/``hi`` are callables giving tensors
-    broadcastable to the per-sample shape (+-inf for no bound), read at every call so a
-    learnable cap is bounded with its current value."""
-
-    def __init__(self, lo: Callable[[], Tensor], hi: Callable[[], Tensor]):
-        self.lo, self.hi = lo, hi
-
-    def forward(self, z):
-        return torch.minimum(torch.maximum(z, self.lo()), self.hi())
-
-    def ibp(self, b):
-        return self.forward(b[0]), self.forward(b[1])
-
-
-class MaxPool2d(BoundOp):
-    def __init__(self, kernel, stride, padding, dilation, ceil_mode):
-        self.args = (kernel, stride, padding, dilation, ceil_mode)
-
-    def forward(self, x):
-        return F.max_pool2d(x, *self.args)
-
-    def ibp(self, b):
-        return self.forward(b[0]), self.forward(b[1])
-
-    @property
-    def overlapping(self) -> bool:
-        k, s, _, d, _ = self.args
-        return any(si < ki for si, ki in zip(s, k)) or any(di != 1 for di in d)
-
-
-class BoundGraph:
-    """The ops of a model in topological order (``ops[0]`` is the input, ``ops[-1]`` the
-    output) plus the shape of one input sample."""
-
-    def __init__(self, ops: list[BoundOp], in_shape: tuple[int, ...], model_name: str):
-        self.ops = ops
-        self.in_shape = in_shape
-        self.model_name = model_name
-
-    def values(self, x: Tensor) -> list[Tensor]:
-        """Every op's output for input ``x``; the last is the model's output."""
-        vals: list[Tensor] = []
-        for op in self.ops:
-            vals.append(x if isinstance(op, Input) else op.forward(*(vals[i] for i in op.inputs)))
-        return vals
-
-    def ibp(self, lo: Tensor, hi: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Interval bounds of every op's output for inputs in the box ``[lo, hi]``."""
-        out: list[tuple[Tensor, Tensor]] = []
-        for op in self.ops:
-            out.append((lo, hi) if isinstance(op, Input) else op.ibp(*(out[i] for i in op.inputs)))
-        return out
-
-
 # ------------------------------------------------------------------------ tracing
 _OWN_MODULES = {_acts.__name__}
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self):
+    """Our activations and torch's modules are leaves. ``record``: keep each node's source line
+    (costly: most of a trace's time), only asked for to name an op that cannot be bounded."""
+
+    def __init__(self, record: bool = False):
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = record
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return type(m).__module__ in _OWN_MODULES or super().is_leaf_module(m, qualname)
@@ -324,14 +130,13 @@ class _Compiler:
         self.example = example
 
     def run(self) -> BoundGraph:
-        gm = fx.GraphModule(self.model, self.graph)
         env = self.values
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise UnsupportedOpError(
                 f"certify bounds models of one input tensor; {type(self.model).__name__}.forward "
                 f"takes {len(placeholders)} ({', '.join(n.name for n in placeholders)})")
-        interp = fx.Interpreter(gm)
+        interp = fx.Interpreter(self.model, graph=self.graph)
         interp.env = env
         with torch.no_grad():
             for node in self.graph.nodes:
@@ -363,9 +168,18 @@ class _Compiler:
         self.index[node] = len(self.ops)
         self.ops.append(op)
 
+    def _located(self, node: fx.Node) -> fx.Node:
+        """``node`` from a second trace that records source lines (same names, same order)."""
+        try:
+            graph = _Tracer(record=True).trace(self.model)
+        except Exception:  # pragma: no cover - the first trace of the same model succeeded
+            return node
+        return next((n for n in graph.nodes if n.name == node.name), node)
+
     def _fail(self, node: fx.Node, what: str = "") -> None:
         raise UnsupportedOpError(
-            f"certify cannot bound {_where(node, self.modules)}{': ' + what if what else ''}. "
+            f"certify cannot bound {_where(self._located(node), self.modules)}"
+            f"{': ' + what if what else ''}. "
             f"Supported ops: {SUPPORTED}. Replace that op, or certify a sub-model without it")
 
     def _add(self, node: fx.Node) -> None:
@@ -421,8 +235,8 @@ class _Compiler:
         elif isinstance(m, nn.Hardtanh):  # ReLU6 too
             op = _clip(m.min_val, m.max_val)
         elif type(m) is _acts.CappedReLU:
-            cap = m.cap_tensor if m.per_channel else torch.tensor(m.cap_value)
-            op = Clip(_fixed(torch.tensor(0.0)), _fixed(_channel(cap, len(in_shape))))
+            op = (Clip(_fixed(torch.tensor(0.0)), _fixed(_channel(m.cap_tensor, len(in_shape))))
+                  if m.per_channel else _clip(0.0, m.cap_value))
         elif type(m) is _acts.LearnableCappedReLU:
             dims = len(in_shape)
             op = Clip(_fixed(torch.tensor(0.0)), lambda m=m: _channel(m.cap, dims))
@@ -552,8 +366,12 @@ def _channel(cap: Tensor, dims: int) -> Tensor:
 
 
 def _clip(lo: Any, hi: Any) -> Clip:
-    lo_t, hi_t = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
-    return Clip(_fixed(lo_t), _fixed(hi_t))
+    """A clip with constant limits (numbers, 0-d or broadcastable tensors); number limits are
+    kept at full precision (float64), a float32 model's bounds round them as its forward does."""
+    lo_t = torch.as_tensor(lo, dtype=torch.float64 if isinstance(lo, (int, float)) else torch.float32)
+    hi_t = torch.as_tensor(hi, dtype=torch.float64 if isinstance(hi, (int, float)) else torch.float32)
+    scalars = (float(lo_t), float(hi_t)) if lo_t.dim() == 0 and hi_t.dim() == 0 else None
+    return Clip(_fixed(lo_t), _fixed(hi_t), scalars)
 
 
 def _batchnorm(m: nn.Module, dims: int):

@@ -59,7 +59,7 @@ def bound_loss(model: nn.Module, x: Tensor, y: Tensor, schedule: Schedule, metho
     graph = graph or compile_model(model, x[:1])
     spec = margin_spec(y, logits.shape[1], x.dtype)
     b = Bounds(graph, Ball(x, schedule.eps, norm, bounds))
-    m = b.ibp_margin(spec)
+    m = b.ibp_margin(spec, y)
     if method == "crown_ibp" and schedule.beta > 0:
         m = schedule.beta * b.crown_margin(spec) + (1 - schedule.beta) * m
     robust = F.cross_entropy(-m, y)
