@@ -3,7 +3,6 @@ argument checks every public function runs first."""
 
 from __future__ import annotations
 
-import itertools
 import types
 import math
 import os
@@ -288,10 +287,3 @@ def _relative(path: str, scope: str) -> str | None:
     if not scope:
         return path
     return path[len(scope) + 1:] if path.startswith(scope + ".") else None
-
-
-def _placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return None, None

@@ -21,7 +21,6 @@ and zero point, so the observer of the module before the cap sets the resolution
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any
@@ -33,6 +32,7 @@ from torch.ao.nn.intrinsic.modules.fused import _FusedModule
 from torch.ao.nn.quantized import FloatFunctional
 
 from ._records import _RECORDS, CapReport, ConversionCheckError, _check_model, _Record
+from ._copy import copy_model
 from .verify import reference_run
 
 _RELU_TYPES = (nn.ReLU, nn.ReLU6)
@@ -148,7 +148,7 @@ def cap_quantizable(model: nn.Module, cap: Any, sites: Any, example_input: Any,
     reference, float_report = cap_relus(model, cap, example_input=example_input)
     found = float_report.sites
     args, _, unchecked = reference_run(reference, example_input)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     functionals = [(p, m) for p, m in target.named_modules() if type(m) is FloatFunctional]
     relus = [m for m in target.modules() if type(m) in _RELU_TYPES]
     functional_sites = [s.name for s in found if s.kind != "module"]
