@@ -150,6 +150,7 @@ def bench_before_after(rev: str, names, repeats: int) -> list[tuple]:
     for name in progress(names, f"timm models, before ({rev}) and after"):
         model = _timm_model(name)
         times: dict[str, float] = {}
+        failures: dict[str, str] = {}
         for _ in range(repeats):
             for tag, lib in (("before", before), ("after", sys.modules[__name__])):
                 work = copy.deepcopy(model)  # not timed: inplace converts it
@@ -157,14 +158,20 @@ def bench_before_after(rev: str, names, repeats: int) -> list[tuple]:
                         f"inplace {tag}": partial(lib.cap_relus, work, CAP, inplace=True),
                         f"find {tag}": partial(lib.find_relus, model)}
                 for key, fn in runs.items():
-                    times[key] = min(times.get(key, float("inf")), timed(fn)[1])
+                    try:
+                        times[key] = min(times.get(key, float("inf")), timed(fn)[1])
+                    except ValueError as exc:  # the code before could not trace some models
+                        times[key] = float("nan")
+                        failures[key] = type(exc).__name__
                 del work, runs
         report = cap_relus(model, CAP)[1]
-        rows.append((name, report.count, times, report.check.split(":")[0]))
+        rows.append((name, report.count, times, report.check.split(":")[0]
+                     + "".join(f"; {k} failed: {v}" for k, v in failures.items())))
     return rows
 
 
 def _ratio_rows(rows: list[tuple]) -> list[tuple]:
+    """Table rows; a variant that failed shows as nan."""
     out = []
     for name, count, t, check in rows:
         out.append((name, count,
@@ -177,10 +184,13 @@ def _ratio_rows(rows: list[tuple]) -> list[tuple]:
 
 
 def _median_row(rows: list[tuple]) -> tuple:
+    """Medians over the models where every variant ran."""
+    import math
     import statistics
 
-    med = {k: statistics.median(t[k] for _, _, t, _ in rows) for k in rows[0][2]}
-    return _ratio_rows([(f"median of {len(rows)}", "", med, "")])[0]
+    ok = [t for _, _, t, _ in rows if not any(math.isnan(v) for v in t.values())]
+    med = {k: statistics.median(t[k] for t in ok) for k in rows[0][2]}
+    return _ratio_rows([(f"median of {len(ok)}", "", med, "")])[0]
 
 
 def main() -> None:
