@@ -40,14 +40,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torchvision
-from torch import fx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, first
 
-from relucap_plugin._console import print_table, progress
-from relucap_plugin.surgery import cap_relus, find_relus
+import relucap_plugin  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import fx  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from relucap_plugin._console import print_table, progress  # noqa: E402
+from relucap_plugin.surgery import cap_relus, find_relus  # noqa: E402
+
 from tests.test_surgery import ZOO, build  # noqa: E402  the tests' zoo builder (meta device too)
 from tests.test_surgery_zoo import TIMM as TIMM_ZOO  # noqa: E402
 
@@ -205,7 +207,8 @@ def main() -> None:
     parser.add_argument("--only-slowest", action="store_true", help="run only that part")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, 1 thread; "
+    print(f"relucap_plugin from {Path(relucap_plugin.__file__).parent}; "
+          f"torch {torch.__version__}, torchvision {torchvision.__version__}, 1 thread; "
           f"pure-Python reference loop: {python_speed():.0f} ms CPU")
 
     rows, verdicts = [], []

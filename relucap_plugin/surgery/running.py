@@ -108,8 +108,8 @@ def probe_discovery(model: nn.Module, run: Any, shapes: bool,
             continue
         m = call.module
         label = _RELU_MODULES.get(type(m))
-        if label is None or m not in names or id(m) in hidden:
-            return None
+        if label is None or m not in names or id(m) in hidden or m is model:
+            return None  # fx sees these otherwise (a root nn.ReLU: fx traces its F.relu)
         path = names[m]
         owner = names.get(call.caller, path.rpartition(".")[0])
         raw.append((m, "module", label, path, owner, 0, bool(m.inplace),
