@@ -165,7 +165,9 @@ def cap_quantizable(model: nn.Module, cap: Any, sites: Any, example_input: Any,
     if not math.isinf(value):
         for module in relus:
             bound = min(value, 6.0) if type(module) is nn.ReLU6 else value
-            record.hooks.append(module.register_forward_hook(_CapHook(bound)))
+            hook = _CapHook(bound)
+            module.register_forward_hook(hook)
+            record.hooks.append((module, hook))
         for path, module in functionals:
             parent_path, _, name = path.rpartition(".")
             parent = target.get_submodule(parent_path)
