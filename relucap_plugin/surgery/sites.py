@@ -381,8 +381,9 @@ def find_relus(
     ``example_input`` (a tensor, or a tuple of forward arguments) adds each site's activation
     shape and width. Discovery runs the model once under ``no_grad`` in its own mode (on
     ``example_input``, or on a small input made up from its first layer; buffers, modes and
-    RNG restored) and records every ReLU application; fx traces only the modules in which a
-    functional ReLU was applied (the whole model if no input runs). ``mode="modules"`` skips
+    RNG restored; forward hooks do fire) and records every ReLU application; fx traces only
+    the modules in which a ReLU was applied when some ReLU is functional, and the whole model
+    if no input runs or the forward reads tensor values into Python. ``mode="modules"`` skips
     both and lists each ``nn.ReLU``/``nn.ReLU6`` instance once (registration order, or
     first-call order with ``example_input``). ``model`` is not changed.
     """
