@@ -6,10 +6,11 @@ Measured side by side in one run, variants interleaved in every repeat, best of 
 both wall time and the process's CPU time (one torch thread: on a machine shared with other
 jobs wall time mostly measures their load). Per model:
 
-- ``find``: ``find_relus(model)`` (one torch.fx trace of the whole model);
+- ``find``: ``find_relus(model)`` (one forward pass, plus an fx trace as deep as the ReLUs
+  where some ReLU is functional);
 - ``surgery``: ``sites = find_relus(model)`` then ``cap_relus(model, 0.5, sites=sites,
   inplace=True)``: the surgery itself; cap_relus reuses the trace behind ``sites``;
-- ``find; cap (traces again)``: the same without passing ``sites``: cap_relus traces again;
+- ``find; cap (traces again)``: the same without passing ``sites``: cap_relus finds them again;
 - ``default (copy)``: like ``surgery`` without ``inplace``: cap_relus deep-copies the model
   first (memory bound: resnet50 has 100 MB of weights);
 - for reference: ``fx trace`` (``torch.fx.Tracer().trace(model)``, the floor of any fx-based
