@@ -46,8 +46,6 @@ LAZY_CYCLES: dict[tuple[str, ...], str] = {
     ("relucap_plugin.adapters", "relucap_plugin.adapters.base", "relucap_plugin.attacks"):
         "get_attack looks the library members up in the adapters' registry when called, so "
         "importing attacks imports no adapter (and no library)",
-    ("relucap_plugin.surgery.runtime", "relucap_plugin.surgery.sites", "relucap_plugin.surgery.verify"):
-        "inside the surgery subpackage: discovery runs the model, verification re-discovers",
     ("relucap_plugin.surgery.convert", "relucap_plugin.surgery.quantize"):
         "inside the surgery subpackage: cap_relus(quantizable=True) dispatches to quantize, which "
         "checks itself against the ordinary float conversion",

@@ -432,14 +432,19 @@ def test_cap_relus_reuses_find_relus_discovery(monkeypatch):
     net = Net().eval()
     x = torch.randn(6, 4) * 3
     found = find_relus(net)
-    assert len(traces) == 1 and [s.name for s in found] == ["relu#0", "relu#1"]
+    # found by running the model once: its ReLUs are all modules, so fx traced nothing
+    assert traces == [] and [s.name for s in found] == ["relu#0", "relu#1"]
+    converted, report = cap_relus(net, 0.3, sites=found)
+    assert traces == [] and report.how == {"relu#0": "module", "relu#1": "module"}
+    assert torch.equal(run(converted, x), torch.clamp(net.lin(x), 0, 0.3))
     for inplace in (False, True):
         model = copy.deepcopy(net) if inplace else net
         sites = found if not inplace else find_relus(model)
         traces.clear()
         converted, report = cap_relus(model, {"relu#0": 0.3, "relu#1": 0.2}, sites=sites,
                                       inplace=inplace)
-        assert report.rewritten == ("",) and traces == [1]  # the owner's forward only
+        # two caps for one shared module need graph nodes: the model's trace, the owner's
+        assert report.rewritten == ("",) and traces == [1, 1]
         expected = torch.clamp(torch.clamp(net.lin(x), 0, 0.3), 0, 0.2)
         assert torch.equal(run(converted, x), expected)
     # a changed flag (or mode, or module) makes cap_relus trace again and see the new branch

@@ -5,6 +5,7 @@ on torchvision's quantization-ready resnet18 and mobilenet_v2, then ``fuse_model
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import warnings
 
@@ -162,3 +163,62 @@ def test_unchecked_quantizable_conversion_says_so():
         capped, report = cap_relus(model, CAP, quantizable=True)
     assert report.check.startswith("not run")
     assert capped(torch.full((1, 3), 2.0)).max().item() == CAP
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_qat_prepare_train_and_convert_keep_the_cap(models, name):
+    """Quantization-aware training, eager mode: fuse_model(is_qat=True), prepare_qat, a few
+    training steps, convert. The cap survives each stage: fake-quantized and quantized outputs
+    of every capped site stay within half a quantization step of it."""
+    engine = ENGINES[0]
+    torch.backends.quantized.engine = engine
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    capped, report = cap_relus(models[name], CAP, example_input=x[:1], quantizable=True)
+    assert report.check.startswith("passed"), report.check
+    peaks: list[float] = []
+
+    def watch(model: nn.Module) -> list:
+        return [m.register_forward_hook(lambda _m, _a, out: peaks.append(float(
+                    (out.dequantize() if out.is_quantized else out).max())))
+                for m in model.modules()
+                if any(isinstance(h, _CapHook) for h in m._forward_hooks.values())]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notices for eager quantization
+        capped.train()
+        capped.fuse_model(is_qat=True)
+        gc.collect()  # the ReLU modules fusion dropped are gone: the model still deep-copies
+        copy.deepcopy(capped)
+        capped.qconfig = tq.get_default_qat_qconfig(engine)
+        tq.prepare_qat(capped, inplace=True)
+        assert any(type(m).__module__.startswith("torch.ao.nn.intrinsic.qat")
+                   for m in capped.modules()), "prepare_qat swapped in no QAT module"
+        handles = watch(capped)
+        sites = len(handles)
+        assert sites >= 9
+        optimiser = torch.optim.SGD(capped.parameters(), lr=1e-3)
+        for _ in range(2):
+            loss = capped(x).logsumexp(1).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        assert len(peaks) == 2 * sites and max(peaks) <= CAP + 1e-6, max(peaks)
+        assert all(torch.isfinite(p.grad).all() for p in capped.parameters() if p.grad is not None)
+        for handle in handles:
+            handle.remove()
+        capped.eval()
+        quantized = tq.convert(capped, inplace=False)
+    assert any(type(m).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+               for m in quantized.modules()), "convert left no fused quantized conv"
+    peaks.clear()
+    steps: list[float] = []
+    for m in quantized.modules():
+        if any(isinstance(h, _CapHook) for h in m._forward_hooks.values()):
+            m.register_forward_hook(lambda _m, _a, out: steps.append(out.q_scale()))
+    watch(quantized)
+    with torch.no_grad():
+        out = quantized(x)
+    assert torch.isfinite(out).all() and len(peaks) == len(steps) == sites
+    assert all(peak <= CAP + step / 2 for peak, step in zip(peaks, steps)), (peaks, steps)
+    assert any(peak >= CAP - step for peak, step in zip(peaks, steps)), peaks

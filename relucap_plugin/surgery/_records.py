@@ -3,7 +3,6 @@ argument checks every public function runs first."""
 
 from __future__ import annotations
 
-import itertools
 import types
 import math
 import os
@@ -94,11 +93,16 @@ class _Record:
     added: list[tuple[nn.Module, str]] = field(default_factory=list)
     forwards: list[tuple[nn.Module, Any]] = field(default_factory=list)
     constants: list[tuple[nn.Module, str]] = field(default_factory=list)
-    hooks: list[Any] = field(default_factory=list)
+    # (module, forward hook) pairs, not RemovableHandles: a handle whose hooks dict is gone
+    # (fuse_model replaced the module) breaks copy.deepcopy of the model (torch 2.14)
+    hooks: list[tuple[nn.Module, Any]] = field(default_factory=list)
 
     def undo(self) -> None:
-        for handle in reversed(self.hooks):
-            handle.remove()
+        for module, hook in reversed(self.hooks):
+            for key in [k for k, v in module._forward_hooks.items() if v is hook]:
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
         for module, previous in reversed(self.forwards):
             if previous is None:
                 module.__dict__.pop("forward", None)
@@ -288,10 +292,3 @@ def _relative(path: str, scope: str) -> str | None:
     if not scope:
         return path
     return path[len(scope) + 1:] if path.startswith(scope + ".") else None
-
-
-def _placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return None, None

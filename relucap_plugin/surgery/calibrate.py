@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import numbers
@@ -14,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._torch import check_finite_inputs
-from ._records import ReluSite, _check_mode, _check_model, _placement
+from .._torch import check_finite_inputs, float_dtype, model_device
+from ._copy import copy_model
+from ._records import ReluSite, _check_mode, _check_model
 from .convert import _Converter
 from .select import _select
 from .sites import _discover
+from .verify import bad_example_input
 
 class _Recorder(nn.Module):
     """The site's own ReLU (or ReLU6) that keeps a sample of its positive outputs."""
@@ -126,8 +127,8 @@ def calibrate_caps(
     first = next(batches, None)
     if first is None:
         raise ValueError("calibrate_caps: data yielded no batch; pass at least one batch of inputs")
-    work = copy.deepcopy(model).eval()
-    device, dtype = _placement(work)
+    work = copy_model(model).eval()
+    device, dtype = model_device(work), float_dtype(work, torch.get_default_dtype())
 
     def prepare(x: Tensor) -> Tensor:
         if not x.is_floating_point():
@@ -135,9 +136,7 @@ def calibrate_caps(
                 f"calibrate_caps: data holds {x.dtype} inputs; activation statistics need float "
                 "inputs in the model's range, e.g. x.float() / 255 for uint8 images")
         check_finite_inputs(x, "calibrate_caps: data")
-        if device is not None:
-            x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-        return x
+        return x.to(device=device, dtype=dtype)
 
     example = prepare(first) if isinstance(sites, str) and sites == "bottleneck" else None
     disc = _discover(work, example, mode, "calibrate_caps")
@@ -149,7 +148,12 @@ def calibrate_caps(
         for b, x in enumerate(itertools.chain([first], batches)):
             if max_batches is not None and b >= max_batches:
                 break
-            work(prepare(x))
+            batch = prepare(x)
+            try:
+                work(batch)
+            except Exception as exc:
+                raise bad_example_input("calibrate_caps", model, batch, exc,
+                                        f"data (batch {b})") from exc
     caps = {disc.sites[i].name: rec.quantile(float(quantile)) for i, rec in recorders.items()}
     dead = [name for name, value in caps.items() if math.isinf(value)]
     if dead:

@@ -3,7 +3,6 @@ every change so it can be undone; ``cap_relus``, ``uncap`` and ``is_converted``.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import itertools
 import types
@@ -11,7 +10,10 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import fx, nn
+
+from .._torch import float_dtype, model_device
 
 from . import sites as _tracing
 from ._codegen import (
@@ -31,13 +33,13 @@ from ._records import (
     _check_mode,
     _check_model,
     _class_codes,
-    _placement,
     _Record,
     _relative,
     _site_input,
     _site_op,
 )
 from . import verify
+from ._copy import copy_model
 from .quantize import cap_quantizable, refuse_fused
 from .runtime import has_with_block, wrap_forward
 from .select import _plan, _recipe
@@ -71,7 +73,7 @@ class _Converter:
         self.rewritten: list[str] = []
         self.warnings: list[str] = []
         self.named = disc.named
-        self.device, self.dtype = _placement(model)
+        self.device, self.dtype = model_device(model), float_dtype(model, torch.get_default_dtype())
         self._traces: dict[Any, fx.Graph] = {}
         self._compiled: dict[Any, Callable] = {}
 
@@ -114,9 +116,12 @@ class _Converter:
             if not chosen:
                 continue
             keys = {self.keys[i] for i in group if i in plan}
+            # without graph nodes (a discovery by running) whether the input of an in-place
+            # ReLU is read later is unknown: such a site asks for a trace
             redirect = any(
-                disc.sites[i].inplace and disc.nodes[i] is not None
-                and _used_after(disc.nodes[i], _site_input(disc.nodes[i]), order)
+                disc.sites[i].inplace and (disc.probed or (
+                    disc.nodes[i] is not None
+                    and _used_after(disc.nodes[i], _site_input(disc.nodes[i]), order)))
                 and not _works_inplace(self._module(i))
                 for i in chosen
             )
@@ -483,7 +488,7 @@ def cap_relus(
     else:
         memo: dict[int, Any] = {}
         try:
-            target = copy.deepcopy(model, memo)
+            target = copy_model(model, memo)
         except Exception as exc:
             raise TypeError(
                 f"cap_relus: {type(model).__name__} cannot be deep-copied ({type(exc).__name__}: "
@@ -491,9 +496,16 @@ def cap_relus(
                 "changes model itself, and report.undo() or uncap(model) restores it"
             ) from exc
         found = found and _moved(found, memo)
-    disc = found or _discover(target, example_input, mode, "cap_relus", prune=True)
-    plan = _plan(disc.sites, cap, sites)
+    # the self-check's reference pass comes first: its record of the ReLU applications is
+    # the discovery too (no fx trace for a model whose ReLUs are all modules)
     args, ref, unchecked = verify.reference_run(target, example_input)
+    disc = found or _discover(target, example_input, mode, "cap_relus", ref)
+    plan = _plan(disc.sites, cap, sites)
+    if disc.probed and _Converter(target, disc, plan)._split_needed()[1]:
+        # a shared module needs different activations per call, or an in-place ReLU's input
+        # may be read later: that takes graph nodes
+        disc = _discover(target, example_input, mode, "cap_relus", ref, trace=True)
+        plan = _plan(disc.sites, cap, sites)
     try:
         converter, checked = _convert_checked(target, disc, plan, ref, args, mode, unchecked)
     except ConversionCheckError:
@@ -531,9 +543,9 @@ def _convert_checked(model, disc, plan, ref, args, mode, unchecked) -> tuple[_Co
     everything = len(plan) == len(disc.sites)
     try:
         return converter, _check(model, converter, ref, args, everything)
-    except ConversionCheckError as exc:
+    except BaseException as exc:
         converter.abort()
-        if not converter.rewritten or mode != "auto":
+        if not isinstance(exc, ConversionCheckError) or not converter.rewritten or mode != "auto":
             raise
         converter = _Converter(model, disc, plan, forced=(
             f"the fx rewrite failed the self-check ({str(exc).split(': ', 1)[1][:160]})")).run()
@@ -542,6 +554,9 @@ def _convert_checked(model, disc, plan, ref, args, mode, unchecked) -> tuple[_Co
         except ConversionCheckError:
             converter.abort()
             raise exc from None
+        except BaseException:
+            converter.abort()
+            raise
 
 
 def _check(model: nn.Module, converter: _Converter, ref: Any, args: tuple, all_sites: bool) -> str:

@@ -21,7 +21,6 @@ and zero point, so the observer of the module before the cap sets the resolution
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any
@@ -33,6 +32,7 @@ from torch.ao.nn.intrinsic.modules.fused import _FusedModule
 from torch.ao.nn.quantized import FloatFunctional
 
 from ._records import _RECORDS, CapReport, ConversionCheckError, _check_model, _Record
+from ._copy import copy_model
 from .verify import reference_run
 
 _RELU_TYPES = (nn.ReLU, nn.ReLU6)
@@ -148,7 +148,7 @@ def cap_quantizable(model: nn.Module, cap: Any, sites: Any, example_input: Any,
     reference, float_report = cap_relus(model, cap, example_input=example_input)
     found = float_report.sites
     args, _, unchecked = reference_run(reference, example_input)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     functionals = [(p, m) for p, m in target.named_modules() if type(m) is FloatFunctional]
     relus = [m for m in target.modules() if type(m) in _RELU_TYPES]
     functional_sites = [s.name for s in found if s.kind != "module"]
@@ -165,7 +165,9 @@ def cap_quantizable(model: nn.Module, cap: Any, sites: Any, example_input: Any,
     if not math.isinf(value):
         for module in relus:
             bound = min(value, 6.0) if type(module) is nn.ReLU6 else value
-            record.hooks.append(module.register_forward_hook(_CapHook(bound)))
+            hook = _CapHook(bound)
+            module.register_forward_hook(hook)
+            record.hooks.append((module, hook))
         for path, module in functionals:
             parent_path, _, name = path.rpartition(".")
             parent = target.get_submodule(parent_path)

@@ -14,17 +14,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._codegen import _GeneratedForward
 from ._records import _class_codes
-from .verify import _HARDTANH, _INPLACE_CALLS, _RELU_CALLS, _calling_module, _is_relu_call
-
-_FUNCTIONAL = frozenset({F.relu, torch.relu, torch.relu_, F.relu6, Tensor.relu, Tensor.relu_})
-
+from .verify import _INPLACE_CALLS, _RELU_CALLS, _calling_module
 
 class _Intercept(TorchFunctionMode):
     """Active during one call of ``owner``: routes its k-th ReLU application to ``table[k]``."""
@@ -37,7 +32,7 @@ class _Intercept(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _FUNCTIONAL and _calling_module()[0] is self.owner:
+        if func in _RELU_CALLS and _calling_module()[0] is self.owner:
             k, self.k = self.k, self.k + 1
             new = self.table.get(k)
             if new is not None:
@@ -113,76 +108,3 @@ def has_with_block(cls: type) -> bool:
 
     return any(ins.opname in ("BEFORE_WITH", "SETUP_WITH", "SETUP_ASYNC_WITH")
                for code in _class_codes(cls) for ins in dis.get_instructions(code))
-
-
-_LABELS = {F.relu: ("F.relu", "relu"), torch.relu: ("torch.relu", "relu"),
-           torch.relu_: ("torch.relu_", "relu"), F.relu6: ("F.relu6", "relu6"),
-           Tensor.relu: ("Tensor.relu", "relu"), Tensor.relu_: ("Tensor.relu_", "relu")}
-
-
-class _Finder(TorchFunctionMode):
-    """Records every ReLU application: (function, module running it, its frame, output shape,
-    in place)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[Any, nn.Module, Any, tuple[int, ...] | None, bool]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func in _RELU_CALLS or func in _HARDTANH:
-            module, _, frame = _calling_module()
-            if module is not None and _is_relu_call(func, module):
-                inplace = func in _INPLACE_CALLS or bool(
-                    kwargs.get("inplace", args[1] if len(args) > 1 else False))
-                shape = tuple(out.shape) if isinstance(out, Tensor) else None
-                self.calls.append((func, module, frame, shape, inplace))
-        return out
-
-
-def discover_by_running(model: nn.Module, args: tuple, why: str):
-    """Sites of a model fx cannot trace, found by running it once on ``args`` (eval mode, no
-    grad): ReLU modules by instance, functional ReLUs by owner and order within each call of
-    the owner. Only what this input reaches is found (the self-check runs the same input)."""
-    from ._records import _RELU_MODULES, ReluSite
-    from .sites import _Discovery, _Eval, _width
-
-    finder = _Finder()
-    with _Eval(model), finder:
-        model(*args)
-    names: dict[nn.Module, str] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(m, path)
-    raw, frames = [], {}
-    for func, module, frame, shape, inplace in finder.calls:
-        if module not in names:
-            continue  # built inside a forward: no place to install; the self-check names it
-        label = _RELU_MODULES.get(type(module))
-        path = names[module]
-        if label is not None:
-            raw.append((module, "module", label, path, path.rpartition(".")[0], 0, bool(
-                module.inplace), shape))
-            continue
-        seen = frames.setdefault(module, [])
-        if not seen or seen[-1] is not frame:
-            seen.append(frame)
-        op, token = _LABELS[func]
-        raw.append((None, "function" if not op.startswith("Tensor") else "method", op,
-                    f"{path}:{token}", path, len(seen) - 1, inplace, shape))
-    totals: dict[str, int] = {}
-    for item in raw:
-        totals[item[3]] = totals.get(item[3], 0) + 1
-    counter: dict[str, int] = {}
-    sites, instances, owner_call = [], [], []
-    for index, (module, kind, op, base, owner, call, inplace, shape) in enumerate(raw):
-        k = counter[base] = counter.get(base, -1) + 1
-        sites.append(ReluSite(
-            name=f"{base}#{k}" if totals[base] > 1 else base, index=index, kind=kind, op=op,
-            module_path=base if kind == "module" else owner, owner=owner,
-            shared=kind == "module" and totals[base] > 1, inplace=inplace, shape=shape,
-            width=_width(shape)))
-        instances.append(module)
-        owner_call.append(call)
-    return _Discovery(sites, instances, [None] * len(sites), owner_call,
-                      named=dict(model.named_modules()), untraced=why.split(". What")[0])

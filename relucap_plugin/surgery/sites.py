@@ -4,19 +4,19 @@ applications, add shapes from an example input; ``find_relus`` and its reusable 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import os
 import types
 import weakref
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
 from ._codegen import _GeneratedForward
+from .._torch import caller_state
 from ._records import (
     _OWN_MODULES,
     _RECORDS,
@@ -27,11 +27,12 @@ from ._records import (
     UntraceableModelError,
     _check_mode,
     _check_model,
-    _class_codes,
     _is_installed,
     _relative,
     _site_op,
 )
+from .running import _Discovery, _width, probe_discovery, probe_leaves, runtime_discovery
+from .verify import _as_args, bad_example_input, probe, probe_run
 
 @dataclass
 class _Call:
@@ -197,67 +198,8 @@ def _trace(module: nn.Module, tracer: _SiteTracer) -> tuple[fx.Graph, dict[str, 
     return graph, constants
 
 
-@dataclass
-class _Discovery:
-    """Sites of one model plus what conversion needs: graph nodes, instances, call records."""
-
-    sites: list[ReluSite]
-    instances: list[nn.Module | None]
-    nodes: list[fx.Node | None]
-    owner_call: list[int]
-    graph: fx.Graph | None = None
-    constants: dict[str, Any] = field(default_factory=dict)
-    calls: dict[str, list[_Call]] = field(default_factory=dict)
-    inlined: tuple[type, ...] = ()
-    named: dict[str, nn.Module] = field(default_factory=dict)
-    untraced: str = ""
-
-
-def _width(shape: tuple[int, ...] | None) -> int | None:
-    if shape is None:
-        return None
-    if len(shape) >= 2:
-        return int(shape[1])
-    return int(shape[0]) if shape else 1
-
-
-_RELU_NAMES = frozenset({"relu", "relu_", "relu6", "ReLU", "ReLU6", "_relu", "_relu6"})
-
-
-def _names_in(code: types.CodeType) -> Iterator[str]:
-    yield from code.co_names
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _names_in(const)
-
-
-@functools.cache
-def _class_mentions_relu(cls: type) -> bool:
-    return any(not _RELU_NAMES.isdisjoint(_names_in(code)) for code in _class_codes(cls))
-
-
-def _relu_free(model: nn.Module) -> frozenset[int]:
-    """Ids of modules that need no trace (our own heuristic): no ReLU module below them, no
-    ReLU name in their class's code, no callable attribute. A ReLU hidden from this (a helper
-    function elsewhere) is caught by the self-check of cap_relus, which then traces fully."""
-    free: set[int] = set()
-
-    def visit(m: nn.Module) -> bool:
-        ok = all([visit(c) for c in m.children()])
-        ok = ok and type(m) not in _RELU_MODULES and not _class_mentions_relu(type(m)) and not any(
-            callable(v) and not isinstance(v, (nn.Module, type)) for k, v in m.__dict__.items()
-            if not k.startswith("_"))
-        if ok:
-            free.add(id(m))
-        return ok
-
-    visit(model)
-    free.discard(id(model))
-    return frozenset(free)
-
-
-def _discover_fx(model: nn.Module, prune: bool = False) -> _Discovery:
-    tracer = _SiteTracer(leaves=_relu_free(model) if prune else frozenset())
+def _discover_fx(model: nn.Module, leaves: frozenset[int] = frozenset()) -> _Discovery:
+    tracer = _SiteTracer(leaves=leaves)
     graph, constants = _trace(model, tracer)
     modules = dict(model.named_modules())
     raw = []
@@ -312,30 +254,6 @@ def _discover_modules(model: nn.Module) -> _Discovery:
                       named=dict(model.named_modules()))
 
 
-class _Eval:
-    """Context: every module in eval mode under ``no_grad``; the modes are restored on exit."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.modes = [(m, m.training) for m in model.modules()]
-
-    def __enter__(self):
-        self.model.eval()
-        self._grad = torch.no_grad()
-        self._grad.__enter__()
-
-    def __exit__(self, *exc):
-        self._grad.__exit__(*exc)
-        for m, mode in self.modes:
-            m.training = mode
-
-
-def _as_args(example_input: Any) -> tuple:
-    """Forward arguments from ``example_input``; tensors cloned (a model may work in place)."""
-    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    return tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
-
-
 class _ShapeInterpreter(fx.Interpreter):
     """Runs a discovery graph on the real model and keeps the output shape of the site nodes."""
 
@@ -357,47 +275,55 @@ class _ShapeInterpreter(fx.Interpreter):
         return out
 
 
-def _add_shapes(model: nn.Module, disc: _Discovery, example_input: Any) -> None:
+def _add_shapes(model: nn.Module, disc: _Discovery, example_input: Any, fn: str) -> None:
     """Fill ``shape``/``width`` of the sites from one eval-mode, no-grad forward pass."""
     args = _as_args(example_input)
     shapes: dict[int, tuple[int, ...]] = {}
-    with _Eval(model):
-        if disc.graph is not None:
-            run = _ShapeInterpreter(model, disc.graph, disc.constants, set(disc.nodes))
-            run.run(*args)
-            for i, node in enumerate(disc.nodes):
-                if node in run.shapes:
-                    shapes[i] = run.shapes[node]
-        else:
-            first: dict[int, tuple[int, tuple[int, ...]]] = {}
-            counts: dict[int, int] = {}
-            order = itertools.count()
-
-            def hook(i):
-                def record(module, inputs, output):
-                    counts[i] = counts.get(i, 0) + 1
-                    if i not in first and isinstance(output, Tensor):
-                        first[i] = (next(order), tuple(output.shape))
-                return record
-
-            handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(disc.instances)]
-            try:
-                model(*args)
-            finally:
-                for h in handles:
-                    h.remove()
-            # Modules mode: sites in the order of their first call; uncalled instances dropped.
-            called = sorted(first, key=lambda i: first[i][0])
-            disc.sites = [_replace(disc.sites[i], shared=disc.sites[i].shared or counts[i] > 1)
-                          for i in called]
-            disc.instances = [disc.instances[i] for i in called]
-            disc.nodes = [None] * len(called)
-            disc.owner_call = [0] * len(called)
-            shapes = {j: first[i][1] for j, i in enumerate(called)}
+    with caller_state(model), torch.no_grad():
+        try:
+            if disc.graph is not None:
+                run = _ShapeInterpreter(model, disc.graph, disc.constants, set(disc.nodes))
+                run.run(*args)
+                for i, node in enumerate(disc.nodes):
+                    if node in run.shapes:
+                        shapes[i] = run.shapes[node]
+            else:
+                shapes = _first_calls(model, disc, args)
+        except Exception as exc:
+            raise bad_example_input(fn, model, example_input, exc) from exc
     disc.sites = [
         _replace(site, index=j, shape=shapes.get(j), width=_width(shapes.get(j)))
         for j, site in enumerate(disc.sites)
     ]
+
+
+def _first_calls(model: nn.Module, disc: _Discovery, args: tuple) -> dict[int, tuple[int, ...]]:
+    """Modules mode: run ``model`` with hooks; sites reordered by their first call, uncalled
+    instances dropped; the output shape of each site's first call."""
+    first: dict[int, tuple[int, tuple[int, ...]]] = {}
+    counts: dict[int, int] = {}
+    order = itertools.count()
+
+    def hook(i):
+        def record(module, inputs, output):
+            counts[i] = counts.get(i, 0) + 1
+            if i not in first and isinstance(output, Tensor):
+                first[i] = (next(order), tuple(output.shape))
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(disc.instances)]
+    try:
+        model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    called = sorted(first, key=lambda i: first[i][0])
+    disc.sites = [_replace(disc.sites[i], shared=disc.sites[i].shared or counts[i] > 1)
+                  for i in called]
+    disc.instances = [disc.instances[i] for i in called]
+    disc.nodes = [None] * len(called)
+    disc.owner_call = [0] * len(called)
+    return {j: first[i][1] for j, i in enumerate(called)}
 
 
 def _replace(site: ReluSite, **changes: Any) -> ReluSite:
@@ -411,20 +337,30 @@ def _activation_summary(model: nn.Module) -> str:
 
 
 def _discover(model: nn.Module, example_input: Any, mode: str, fn: str,
-              prune: bool = False) -> _Discovery:
+              run: Any = None, trace: bool = False) -> _Discovery:
+    """Sites of ``model``. ``run``: a forward pass of it recorded by
+    :class:`.verify.ReluRecorder` (on ``example_input`` if given), or None. With a run, a
+    model whose ReLUs are all modules needs no trace (unless ``trace``), and the trace of the
+    others stops at the modules in which the run applied no ReLU; without a run, fx traces
+    the whole model."""
     if mode == "auto":
-        try:
-            disc = _discover_fx(model, prune)
-        except UntraceableModelError as exc:
-            if example_input is None:
-                raise
-            from .runtime import discover_by_running
-
-            disc = discover_by_running(model, _as_args(example_input), str(exc))
+        calls = run.calls if run is not None and run.error is None else None
+        disc = None if calls is None or trace else probe_discovery(
+            model, run, example_input is not None, _SiteTracer().is_leaf_module)
+        if disc is None:
+            leaves = None if calls is None else probe_leaves(model, calls)
+            try:
+                disc = _discover_fx(model, leaves or frozenset())
+            except UntraceableModelError as exc:
+                if example_input is None:
+                    raise
+                if calls is None:
+                    calls = probe(model, _as_args(example_input)).calls
+                disc = runtime_discovery(model, calls, str(exc))
     else:
         disc = _discover_modules(model)
-    if example_input is not None and not disc.untraced:
-        _add_shapes(model, disc, example_input)
+    if example_input is not None and not disc.untraced and not disc.probed:
+        _add_shapes(model, disc, example_input, fn)
     if not disc.sites:
         raise ValueError(
             f"{fn}: {type(model).__name__} applies no ReLU in its forward pass"
@@ -443,12 +379,18 @@ def find_relus(
     """Every ReLU application of ``model``'s forward pass, in execution order.
 
     ``example_input`` (a tensor, or a tuple of forward arguments) adds each site's activation
-    shape and width; it costs one eval-mode forward pass under ``no_grad`` (modes are
-    restored). ``mode="modules"`` skips fx and lists each ``nn.ReLU``/``nn.ReLU6`` instance once
-    (registration order, or first-call order with ``example_input``). ``model`` is not changed.
+    shape and width. Discovery runs the model once under ``no_grad`` in its own mode (on
+    ``example_input``, or on a small input made up from its first layer; buffers, modes and
+    RNG restored; forward hooks do fire) and records every ReLU application; fx traces only
+    the modules in which a ReLU was applied when some ReLU is functional, and the whole model
+    if no input runs or the forward reads tensor values into Python. ``mode="modules"`` skips
+    both and lists each ``nn.ReLU``/``nn.ReLU6`` instance once (registration order, or
+    first-call order with ``example_input``). ``model`` is not changed.
     """
     _check_model(model, "find_relus")
-    disc = _discover(model, example_input, _check_mode(mode), "find_relus")
+    mode = _check_mode(mode)
+    run = probe_run(model, example_input, "find_relus") if mode == "auto" else None
+    disc = _discover(model, example_input, mode, "find_relus", run)
     return _Sites(model, disc, mode)
 
 

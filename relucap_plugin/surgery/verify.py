@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +22,19 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ._records import _MARK, ConversionCheckError, _placement
-from .sites import _as_args
+from .._torch import float_dtype, model_device
+from ._records import _MARK, ConversionCheckError
 
 # Every way a forward applies a ReLU: nn.ReLU runs F.relu, nn.ReLU6 runs F.hardtanh (counted
 # only when the module running it is an exact nn.ReLU6), F.relu_ is torch.relu_.
 _RELU_CALLS = frozenset({F.relu, torch.relu, torch.relu_, F.relu6, Tensor.relu, Tensor.relu_})
 _HARDTANH = frozenset({F.hardtanh, F.hardtanh_})
 _INPLACE_CALLS = frozenset({torch.relu_, Tensor.relu_})
+# A tensor's value read into Python: the way a forward's control flow can depend on its input.
+_VALUE_READS = frozenset({
+    Tensor.__bool__, Tensor.item, Tensor.__int__, Tensor.__float__, Tensor.__index__,
+    Tensor.__complex__, Tensor.tolist, Tensor.numpy, torch.equal, Tensor.equal, torch.allclose,
+    Tensor.allclose, torch.is_nonzero, Tensor.is_nonzero})
 
 
 def _calling_module(depth: int = 2) -> tuple[nn.Module | None, str, Any]:
@@ -48,6 +53,24 @@ def _calling_module(depth: int = 2) -> tuple[nn.Module | None, str, Any]:
     return None, where, None
 
 
+def _caller(frame: Any, module: nn.Module) -> nn.Module | None:
+    """The next module up the stack from ``frame`` other than ``module``."""
+    frame = frame.f_back
+    while frame is not None:
+        code = frame.f_code
+        owner = frame.f_locals.get("self") if "self" in code.co_varnames else None
+        if isinstance(owner, nn.Module) and owner is not module:
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _as_args(example_input: Any) -> tuple:
+    """Forward arguments from ``example_input``; tensors cloned (a model may work in place)."""
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    return tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+
+
 _SKIP = (torch.__path__[0], __file__.rsplit("/", 1)[0])
 
 
@@ -57,19 +80,47 @@ def _is_relu_call(func: Any, module: nn.Module | None) -> bool:
     return func in _HARDTANH and type(module) is nn.ReLU6
 
 
-class _ReluCounter(TorchFunctionMode):
-    """Records each ReLU application as ``(installed, module, where)``."""
+class _Application(NamedTuple):
+    """One ReLU application seen by :class:`ReluRecorder`."""
+
+    installed: bool  # made by an activation cap_relus installed
+    module: nn.Module | None  # the innermost module whose method made it
+    where: str  # file:line of the user frame that made it
+    func: Any
+    frame: Any  # the frame of ``module``'s method (kept for functional calls only)
+    shape: tuple[int, ...] | None
+    inplace: bool
+    caller: nn.Module | None  # for an nn.ReLU/nn.ReLU6: the module that called it
+
+
+class ReluRecorder(TorchFunctionMode):
+    """Records each ReLU application of a forward pass (see :class:`_Application`).
+
+    One recorder serves the self-check (count and place the plain ReLUs left) and discovery
+    by running (``find_relus``/``cap_relus`` without a trace, and models fx cannot trace)."""
 
     def __init__(self):
         super().__init__()
-        self.calls: list[tuple[bool, nn.Module | None, str]] = []
+        self.calls: list[_Application] = []
+        self.reads: list[str] = []  # tensor values read into Python: where and how
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _VALUE_READS:
+            self.reads.append(f"{getattr(func, '__name__', func)} at {_calling_module()[1]}")
         if func in _RELU_CALLS or func in _HARDTANH:
-            module, where, _ = _calling_module()
+            module, where, frame = _calling_module()
             if _is_relu_call(func, module):
-                self.calls.append((module is not None and _MARK in module.__dict__, module, where))
-        return func(*args, **(kwargs or {}))
+                inplace = func in _INPLACE_CALLS or bool(
+                    kwargs.get("inplace", args[1] if len(args) > 1 else False))
+                functional = module is None or type(module) not in (nn.ReLU, nn.ReLU6)
+                self.calls.append(_Application(
+                    module is not None and _MARK in module.__dict__, module, where, func,
+                    frame if functional else None,
+                    tuple(out.shape) if isinstance(out, Tensor) else None, inplace,
+                    None if functional else _caller(frame, module)))
+        return out
 
 
 @dataclass
@@ -79,8 +130,9 @@ class _Run:
     outputs: list[Any]
     spec: Any
     grads: set[str]
-    calls: list[tuple[bool, nn.Module | None, str]] = field(default_factory=list)
+    calls: list[_Application] = field(default_factory=list)
     error: BaseException | None = None
+    reads: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -111,7 +163,7 @@ def _fresh(args: tuple) -> tuple:
 def _run(model: nn.Module, args: tuple) -> _Run:
     """Forward with autograd in the model's own mode; the parameters the outputs' autograd
     graph reaches stand for "gets a gradient" (walking the graph costs no backward pass)."""
-    counter = _ReluCounter()
+    counter = ReluRecorder()
     with _restored(model):
         try:
             with counter:
@@ -119,9 +171,9 @@ def _run(model: nn.Module, args: tuple) -> _Run:
             flat, spec = tree_flatten(out)
             names = _reached(model, [t for t in flat if isinstance(t, Tensor)])
             flat = [t.detach() if isinstance(t, Tensor) else t for t in flat]
-            return _Run(flat, spec, names, counter.calls)
+            return _Run(flat, spec, names, counter.calls, reads=counter.reads)
         except Exception as exc:  # reported by the caller with what to do
-            return _Run([], None, set(), counter.calls, exc)
+            return _Run([], None, set(), counter.calls, exc, counter.reads)
 
 
 def _reached(model: nn.Module, outputs: list[Tensor]) -> set[str]:
@@ -157,17 +209,35 @@ def _plain_caps(model: nn.Module, ops: dict[nn.Module, Callable[[Tensor], Tensor
                 m.__dict__["forward"] = previous
 
 
-def _plain_op(upper: float, inplace: bool) -> Callable[[Tensor], Tensor]:
-    if upper == 6.0:
-        return lambda x: F.relu6(x, inplace)
-    return lambda x: F.relu(x, inplace)
+class _CapsDoNotFit(ValueError):
+    """A per-channel cap whose length is not the site's channel count."""
+
+
+def _plain_op(upper: float, inplace: bool, module: nn.Module, site: str
+              ) -> Callable[[Tensor], Tensor]:
+    """The site's own ReLU/ReLU6, after checking that per-channel caps fit the input."""
+    relu = (lambda x: F.relu6(x, inplace)) if upper == 6.0 else (lambda x: F.relu(x, inplace))
+    caps = getattr(module, "cap_tensor", None) if getattr(module, "per_channel", False) else None
+    if not isinstance(caps, Tensor):
+        return relu
+
+    def checked(x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != caps.numel():
+            raise _CapsDoNotFit(
+                f"site {site!r} has input of shape {tuple(x.shape)} and a per-channel cap of "
+                f"{caps.numel()} entries; give it one cap per channel "
+                f"({x.shape[1] if x.dim() >= 2 else 'an (N, C, *) input'}) or a number")
+        return relu(x)
+
+    return checked
 
 
 def synthesised_inputs(model: nn.Module) -> Iterator[tuple]:
     """Example forward arguments guessed from the first Linear or Conv1d/2d/3d layer in
-    registration order, on the model's device and dtype: batch 1 then 2, spatial sizes from
-    small to large (the first input the model runs with is used)."""
-    device, dtype = _placement(model)
+    registration order, on the model's device and dtype, spatial sizes from small to large, then
+    28 (MNIST); the first input the model runs with is used (batch 1, see
+    :func:`_first_that_runs`)."""
+    device, dtype = model_device(model), float_dtype(model, torch.get_default_dtype())
 
     def randn(*shape: int) -> Tensor:
         # a generator of its own: the same input every time, the caller's RNG untouched
@@ -178,15 +248,75 @@ def synthesised_inputs(model: nn.Module) -> Iterator[tuple]:
 
     for m in model.modules():
         if isinstance(m, nn.Linear):
-            yield (randn(2, m.in_features),)
+            yield (randn(1, m.in_features),)
             return
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             dims = m.weight.dim() - 2
-            sizes = (32, 96, 224) if dims < 3 else (8, 16, 32)
-            # batch 1 first (half the cost); batch 2 for BatchNorm in training mode
-            for batch, size in [(1, sizes[0])] + [(2, size) for size in sizes]:
-                yield (randn(batch, m.in_channels, *([size] * dims)),)
+            for size in (32, 64, 96, 224, 28) if dims < 3 else (8, 16, 32):
+                yield (randn(1, m.in_channels, *([size] * dims)),)
             return
+
+
+def _batch_of_two(args: tuple) -> tuple:
+    return (torch.cat([args[0], args[0]]),)
+
+
+def _first_that_runs(model: nn.Module, run: Callable[[nn.Module, tuple], _Run]
+                     ) -> tuple[tuple | None, _Run | None, str]:
+    """``run`` on the first synthesised input the model takes: (args, result, "") or
+    (None, None, why). A batch of 2 is tried only where batch 1 fails for BatchNorm in
+    training mode (every size of a synthesised input costs a forward pass, failed ones too)."""
+    tried = []
+    for args in synthesised_inputs(model):
+        got = run(model, args)
+        if got.error is not None and "more than 1 value per channel" in str(got.error):
+            args = _batch_of_two(args)
+            got = run(model, args)
+        if got.error is None:
+            return args, got, ""
+        tried.append(f"{tuple(args[0].shape)} ({type(got.error).__name__})")
+    if not tried:
+        return None, None, ("no example_input, and no Linear/Conv layer to synthesise one "
+                            "from; pass example_input")
+    return None, None, (f"no example_input, and the synthesised inputs {', '.join(tried)} do "
+                        "not run; pass example_input")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    if isinstance(value, (tuple, list)):
+        parts = ", ".join(_describe(v) for v in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"a {type(value).__name__} of {len(value)} forward argument(s) ({parts})"
+    return f"a {type(value).__name__}"
+
+
+def _expected_input(model: nn.Module) -> str:
+    """What the model's first Linear/Conv layer takes, as an example call."""
+    device, dtype = model_device(model), float_dtype(model, torch.get_default_dtype())
+    where = f", {dtype} on {device}"
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return f"torch.randn(1, {m.in_features}) (its first layer is Linear({m.in_features}, ...){where})"
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            dims = m.weight.dim() - 2
+            size = ", ".join(["224"] * dims if dims < 3 else ["16", "112", "112"])
+            return (f"torch.randn(1, {m.in_channels}, {size}) (its first layer is "
+                    f"{type(m).__name__}({m.in_channels}, ...), which takes (N, {m.in_channels}, "
+                    f"{', '.join('DHW'[3 - dims:])}){where})")
+    return "a batch shaped like the model's input, e.g. torch.randn(1, 3, 224, 224)"
+
+
+def bad_example_input(fn: str, model: nn.Module, example_input: Any, error: BaseException,
+                      argument: str = "example_input") -> ValueError:
+    """The error for an input the model cannot run (``argument`` names it): what was passed,
+    what failed, and an input of the shape the model's first layer takes."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return ValueError(
+        f"{fn}: {argument} does not run through {type(model).__name__}: you passed "
+        f"{_describe(example_input)}, and the forward pass failed with {type(error).__name__}: "
+        f"{text[:300]}. Pass a batch shaped like the model's input, on its device and dtype, "
+        f"e.g. {_expected_input(model)}; a tuple passes several forward arguments")
 
 
 def reference(model: nn.Module, args: tuple) -> _Run:
@@ -194,29 +324,41 @@ def reference(model: nn.Module, args: tuple) -> _Run:
     return _run(model, args)
 
 
-def reference_run(model: nn.Module, example_input: Any) -> tuple[tuple | None, Any, str]:
+def reference_run(model: nn.Module, example_input: Any, fn: str = "cap_relus"
+                  ) -> tuple[tuple | None, Any, str]:
     """(arguments, the unconverted model's checked pass, or None and why there is none):
     ``example_input`` must run; a synthesised input that does not run means no check."""
     if example_input is not None:
         args = _as_args(example_input)
         ref = reference(model, args)
         if ref.error is not None:
-            raise ValueError(
-                f"cap_relus: example_input does not run through {type(model).__name__}: "
-                f"{type(ref.error).__name__}: {ref.error}. Pass the input the model takes "
-                "(a tensor or a tuple of forward arguments)") from ref.error
+            raise bad_example_input(fn, model, example_input, ref.error) from ref.error
         return args, ref, ""
-    tried = []
-    for args in synthesised_inputs(model):
-        ref = reference(model, args)
-        if ref.error is None:
-            return args, ref, ""
-        tried.append(f"{tuple(args[0].shape)} ({type(ref.error).__name__})")
-    if not tried:
-        return None, None, ("no example_input, and no Linear/Conv layer to synthesise one "
-                            "from; pass example_input")
-    return None, None, (f"no example_input, and the synthesised inputs {', '.join(tried)} do "
-                        "not run; pass example_input")
+    return _first_that_runs(model, reference)
+
+
+def probe(model: nn.Module, args: tuple) -> _Run:
+    """The ReLU applications of one forward pass under ``no_grad`` in the model's own mode
+    (buffers, modes and RNG restored): discovery by running, cheaper than an fx trace."""
+    recorder = ReluRecorder()
+    with _restored(model), torch.no_grad():
+        try:
+            with recorder:
+                model(*args)
+        except Exception as exc:  # the caller decides: a clear error or a trace instead
+            return _Run([], None, set(), recorder.calls, exc, recorder.reads)
+    return _Run([], None, set(), recorder.calls, reads=recorder.reads)
+
+
+def probe_run(model: nn.Module, example_input: Any, fn: str) -> _Run | None:
+    """:func:`probe` on ``example_input`` (which must run) or on a synthesised input (None if
+    none runs)."""
+    if example_input is not None:
+        got = probe(model, _as_args(example_input))
+        if got.error is not None:
+            raise bad_example_input(fn, model, example_input, got.error) from got.error
+        return got
+    return _first_that_runs(model, probe)[1]
 
 
 def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Module, tuple],
@@ -227,16 +369,18 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
     every site found was converted, so no plain ReLU may remain (except inside torch.nn layers,
     which get a note). Returns a one-line summary and the notes.
     """
-    ops = {m: _plain_op(upper, inplace) for m, (_, upper, inplace) in installed.items()}
+    ops = {m: _plain_op(upper, inplace, m, site) for m, (site, upper, inplace) in installed.items()}
     with _plain_caps(converted, ops):
         got = _run(converted, args)
+    if isinstance(got.error, _CapsDoNotFit):
+        raise ValueError(f"{fn}: {got.error}") from None
     if got.error is not None:
         raise ConversionCheckError(
             f"{fn}: the converted model fails where the original runs: "
             f"{type(got.error).__name__}: {got.error}. Nothing was returned; report this with "
             "the model, or pass mode='modules' / fewer sites"
         ) from got.error
-    leftover = [(m, where) for inside, m, where in got.calls if not inside]
+    leftover = [(c.module, c.where) for c in got.calls if not c.installed]
     hidden = [(m, w) for m, w in leftover if _inside_torch_layer(m)]
     notes = []
     if hidden:
@@ -270,7 +414,7 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
     values = "bit-identical outputs" if all(
         not isinstance(t, Tensor) or t.device.type != "meta" for t in ref.outputs) else (
         "meta tensors: shapes and dtypes")
-    inside = sum(1 for c in got.calls if c[0])
+    inside = sum(1 for c in got.calls if c.installed)
     return (f"passed at cap=inf: {values}, same dtypes, gradients reach the same "
             f"{len(ref.grads)} parameters, {len(got.calls)} ReLU applications, "
             f"{inside} through new activations"), notes
