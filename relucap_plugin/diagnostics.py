@@ -344,6 +344,12 @@ def _kinds(results: Results) -> dict[str, str]:
     return {a: attack_kind(a, families.get(a)) for a in results.attacks}
 
 
+def _reference(results: Results, kind: str = "white-box") -> list[str]:
+    """The ``kind`` attacks of ``results`` that ran on every sample: under the cascade schedule
+    only the unconditional first attack, so that comparisons with it stay exact per sample."""
+    return [a for a, k in _kinds(results).items() if k == kind and not results.conditional(a)]
+
+
 def _beats(results: Results, kind: str, reference: str = "white-box", *, tests: int = 1,
            alpha: float = ALPHA) -> dict[str, Any] | str:
     """Per eps, the samples robust to every ``reference`` attack but broken by some ``kind``
@@ -351,7 +357,7 @@ def _beats(results: Results, kind: str, reference: str = "white-box", *, tests: 
     the smallest p-value times ``tests`` (Bonferroni) is below ``alpha``. Returns the reason if
     there is nothing to compare."""
     kinds = _kinds(results)
-    ref = [a for a, k in kinds.items() if k == reference]
+    ref = _reference(results, reference)
     others = [a for a, k in kinds.items() if k == kind]
     if not ref or not others:
         missing = "no " + (f"{reference} attack" if not ref else f"{kind} attack")
@@ -401,11 +407,13 @@ def over_report(results: Results, *, alpha: float = ALPHA) -> dict[str, Any] | N
     """How much PGD over-reports: per eps, robust accuracy under the plain white-box attacks
     (per-sample worst case over them) minus the worst case over every attack, with its exact
     ``1 - alpha`` interval (Clopper-Pearson on the samples only the other attacks broke).
+    Under the cascade schedule the white-box reference is the unconditional first attack alone
+    (the others ran only on its survivors).
 
     Returns ``{"per_eps": {...}, "eps", "over_report", "interval", ...}`` for the eps with the
     largest over-report (the headline), or ``None`` without a white-box attack in ``results``.
     """
-    ref = [a for a, k in _kinds(results).items() if k == "white-box"]
+    ref = _reference(results)
     if not ref:
         return None
     per_eps = {}
@@ -467,6 +475,31 @@ def zero_gradient_layers(model: nn.Module, x: Tensor, y: Tensor, *, top: int = 3
 
 
 # ------------------------------------------------------------------------------ the audit
+def _with_single_step(model: nn.Module, x: Tensor, y: Tensor, threat_model: ThreatModel,
+                      config: EvalConfig, results: Results, notes: list[str]) -> Results:
+    """``results`` plus the rows of ``torch:FGSM`` on the same samples (same schedule), for the
+    single-step check; unchanged with a note when the two cannot be merged."""
+    from .evaluation import evaluate
+
+    fgsm = evaluate(model, (x, y), "torch:FGSM", threat_model.replace(eps=tuple(results.eps)),
+                    config, progress=False, model_name=results.metadata.get("model"),
+                    schedule=results.schedule)
+    try:
+        return results.merge(fgsm)
+    except ValueError as exc:
+        notes.append(f"single-step check without torch:FGSM: the results given describe another "
+                     f"evaluation than audit's model, data and config ({exc})")
+        return results
+
+
+def _kept_examples(results: Results, eps: float) -> Tensor | None:
+    """The worst-case examples at ``eps`` the run kept (``keep_adversarial``), else ``None``."""
+    try:
+        return results.worst_case_examples(eps) if results._store() is not None else None
+    except ValueError:
+        return None
+
+
 @dataclass
 class Audit:
     """All flags for one model, the suite's results they came from, and the verdict."""
@@ -556,8 +589,13 @@ def audit(
     progress: bool = False,
     out: str | os.PathLike | None = None,
 ) -> Audit:
-    """Evaluate ``model`` with ``suite`` plus ``torch:FGSM`` (unless ``results`` are given) and
-    run every check of :data:`CHECKS` on the same samples.
+    """Evaluate ``model`` with ``suite`` plus ``torch:FGSM`` (cascade schedule, unless
+    ``results`` are given) and run every check of :data:`CHECKS` on the same samples.
+
+    Given ``results`` (e.g. of :func:`~relucap_plugin.adaptive.evaluate_suite` on the same
+    model and data) are reused: only ``torch:FGSM`` is evaluated when they hold no single-step
+    attack (its rows are merged in, same schedule), and the saturation check reads the kept
+    worst-case examples when the run kept them (else it runs one PGD).
 
     ``data`` as for :func:`~relucap_plugin.evaluation.evaluate` (``config.n_samples`` limits it);
     the model checks use the largest budget of ``threat_model``. Pass several budgets for a
@@ -568,15 +606,20 @@ def audit(
 
     config = config or EvalConfig()
     x, y = as_tensors(data, limit=config.n_samples)
+    notes: list[str] = []
     if results is None:
         results = evaluate_suite(model, (x, y), threat_model, suite, config, extra_attacks=["torch:FGSM"],
                                  suite_kwargs=suite_kwargs, progress=progress, model_name=model_name,
                                  out=out)
+    elif "single-step" not in _kinds(results).values():
+        results = _with_single_step(model, x, y, threat_model, config, results, notes)
     eps = max(threat_model.eps)
-    pgd = get_attack("torch:PGD", threat_model.replace(eps=(eps,)))
-    x_adv = pgd(model, x, y, eps, seed=config.seed)
+    x_adv = _kept_examples(results, eps)
+    if x_adv is None:
+        pgd = get_attack("torch:PGD", threat_model.replace(eps=(eps,)))
+        x_adv = pgd(model, x, y, eps, seed=config.seed)
     scan = find_caps(model, x[:8])
-    notes = [*results.metadata.get("notes", [])]
+    notes = [*results.metadata.get("notes", []), *notes]
     if scan.warning and scan.warning not in notes:
         notes.append(scan.warning)
     grad = gradient_check(model, x, y)

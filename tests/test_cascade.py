@@ -1,0 +1,247 @@
+"""The cascade schedule of evaluate (relucap_plugin/cascade.py): worst case, not_needed rows,
+nested budgets, conditional labels, determinism, resume, the schedule in the file's identity,
+infinite caps and the audit's reuse of a suite run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from relucap_plugin import EvalConfig, ThreatModel, cap_relus, evaluate
+from relucap_plugin.adaptive import SurrogateAttack, TransferAttack, get_suite
+from relucap_plugin.adaptive.suite import _has_caps
+from relucap_plugin.cascade import cascade_order
+from relucap_plugin.evaluation import norm_tolerance
+from relucap_plugin.models import mlp
+from relucap_plugin.results import Results
+
+EPS = (0.05, 0.1, 0.2)
+TM = ThreatModel("Linf", eps=EPS, steps=10)
+CFG = EvalConfig(batch_size=12, device="cpu", seed=0)
+N = 24
+
+
+@pytest.fixture(scope="module")
+def data(mnist5k):
+    _, test = mnist5k
+    return test.tensors[0][:N], test.tensors[1][:N]
+
+
+@pytest.fixture(scope="module")
+def suite(capped_mlp, data):
+    return get_suite("standard", TM, capped_mlp, data[0][:8], square_queries=100)
+
+
+@pytest.fixture(scope="module")
+def runs(capped_mlp, data, suite):
+    """The full and the cascade schedule of the same suite on the capped MLP."""
+    full = evaluate(capped_mlp, data, suite, TM, CFG, progress=False)
+    cascade = evaluate(capped_mlp, data, suite, TM, CFG, progress=False, schedule="cascade")
+    return full, cascade
+
+
+def test_cascade_worst_case_is_at_most_full_per_sample(runs):
+    full, cascade = runs
+    assert cascade.keys() == full.keys()  # one row per (sample, attack, eps) under both
+    for eps in EPS:
+        f, c = full.per_sample_worst_case(eps), cascade.per_sample_worst_case(eps)
+        assert set(c) == set(f) == set(range(N))
+        assert all(c[s] <= f[s] for s in f), eps
+        assert cascade.worst_case(eps) <= full.worst_case(eps)
+    # the cascade did skip work: most later attacks were not needed on most samples
+    skipped = [r for r in cascade if r["status"] == "not_needed"]
+    assert len(skipped) > len(cascade) // 4
+    assert not [r for r in full if r["status"] == "not_needed"]
+
+
+def test_order_puts_white_box_first_and_black_box_last(suite):
+    order = cascade_order(suite)
+    assert order[0].spec == "torch:PGD"
+    assert "Square" in order[-1].spec
+    kinds = [type(a) for a in order]
+    assert kinds.index(SurrogateAttack) < kinds.index(TransferAttack)
+
+
+def test_first_attack_runs_on_every_clean_correct_sample(runs):
+    _, cascade = runs
+    first = cascade.attacks[0]
+    assert first == "torch:PGD"
+    rows = [r for r in cascade if r["attack"] == first]
+    assert all(r["status"] == "ok" for r in rows)
+    assert not cascade.conditional(first)
+    assert all(cascade.conditional(a) for a in cascade.attacks[1:])
+
+
+def test_not_needed_rows_never_count_as_robust_or_failed(runs):
+    _, cascade = runs
+    for r in cascade:
+        if r["status"] == "not_needed":
+            assert r["adv_correct"] is None and r["reason"].startswith("not needed: broken by")
+            # the sample was broken at this eps by an attack that ran before it
+            others = [o for o in cascade if o["sample"] == r["sample"] and o["eps"] == r["eps"]
+                      and o["status"] == "ok" and o["adv_correct"] is False]
+            assert others
+    assert cascade.missing() == []
+    assert cascade.failed() == []
+    conditional = cascade.attacks[1]
+    assert cascade.robust_accuracy(conditional, EPS[0]) is None  # never a silently wrong number
+    row = next(s for s in cascade.summary() if s["attack"] == conditional and s["eps"] == EPS[0])
+    assert row["conditional"] and row["failed"] == 0
+    ran = [r for r in cascade if r["attack"] == conditional and r["eps"] == EPS[0]
+           and r["clean_correct"] and r["status"] != "not_needed"]
+    assert row["n"] == len(ran)
+    if ran:
+        assert row["robust_accuracy"] == sum(r["adv_correct"] for r in ran) / len(ran)
+
+
+def test_not_needed_row_is_excluded_from_the_worst_case():
+    base = {"library": "x", "label": 0, "clean_pred": 0, "clean_correct": True, "eps": 0.1}
+    rows = [
+        {**base, "sample": 0, "attack": "x:A", "adv_correct": True, "status": "ok"},
+        {**base, "sample": 0, "attack": "x:B", "adv_correct": True, "status": "not_needed"},
+        {**base, "sample": 1, "attack": "x:A", "adv_correct": False, "status": "ok"},
+        {**base, "sample": 1, "attack": "x:B", "adv_correct": None, "status": "not_needed"},
+    ]
+    res = Results(rows)
+    assert [r["adv_correct"] for r in res if r["status"] == "not_needed"] == [None, None]
+    assert res.per_sample_worst_case(0.1) == {0: True, 1: False}
+    assert res.per_sample_worst_case(0.1, ["x:B"]) == {}
+    assert res.robust_accuracy("x:B", 0.1) is None and res.robust_accuracy("x:A", 0.1) == 0.5
+
+
+def test_nested_reuse_rows_are_verified_at_the_larger_eps(capped_mlp, data, suite):
+    x, y = data
+    res = evaluate(capped_mlp, data, suite, TM, CFG, progress=False, schedule="cascade",
+                   keep_adversarial="all")
+    reused = [r for r in res if (r["reason"] or "").startswith("reused")]
+    assert reused, "some sample broken at a small eps must be reused at a larger one"
+    for r in reused:
+        assert not r["adv_correct"] and r["status"] == "ok"
+        eps0 = float(r["reason"].split("eps ")[1].split(",")[0])
+        assert eps0 < r["eps"]
+        idx, ex = res.adversarial_examples(r["attack"], r["eps"])
+        example = ex[idx.tolist().index(r["sample"])]
+        idx0, ex0 = res.adversarial_examples(r["attack"], eps0)
+        assert torch.equal(example, ex0[idx0.tolist().index(r["sample"])])  # the same example
+        delta = (example - x[r["sample"]]).abs().max().item()
+        assert delta <= norm_tolerance(r["eps"], TM, x) and math.isclose(delta, r["norm"], rel_tol=1e-5)
+        with torch.no_grad():
+            assert capped_mlp(example[None]).argmax(1).item() != y[r["sample"]].item()
+
+
+def test_printed_table_labels_conditional_numbers_and_refuses_agreement(capped_mlp, data):
+    tm = TM.replace(eps=(0.1,))
+    attacks = ["torch:PGD", "torchattacks:PGD"]
+    cascade = evaluate(capped_mlp, data, attacks, tm, CFG, progress=False, schedule="cascade")
+    full = evaluate(capped_mlp, data, attacks, tm, CFG, progress=False)
+    text = cascade.table()
+    assert "torchattacks:PGD (conditional)" in text
+    assert "torch:PGD (conditional)" not in text
+    assert "cascade schedule" in text and "agreement across libraries is n/a" in text
+    assert cascade.agreement() == [] and full.agreement() != []
+    assert "(conditional)" not in full.table() and "cascade schedule" not in full.table()
+
+
+def test_same_seed_same_table(capped_mlp, data, suite, runs):
+    _, cascade = runs
+    again = evaluate(capped_mlp, data, suite, TM, CFG, progress=False, schedule="cascade")
+    assert again.outcomes() == cascade.outcomes()
+
+
+class _Interrupting:
+    """torch:PGD-like FGSM step that raises KeyboardInterrupt after ``limit`` calls."""
+
+    calls, limit = 0, None
+
+    def __call__(self, model, x, y, eps):
+        _Interrupting.calls += 1
+        if self.limit is not None and _Interrupting.calls > self.limit:
+            raise KeyboardInterrupt
+        x = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        (grad,) = torch.autograd.grad(loss, x)
+        return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def test_killed_run_resumes_to_the_identical_table(capped_mlp, data, tmp_path):
+    from relucap_plugin import make_attack
+
+    tm = TM.replace(eps=(0.05, 0.2))
+    step = _Interrupting()
+    attacks = ["torch:FGSM", make_attack(step, name="step"), "torch:PGD"]
+    ref = evaluate(capped_mlp, data, attacks, tm, CFG, progress=False, schedule="cascade")
+    out = tmp_path / "r.jsonl"
+    _Interrupting.calls, _Interrupting.limit = 0, 2  # dies in the second batch
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(capped_mlp, data, attacks, tm, CFG, out=out, progress=False, schedule="cascade")
+    partial = Results.load(out)
+    assert 0 < len(partial) < len(ref)
+    _Interrupting.limit = None
+    resumed = evaluate(capped_mlp, data, attacks, tm, CFG, out=out, progress=False, schedule="cascade")
+    assert resumed.outcomes() == ref.outcomes()
+    assert Results.load(out).outcomes() == ref.outcomes()
+
+
+@pytest.mark.parametrize("keep", [3, 20, 41])
+def test_truncated_file_resumes_to_the_identical_table(capped_mlp, data, suite, runs, tmp_path, keep):
+    _, ref = runs
+    out = tmp_path / "r.jsonl"
+    evaluate(capped_mlp, data, suite, TM, CFG, out=out, progress=False, schedule="cascade")
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:1 + keep]) + lines[1 + keep][:7])  # and a torn line
+    with pytest.warns(UserWarning, match="torn"):
+        resumed = evaluate(capped_mlp, data, suite, TM, CFG, out=out, progress=False,
+                           schedule="cascade")
+    assert resumed.outcomes() == ref.outcomes()
+
+
+def test_schedule_is_part_of_the_run_identity(capped_mlp, data, tmp_path):
+    tm = TM.replace(eps=(0.1,))
+    out = tmp_path / "r.jsonl"
+    evaluate(capped_mlp, data, ["torch:FGSM", "torch:PGD"], tm, CFG, out=out, progress=False,
+             schedule="cascade")
+    header = json.loads(out.read_text().splitlines()[0])["metadata"]
+    assert header["schedule"] == "cascade" and header["fingerprint"]["schedule"] == "cascade"
+    with pytest.raises(ValueError, match="schedule"):
+        evaluate(capped_mlp, data, ["torch:FGSM", "torch:PGD"], tm, CFG, out=out, progress=False)
+    full = tmp_path / "f.jsonl"
+    evaluate(capped_mlp, data, ["torch:FGSM"], tm, CFG, out=full, progress=False)
+    with pytest.raises(ValueError, match="schedule"):
+        evaluate(capped_mlp, data, ["torch:FGSM"], tm, CFG, out=full, progress=False,
+                 schedule="cascade")
+    with pytest.raises(ValueError, match="schedule='fast'"):
+        evaluate(capped_mlp, data, ["torch:FGSM"], tm, CFG, progress=False, schedule="fast")
+
+
+def test_infinite_caps_count_as_no_cap(data):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = mlp((16, 8, 16))
+    inf_capped, _ = cap_relus(model, math.inf)
+    finite, _ = cap_relus(model, 1.0)
+    x = data[0][:4]
+    assert _has_caps(inf_capped, None) is False and _has_caps(inf_capped, x) is False
+    assert _has_caps(finite, None) is True
+    names = [a.spec for a in get_suite("standard", TM, inf_capped, x, square_queries=10)]
+    assert not any("+bpda" in n or "+transfer" in n for n in names)
+    assert any("+bpda" in n for n in (a.spec for a in get_suite("standard", TM, finite, x,
+                                                                 square_queries=10)))
+
+
+def test_audit_reuses_the_suite_run(capped_mlp, data, runs, monkeypatch):
+    import relucap_plugin.diagnostics as diagnostics
+
+    _, cascade = runs
+
+    def no_second_suite(*args, **kwargs):
+        raise AssertionError("audit ran the suite again")
+
+    monkeypatch.setattr(diagnostics, "evaluate_suite", no_second_suite)
+    report = diagnostics.audit(capped_mlp, data, TM, CFG, results=cascade)
+    assert [o for o in report.results.outcomes() if o[1] != "torch:FGSM"] == cascade.outcomes()
+    assert "torch:FGSM" in report.results.attacks  # only the single-step attack was added
+    assert not report.flag("single_step_beats_iterative").skipped
+    assert report.over_report is not None and report.over_report["pgd_attacks"] == ["torch:PGD"]
