@@ -31,10 +31,12 @@ if TYPE_CHECKING:
     from .attacks import Attack
     from .evaluation import _Batch, _Runner
 
-__all__ = ["COST_RANK", "NOT_NEEDED", "SCHEDULES", "cascade_order", "check_schedule"]
+__all__ = ["COST_RANK", "NOT_NEEDED", "SCHEDULES", "cascade_order", "check_schedule", "gates"]
 
-#: The evaluation schedules: every attack on every sample, or the cascade (this module).
-SCHEDULES = ("full", "cascade")
+#: The evaluation schedules: every attack on every sample; the cascade (this module); the
+#: audit's cascade, where BPDA, transfer and black-box attacks each run on the survivors of the
+#: white-box attacks (not of each other), so that each gap the audit tests is measured.
+SCHEDULES = ("full", "cascade", "audit")
 #: Row status of an attack that did not run on a sample because it was already broken.
 NOT_NEEDED = "not_needed"
 #: Cost order of attack kinds (:func:`~relucap_plugin.adaptive.attack_kind`), cheapest first:
@@ -49,8 +51,10 @@ def check_schedule(schedule: Any) -> str:
     if schedule not in SCHEDULES:
         raise ValueError(
             f"schedule={schedule!r} is not a schedule; pass schedule='cascade' (each attack only "
-            "on the samples still robust: the worst case at a fraction of the cost) or "
-            "schedule='full' (every attack on every sample: exact per-attack and agreement tables)"
+            "on the samples still robust: the worst case at a fraction of the cost), "
+            "schedule='full' (every attack on every sample: exact per-attack and agreement "
+            "tables) or schedule='audit' (BPDA, transfer and black-box attacks each on the "
+            "survivors of the white-box attacks)"
         )
     return schedule
 
@@ -71,39 +75,48 @@ def cascade_order(attacks: Sequence[Attack]) -> list[Attack]:
     return [attacks[first], *(attacks[i] for i in ranked if i != first)]
 
 
+def gates(attacks: Sequence[Attack], schedule: str) -> list[set[str]]:
+    """Per attack (in run order), the attacks whose verified examples make it unnecessary on a
+    sample: none for the first (unconditional) attack; under ``"cascade"`` every other attack,
+    under ``"audit"`` the white-box and single-step attacks only, so each other kind (BPDA,
+    transfer, black-box) runs on all their survivors and the audit's checks see what it adds."""
+    specs = [a.spec for a in attacks]
+    if schedule == "audit":
+        tier = {a.spec for a in attacks if _kind(a) in ("white-box", "single-step")}
+        return [set()] + [tier - {s} for s in specs[1:]]
+    return [set()] + [set(specs) - {s} for s in specs[1:]]
+
+
 class CascadeBatch:
     """The cascade on one batch: :meth:`run` once per eps, in increasing order.
 
-    ``found[k]`` holds the first verified adversarial example of position ``k`` (attack, eps,
-    (...) tensor) and ``found_first[k]`` that of the unconditional attack, reused at larger eps.
+    ``found[attack][k]``: the first verified adversarial example (eps, (...) tensor) ``attack``
+    found for position ``k``; it is verified again and reused at every larger eps.
     """
 
-    def __init__(self, runner: _Runner, batch: _Batch, attacks: Sequence[Attack]):
+    def __init__(self, runner: _Runner, batch: _Batch, attacks: Sequence[Attack], schedule: str):
         self.runner, self.batch, self.attacks = runner, batch, list(attacks)
+        self.gates = gates(self.attacks, schedule)
         self.correct = [p == lab for p, lab in zip(batch.clean_pred, batch.labels)]
-        self.found: dict[int, tuple[str, float, Tensor]] = {}
-        self.found_first: dict[int, tuple[str, float, Tensor]] = {}
+        self.found: dict[str, dict[int, tuple[float, Tensor]]] = {a.spec: {} for a in attacks}
         self.last_eps: float | None = None
 
-    def _reverify(self, eps: float, found: dict[int, tuple[str, float, Tensor]]) -> dict[int, tuple]:
-        """position -> (attack, eps0, example, norm, prediction) for the examples of ``found``
-        that are still verified adversarial examples at ``eps``."""
+    def _reverify(self, eps: float, found: dict[int, tuple[float, Tensor]]) -> dict[int, tuple]:
+        """position -> (eps0, example, norm, prediction) for the examples of ``found`` that are
+        still verified adversarial examples at ``eps``."""
         from .evaluation import verify
 
         if not found:
             return {}
         ks = sorted(found)
         x = self.batch.x[torch.tensor(ks, device=self.batch.x.device)]
-        x_adv = torch.stack([found[k][2] for k in ks])
+        x_adv = torch.stack([found[k][1] for k in ks])
         norms, reasons = verify(x, x_adv, eps, self.runner.tm)
         logits = self.runner._logits(x_adv)
         finite = torch.isfinite(logits).all(1).tolist()
         pred = logits.argmax(1).tolist()
-        out = {}
-        for j, k in enumerate(ks):
-            if reasons[j] is None and finite[j] and pred[j] != self.batch.labels[k]:
-                out[k] = (found[k][0], found[k][1], found[k][2], float(norms[j]), pred[j])
-        return out
+        return {k: (found[k][0], found[k][1], float(norms[j]), pred[j]) for j, k in enumerate(ks)
+                if reasons[j] is None and finite[j] and pred[j] != self.batch.labels[k]}
 
     def run(self, eps: float) -> None:
         """Every attack's rows at ``eps`` for this batch (only the missing ones are written)."""
@@ -113,15 +126,16 @@ class CascadeBatch:
             raise RuntimeError("the cascade runs the budgets of a batch in increasing order")
         self.last_eps = eps
         runner, batch = self.runner, self.batch
-        reused = self._reverify(eps, self.found)
-        reused_first = self._reverify(eps, self.found_first)
-        broken = {k: f"{v[0]} (its example of eps {v[1]:g})" for k, v in reused.items()}
-        for n, attack in enumerate(self.attacks):
-            first = n == 0
-            mine = {k: v for k, v in (reused_first if first else reused).items()
-                    if v[0] == attack.spec}
-            attacked = [k for k, c in enumerate(self.correct)
-                        if c and k not in mine and (first or k not in broken)]
+        reused = {a.spec: self._reverify(eps, self.found[a.spec]) for a in self.attacks}
+        broken: dict[int, dict[str, str]] = {}  # position -> attack -> how it broke it
+        for spec, mine in reused.items():
+            for k, v in mine.items():
+                broken.setdefault(k, {})[spec] = f"{spec} (its example of eps {v[0]:g})"
+        for attack, gate in zip(self.attacks, self.gates):
+            mine = reused[attack.spec]
+            by = {k: next(how for a, how in b.items() if a in gate)
+                  for k, b in broken.items() if gate & set(b)}
+            attacked = [k for k, c in enumerate(self.correct) if c and k not in mine and k not in by]
             outcome: dict[int, tuple] = {}
             per_sample = 0.0
             if attacked:
@@ -136,7 +150,7 @@ class CascadeBatch:
                     row = ("ok", None, batch.clean_pred[k], 0.0, False, 0.0)
                     examples[k] = batch.x[k]
                 elif k in mine:
-                    name, eps0, x_adv, norm, pred = mine[k]
+                    eps0, x_adv, norm, pred = mine[k]
                     row = ("ok", f"reused: the verified example of eps {eps0:g}, verified again "
                            f"at eps {eps:g}", pred, norm, False, 0.0)
                     examples[k] = x_adv
@@ -145,14 +159,11 @@ class CascadeBatch:
                     robust = None if status == "failed" else status == "ok" and adv_pred == label
                     row = (status, reason, adv_pred, norm, robust, per_sample)
                     if status == "ok" and not robust:
-                        x_adv = runner._x_adv[pos[k]]
-                        examples[k] = x_adv
-                        broken.setdefault(k, attack.spec)
-                        self.found.setdefault(k, (attack.spec, eps, x_adv))
-                        if first:
-                            self.found_first.setdefault(k, (attack.spec, eps, x_adv))
+                        examples[k] = runner._x_adv[pos[k]]
+                        broken.setdefault(k, {})[attack.spec] = attack.spec
+                        self.found[attack.spec].setdefault(k, (eps, examples[k]))
                 else:
-                    row = ("not_needed", f"not needed: broken by {broken[k]}", None, None, None, 0.0)
+                    row = ("not_needed", f"not needed: broken by {by[k]}", None, None, None, 0.0)
                 rows.append(runner._row(batch, k, attack, _family(attack), eps, *row))
             runner._record(rows, warn_clash=True)
             if runner.store is not None:

@@ -589,7 +589,8 @@ def audit(
     progress: bool = False,
     out: str | os.PathLike | None = None,
 ) -> Audit:
-    """Evaluate ``model`` with ``suite`` plus ``torch:FGSM`` (cascade schedule, unless
+    """Evaluate ``model`` with ``suite`` plus ``torch:FGSM`` (the ``"audit"`` schedule: each
+    attack kind on the survivors of the white-box attacks, see :mod:`.cascade`; unless
     ``results`` are given) and run every check of :data:`CHECKS` on the same samples.
 
     Given ``results`` (e.g. of :func:`~relucap_plugin.adaptive.evaluate_suite` on the same
@@ -610,7 +611,7 @@ def audit(
     if results is None:
         results = evaluate_suite(model, (x, y), threat_model, suite, config, extra_attacks=["torch:FGSM"],
                                  suite_kwargs=suite_kwargs, progress=progress, model_name=model_name,
-                                 out=out)
+                                 out=out, schedule="audit")
     elif "single-step" not in _kinds(results).values():
         results = _with_single_step(model, x, y, threat_model, config, results, notes)
     eps = max(threat_model.eps)

@@ -615,6 +615,8 @@ def evaluate(
     still robust there, budgets in increasing order with verified examples reused at larger eps
     (see :mod:`.cascade`): the same per-sample worst case or a lower one, at a fraction of the
     cost; its per-attack numbers are conditional and rows it did not need say ``not_needed``.
+    ``"audit"``: the cascade, but BPDA, transfer and black-box attacks each run on all the
+    survivors of the white-box attacks (what :func:`~relucap_plugin.diagnostics.audit` compares).
     """
     from .adaptive import black_box_layout, first_inputs
 
@@ -632,7 +634,7 @@ def evaluate(
     tm = _as_threat_model(threat_model)
     cfg = _as_config(config)
     check_keep(keep_adversarial)
-    cascade = check_schedule(schedule) == "cascade"
+    cascade = check_schedule(schedule) != "full"
     ctx = _distributed.setup(cfg.device)
     if ctx is not None and keep_adversarial is not None:
         raise ValueError("keep_adversarial= is not supported in a distributed run (torchrun) yet; "
@@ -677,7 +679,7 @@ def evaluate(
         "fingerprint": run_fingerprint(model, data_digest, tm, cfg, attack_list),
     }
     if cascade:
-        metadata["schedule"] = metadata["fingerprint"]["schedule"] = "cascade"
+        metadata["schedule"] = metadata["fingerprint"]["schedule"] = schedule
     if [*notes, *layout_notes]:
         metadata["notes"] = [*notes, *layout_notes]
     if ctx is not None:
@@ -737,7 +739,7 @@ def evaluate(
                         store is None or store.covers(start, len(y), keys))
                     batch = None if done else runner.prepare(start, x, y)
                     if cascade:
-                        steps = None if batch is None else CascadeBatch(runner, batch, attack_list)
+                        steps = None if batch is None else CascadeBatch(runner, batch, attack_list, schedule)
                         for eps in sorted(tm.eps):
                             yield None if steps is None else functools.partial(steps.run, eps)
                         continue
@@ -747,7 +749,7 @@ def evaluate(
                                 runner.run, batch, attack, eps)
 
             description = f"{len(attack_list)} attack(s) x {len(tm.eps)} eps" + (
-                ", cascade" if cascade else "")
+                f", {schedule}" if cascade else "")
             if ctx is not None:
                 description += f", rank 0 of {ctx.world_size}"
             for work in _progress(

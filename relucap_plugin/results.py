@@ -269,10 +269,11 @@ class Results:
 
     @property
     def schedule(self) -> str:
-        """``"cascade"`` if the rows come from the cascade schedule (metadata or ``not_needed``
-        rows), else ``"full"``."""
-        if self.metadata.get("schedule") == "cascade" or any(
-                r["status"] == "not_needed" for r in self._rows.values()):
+        """The schedule of the evaluation (``metadata["schedule"]``, default ``"full"``);
+        ``"cascade"`` for rows with ``not_needed`` rows but no such metadata."""
+        if "schedule" in self.metadata:
+            return self.metadata["schedule"]
+        if any(r["status"] == "not_needed" for r in self._rows.values()):
             return "cascade"
         return "full"
 
@@ -520,10 +521,12 @@ class Results:
                     f"eps {_fmt_eps(eps)}: certified {pct(cert)} <= robust accuracy <= "
                     f"{pct(worst)} (worst case over attacks)"
                 )
-        if self.schedule == "cascade":
+        if self.schedule != "full":
             notes.append(
-                "cascade schedule: each attack ran only on the samples no earlier attack had "
-                "broken at that eps (rows not_needed otherwise); an attack marked (conditional) "
+                f"{self.schedule} schedule: each attack ran only on the samples no earlier attack "
+                "had broken at that eps (rows not_needed otherwise; under the audit schedule "
+                "BPDA, transfer and black-box attacks ran on every survivor of the white-box "
+                "attacks); an attack marked (conditional) "
                 "shows its robust accuracy on the samples it ran on (n: the clean-correct samples it "
                 "ran on or whose example of a smaller eps it reused), not on all samples; the worst case is exact; agreement across "
                 "libraries is n/a (evaluate with schedule='full' for per-attack and agreement "

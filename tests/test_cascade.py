@@ -245,3 +245,19 @@ def test_audit_reuses_the_suite_run(capped_mlp, data, runs, monkeypatch):
     assert "torch:FGSM" in report.results.attacks  # only the single-step attack was added
     assert not report.flag("single_step_beats_iterative").skipped
     assert report.over_report is not None and report.over_report["pgd_attacks"] == ["torch:PGD"]
+
+
+def test_audit_schedule_runs_each_evidence_kind_on_the_white_box_survivors(capped_mlp, data, suite):
+    tm = TM.replace(eps=(0.1,))
+    res = evaluate(capped_mlp, data, suite, tm, CFG, progress=False, schedule="audit")
+    white = {a for a in res.attacks if "+" not in a and "Square" not in a}
+    for r in res:
+        if r["status"] == "not_needed":
+            assert r["attack"] in white or any(w in r["reason"] for w in white), r
+            assert not any(k in r["reason"] for k in ("+bpda", "+transfer", "Square"))
+    survivors = {s for s, robust in res.per_sample_worst_case(0.1, sorted(white)).items() if robust}
+    for attack in res.attacks:
+        if attack not in white:
+            ran = {r["sample"] for r in res if r["attack"] == attack and r["status"] != "not_needed"
+                   and r["clean_correct"]}
+            assert ran == survivors, attack
