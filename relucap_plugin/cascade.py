@@ -21,7 +21,7 @@ unconditional first attack and the rows that say why an attack did not run are o
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,30 +59,25 @@ def check_schedule(schedule: Any) -> str:
     return schedule
 
 
-def _kind(attack: Attack) -> str:
-    from .adaptive import attack_kind
-
-    return attack_kind(attack.spec, attack.family)
-
-
-def cascade_order(attacks: Sequence[Attack]) -> list[Attack]:
+def cascade_order(attacks: Sequence[Attack], kind: Callable[[Attack], str]) -> list[Attack]:
     """``attacks`` in the order the cascade runs them: the first white-box iterative attack (as
-    given) first, then the rest by :data:`COST_RANK` of their kind, ties in the given order.
-    Without a white-box attack the cheapest one goes first; the first attack is unconditional."""
-    ranked = sorted(range(len(attacks)), key=lambda i: (COST_RANK.get(_kind(attacks[i]), 1), i))
-    white = [i for i in range(len(attacks)) if _kind(attacks[i]) == "white-box"]
+    given) first, then the rest by :data:`COST_RANK` of their ``kind`` (e.g. from
+    :func:`~relucap_plugin.adaptive.attack_kind`), ties in the given order. Without a white-box
+    attack the cheapest one goes first; the first attack is unconditional."""
+    ranked = sorted(range(len(attacks)), key=lambda i: (COST_RANK.get(kind(attacks[i]), 1), i))
+    white = [i for i in range(len(attacks)) if kind(attacks[i]) == "white-box"]
     first = white[0] if white else ranked[0]
     return [attacks[first], *(attacks[i] for i in ranked if i != first)]
 
 
-def gates(attacks: Sequence[Attack], schedule: str) -> list[set[str]]:
+def gates(attacks: Sequence[Attack], schedule: str, kind: Callable[[Attack], str]) -> list[set[str]]:
     """Per attack (in run order), the attacks whose verified examples make it unnecessary on a
     sample: none for the first (unconditional) attack; under ``"cascade"`` every other attack,
     under ``"audit"`` the white-box and single-step attacks only, so each other kind (BPDA,
     transfer, black-box) runs on all their survivors and the audit's checks see what it adds."""
     specs = [a.spec for a in attacks]
     if schedule == "audit":
-        tier = {a.spec for a in attacks if _kind(a) in ("white-box", "single-step")}
+        tier = {a.spec for a in attacks if kind(a) in ("white-box", "single-step")}
         return [set()] + [tier - {s} for s in specs[1:]]
     return [set()] + [set(specs) - {s} for s in specs[1:]]
 
@@ -91,12 +86,14 @@ class CascadeBatch:
     """The cascade on one batch: :meth:`run` once per eps, in increasing order.
 
     ``found[attack][k]``: the first verified adversarial example (eps, (...) tensor) ``attack``
-    found for position ``k``; it is verified again and reused at every larger eps.
+    found for position ``k``; it is verified again (by ``verify``, the harness's check) and
+    reused at every larger eps.
     """
 
-    def __init__(self, runner: _Runner, batch: _Batch, attacks: Sequence[Attack], schedule: str):
-        self.runner, self.batch, self.attacks = runner, batch, list(attacks)
-        self.gates = gates(self.attacks, schedule)
+    def __init__(self, runner: _Runner, batch: _Batch, attacks: Sequence[Attack], schedule: str,
+                 kind: Callable[[Attack], str], verify: Callable[..., tuple[Tensor, list]]):
+        self.runner, self.batch, self.attacks, self.verify = runner, batch, list(attacks), verify
+        self.gates = gates(self.attacks, schedule, kind)
         self.correct = [p == lab for p, lab in zip(batch.clean_pred, batch.labels)]
         self.found: dict[str, dict[int, tuple[float, Tensor]]] = {a.spec: {} for a in attacks}
         self.last_eps: float | None = None
@@ -104,14 +101,12 @@ class CascadeBatch:
     def _reverify(self, eps: float, found: dict[int, tuple[float, Tensor]]) -> dict[int, tuple]:
         """position -> (eps0, example, norm, prediction) for the examples of ``found`` that are
         still verified adversarial examples at ``eps``."""
-        from .evaluation import verify
-
         if not found:
             return {}
         ks = sorted(found)
         x = self.batch.x[torch.tensor(ks, device=self.batch.x.device)]
         x_adv = torch.stack([found[k][1] for k in ks])
-        norms, reasons = verify(x, x_adv, eps, self.runner.tm)
+        norms, reasons = self.verify(x, x_adv, eps, self.runner.tm)
         logits = self.runner._logits(x_adv)
         finite = torch.isfinite(logits).all(1).tolist()
         pred = logits.argmax(1).tolist()
@@ -120,8 +115,6 @@ class CascadeBatch:
 
     def run(self, eps: float) -> None:
         """Every attack's rows at ``eps`` for this batch (only the missing ones are written)."""
-        from .evaluation import _family
-
         if self.last_eps is not None and eps < self.last_eps:
             raise RuntimeError("the cascade runs the budgets of a batch in increasing order")
         self.last_eps = eps
@@ -164,7 +157,7 @@ class CascadeBatch:
                         self.found[attack.spec].setdefault(k, (eps, examples[k]))
                 else:
                     row = ("not_needed", f"not needed: broken by {by[k]}", None, None, None, 0.0)
-                rows.append(runner._row(batch, k, attack, _family(attack), eps, *row))
+                rows.append(runner._row(batch, k, attack, None, eps, *row))
             runner._record(rows, warn_clash=True)
             if runner.store is not None:
                 done = [batch.start + k for k, r in enumerate(rows) if r["status"] != "failed"]

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ._console import format_table, print_table
 from ._format import markdown_table
-from .adaptive import attack_kind, cap_statistics, evaluate_suite, find_caps
+from .adaptive import attack_kind, audit_inputs, cap_statistics, evaluate_suite, find_caps
 from ._torch import caller_state, model_device
 from .attacks import get_attack
 from .results import Results
@@ -344,12 +344,6 @@ def _kinds(results: Results) -> dict[str, str]:
     return {a: attack_kind(a, families.get(a)) for a in results.attacks}
 
 
-def _reference(results: Results, kind: str = "white-box") -> list[str]:
-    """The ``kind`` attacks of ``results`` that ran on every sample: under the cascade schedule
-    only the unconditional first attack, so that comparisons with it stay exact per sample."""
-    return [a for a, k in _kinds(results).items() if k == kind and not results.conditional(a)]
-
-
 def _beats(results: Results, kind: str, reference: str = "white-box", *, tests: int = 1,
            alpha: float = ALPHA) -> dict[str, Any] | str:
     """Per eps, the samples robust to every ``reference`` attack but broken by some ``kind``
@@ -357,7 +351,7 @@ def _beats(results: Results, kind: str, reference: str = "white-box", *, tests: 
     the smallest p-value times ``tests`` (Bonferroni) is below ``alpha``. Returns the reason if
     there is nothing to compare."""
     kinds = _kinds(results)
-    ref = _reference(results, reference)
+    ref = [a for a, k in kinds.items() if k == reference and not results.conditional(a)]
     others = [a for a, k in kinds.items() if k == kind]
     if not ref or not others:
         missing = "no " + (f"{reference} attack" if not ref else f"{kind} attack")
@@ -405,15 +399,13 @@ def other_attacks_check(results: Results, *, alpha: float = ALPHA) -> list[Flag]
 
 def over_report(results: Results, *, alpha: float = ALPHA) -> dict[str, Any] | None:
     """How much PGD over-reports: per eps, robust accuracy under the plain white-box attacks
-    (per-sample worst case over them) minus the worst case over every attack, with its exact
-    ``1 - alpha`` interval (Clopper-Pearson on the samples only the other attacks broke).
-    Under the cascade schedule the white-box reference is the unconditional first attack alone
-    (the others ran only on its survivors).
+    (per-sample worst case over those run on every sample) minus the worst case over every attack,
+    with its exact ``1 - alpha`` interval (Clopper-Pearson on the samples only the others broke).
 
     Returns ``{"per_eps": {...}, "eps", "over_report", "interval", ...}`` for the eps with the
     largest over-report (the headline), or ``None`` without a white-box attack in ``results``.
     """
-    ref = _reference(results)
+    ref = [a for a, k in _kinds(results).items() if k == "white-box" and not results.conditional(a)]
     if not ref:
         return None
     per_eps = {}
@@ -475,31 +467,6 @@ def zero_gradient_layers(model: nn.Module, x: Tensor, y: Tensor, *, top: int = 3
 
 
 # ------------------------------------------------------------------------------ the audit
-def _with_single_step(model: nn.Module, x: Tensor, y: Tensor, threat_model: ThreatModel,
-                      config: EvalConfig, results: Results, notes: list[str]) -> Results:
-    """``results`` plus the rows of ``torch:FGSM`` on the same samples (same schedule), for the
-    single-step check; unchanged with a note when the two cannot be merged."""
-    from .evaluation import evaluate
-
-    fgsm = evaluate(model, (x, y), "torch:FGSM", threat_model.replace(eps=tuple(results.eps)),
-                    config, progress=False, model_name=results.metadata.get("model"),
-                    schedule=results.schedule)
-    try:
-        return results.merge(fgsm)
-    except ValueError as exc:
-        notes.append(f"single-step check without torch:FGSM: the results given describe another "
-                     f"evaluation than audit's model, data and config ({exc})")
-        return results
-
-
-def _kept_examples(results: Results, eps: float) -> Tensor | None:
-    """The worst-case examples at ``eps`` the run kept (``keep_adversarial``), else ``None``."""
-    try:
-        return results.worst_case_examples(eps) if results._store() is not None else None
-    except ValueError:
-        return None
-
-
 @dataclass
 class Audit:
     """All flags for one model, the suite's results they came from, and the verdict."""
@@ -589,14 +556,8 @@ def audit(
     progress: bool = False,
     out: str | os.PathLike | None = None,
 ) -> Audit:
-    """Evaluate ``model`` with ``suite`` plus ``torch:FGSM`` (the ``"audit"`` schedule: each
-    attack kind on the survivors of the white-box attacks, see :mod:`.cascade`; unless
-    ``results`` are given) and run every check of :data:`CHECKS` on the same samples.
-
-    Given ``results`` (e.g. of :func:`~relucap_plugin.adaptive.evaluate_suite` on the same
-    model and data) are reused: only ``torch:FGSM`` is evaluated when they hold no single-step
-    attack (its rows are merged in, same schedule), and the saturation check reads the kept
-    worst-case examples when the run kept them (else it runs one PGD).
+    """Evaluate ``model`` with ``suite`` plus ``torch:FGSM`` (schedule ``"audit"``) unless
+    ``results`` are given (then reused: :func:`.adaptive.audit_inputs`); run every check.
 
     ``data`` as for :func:`~relucap_plugin.evaluation.evaluate` (``config.n_samples`` limits it);
     the model checks use the largest budget of ``threat_model``. Pass several budgets for a
@@ -612,13 +573,7 @@ def audit(
         results = evaluate_suite(model, (x, y), threat_model, suite, config, extra_attacks=["torch:FGSM"],
                                  suite_kwargs=suite_kwargs, progress=progress, model_name=model_name,
                                  out=out, schedule="audit")
-    elif "single-step" not in _kinds(results).values():
-        results = _with_single_step(model, x, y, threat_model, config, results, notes)
-    eps = max(threat_model.eps)
-    x_adv = _kept_examples(results, eps)
-    if x_adv is None:
-        pgd = get_attack("torch:PGD", threat_model.replace(eps=(eps,)))
-        x_adv = pgd(model, x, y, eps, seed=config.seed)
+    results, x_adv = audit_inputs(model, (x, y), threat_model, config, results, notes)
     scan = find_caps(model, x[:8])
     notes = [*results.metadata.get("notes", []), *notes]
     if scan.warning and scan.warning not in notes:

@@ -470,16 +470,17 @@ class _Runner:
             self._keep(batch, attack, eps, correct, attacked, outcome)
 
     @staticmethod
-    def _row(batch: _Batch, k: int, attack: Attack, family: str, eps: float, status: str,
+    def _row(batch: _Batch, k: int, attack: Attack, family: str | None, eps: float, status: str,
              reason: str | None, adv_pred: int | None, norm: float | None, robust: bool | None,
              time_k: float) -> dict[str, Any]:
-        """The row of position ``k`` of ``batch`` (every field of ``ROW_FIELDS`` but ``margin``)."""
+        """The row of position ``k`` of ``batch`` (every field of ``ROW_FIELDS`` but ``margin``;
+        ``family`` None: :func:`_family` of the attack)."""
         correct = batch.clean_pred[k] == batch.labels[k]
         return {
             "sample": batch.start + k,
             "attack": attack.spec,
             "library": attack.library,
-            "family": family,
+            "family": family or _family(attack),
             "eps": eps,
             "label": batch.labels[k],
             "clean_pred": batch.clean_pred[k],
@@ -618,7 +619,7 @@ def evaluate(
     ``"audit"``: the cascade, but BPDA, transfer and black-box attacks each run on all the
     survivors of the white-box attacks (what :func:`~relucap_plugin.diagnostics.audit` compares).
     """
-    from .adaptive import black_box_layout, first_inputs
+    from .adaptive import attack_kind, black_box_layout, first_inputs
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -648,8 +649,11 @@ def evaluate(
     if progress and get_rank() == 0:
         for line in native_notes(attack_list):
             print(line, file=sys.stderr)
+    def kind(attack: Attack) -> str:
+        return attack_kind(attack.spec, attack.family)
+
     if cascade:
-        attack_list = cascade_order(attack_list)
+        attack_list = cascade_order(attack_list, kind)
     for attack in attack_list:
         attack.check_dtype(float_dtype(net, torch.float32))
     _check_loader(data)
@@ -739,7 +743,8 @@ def evaluate(
                         store is None or store.covers(start, len(y), keys))
                     batch = None if done else runner.prepare(start, x, y)
                     if cascade:
-                        steps = None if batch is None else CascadeBatch(runner, batch, attack_list, schedule)
+                        steps = None if batch is None else CascadeBatch(
+                            runner, batch, attack_list, schedule, kind, verify)
                         for eps in sorted(tm.eps):
                             yield None if steps is None else functools.partial(steps.run, eps)
                         continue

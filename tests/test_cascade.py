@@ -13,6 +13,7 @@ import torch
 from relucap_plugin import EvalConfig, ThreatModel, cap_relus, evaluate
 from relucap_plugin.adaptive import SurrogateAttack, TransferAttack, get_suite
 from relucap_plugin.adaptive.suite import _has_caps
+from relucap_plugin.adaptive import attack_kind
 from relucap_plugin.cascade import cascade_order
 from relucap_plugin.evaluation import norm_tolerance
 from relucap_plugin.models import mlp
@@ -58,7 +59,7 @@ def test_cascade_worst_case_is_at_most_full_per_sample(runs):
 
 
 def test_order_puts_white_box_first_and_black_box_last(suite):
-    order = cascade_order(suite)
+    order = cascade_order(suite, lambda a: attack_kind(a.spec, a.family))
     assert order[0].spec == "torch:PGD"
     assert "Square" in order[-1].spec
     kinds = [type(a) for a in order]

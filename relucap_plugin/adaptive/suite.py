@@ -23,6 +23,7 @@ __all__ = [
     "SurrogateAttack",
     "TransferAttack",
     "attack_kind",
+    "audit_inputs",
     "LayoutAttack",
     "black_box_layout",
     "bpda",
@@ -366,3 +367,33 @@ def first_inputs(data: Any, n: int = 8) -> Tensor | None:
     except Exception:  # a peek only: data the evaluation cannot read fail there, with its message
         return None
     return torch.stack(xs) if xs and all(x.is_floating_point() for x in xs) else None
+
+
+def audit_inputs(model: Any, data: Any, threat_model: ThreatModel, config: Any, results: Any,
+                 notes: list[str]) -> tuple[Any, Tensor]:
+    """What :func:`~relucap_plugin.diagnostics.audit` adds to a suite run ``results`` on
+    ``data`` = (x, y): the rows of ``torch:FGSM`` (same schedule and eps) when it has no
+    single-step attack (unchanged, with a note, if it describes another evaluation than the
+    audit's), and the adversarial inputs of the saturation check: the kept worst-case examples
+    at the largest eps, else one PGD run."""
+    from ..evaluation import evaluate
+
+    families = {r["attack"]: r["family"] for r in results.rows}
+    if all(attack_kind(a, families.get(a)) != "single-step" for a in results.attacks):
+        fgsm = evaluate(model, data, "torch:FGSM", threat_model.replace(eps=tuple(results.eps)),
+                        config, progress=False, model_name=results.metadata.get("model"),
+                        schedule=results.schedule)
+        try:
+            results = results.merge(fgsm)
+        except ValueError as exc:
+            notes.append(f"single-step check without torch:FGSM: the results given describe "
+                         f"another evaluation than the audit's model, data and config ({exc})")
+    eps = max(threat_model.eps)
+    try:
+        if results._store() is not None:
+            return results, results.worst_case_examples(eps)
+    except ValueError:
+        pass
+    x, y = data
+    pgd = get_attack("torch:PGD", threat_model.replace(eps=(eps,)))
+    return results, pgd(model, x, y, eps, seed=config.seed)
