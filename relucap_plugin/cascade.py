@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from .attacks import Attack
     from .evaluation import _Batch, _Runner
 
-__all__ = ["COST_RANK", "NOT_NEEDED", "SCHEDULES", "cascade_order", "check_schedule", "gates"]
+__all__ = ["COST_RANK", "NOT_NEEDED", "SCHEDULES", "cascade_order", "check_schedule",
+           "check_unconditional", "gates"]
 
 #: The evaluation schedules: every attack on every sample; the cascade (this module); the
 #: audit's cascade, where BPDA, transfer and black-box attacks each run on the survivors of the
@@ -59,27 +60,32 @@ def check_schedule(schedule: Any) -> str:
     return schedule
 
 
-def cascade_order(attacks: Sequence[Attack], kind: Callable[[Attack], str]) -> list[Attack]:
+def cascade_order(attacks: Sequence[Attack], kind: Callable[[Attack], str],
+                  unconditional: Sequence[str] = ()) -> list[Attack]:
     """``attacks`` in the order the cascade runs them: the first white-box iterative attack (as
-    given) first, then the rest by :data:`COST_RANK` of their ``kind`` (e.g. from
-    :func:`~relucap_plugin.adaptive.attack_kind`), ties in the given order. Without a white-box
-    attack the cheapest one goes first; the first attack is unconditional."""
-    ranked = sorted(range(len(attacks)), key=lambda i: (COST_RANK.get(kind(attacks[i]), 1), i))
+    given) first, then the ``unconditional`` ones (specs), then the rest by :data:`COST_RANK` of
+    their ``kind`` (e.g. from :func:`~relucap_plugin.adaptive.attack_kind`), ties in the given
+    order. Without a white-box attack the cheapest one goes first; the first attack is
+    unconditional."""
+    ranked = sorted(range(len(attacks)), key=lambda i: (
+        attacks[i].spec not in unconditional, COST_RANK.get(kind(attacks[i]), 1), i))
     white = [i for i in range(len(attacks)) if kind(attacks[i]) == "white-box"]
     first = white[0] if white else ranked[0]
     return [attacks[first], *(attacks[i] for i in ranked if i != first)]
 
 
-def gates(attacks: Sequence[Attack], schedule: str, kind: Callable[[Attack], str]) -> list[set[str]]:
+def gates(attacks: Sequence[Attack], schedule: str, kind: Callable[[Attack], str],
+          unconditional: Sequence[str] = ()) -> list[set[str]]:
     """Per attack (in run order), the attacks whose verified examples make it unnecessary on a
-    sample: none for the first (unconditional) attack; under ``"cascade"`` every other attack,
-    under ``"audit"`` the white-box and single-step attacks only, so each other kind (BPDA,
-    transfer, black-box) runs on all their survivors and the audit's checks see what it adds."""
+    sample: none for the first attack and the ``unconditional`` ones (they run on every sample);
+    under ``"cascade"`` every other attack, under ``"audit"`` the white-box and single-step
+    attacks only, so each other kind (BPDA, transfer, black-box) runs on all their survivors
+    and the audit's checks see what it adds."""
     specs = [a.spec for a in attacks]
+    every = set(specs)
     if schedule == "audit":
-        tier = {a.spec for a in attacks if kind(a) in ("white-box", "single-step")}
-        return [set()] + [tier - {s} for s in specs[1:]]
-    return [set()] + [set(specs) - {s} for s in specs[1:]]
+        every = {a.spec for a in attacks if kind(a) in ("white-box", "single-step")}
+    return [set() if n == 0 or s in unconditional else every - {s} for n, s in enumerate(specs)]
 
 
 class CascadeBatch:
@@ -91,9 +97,10 @@ class CascadeBatch:
     """
 
     def __init__(self, runner: _Runner, batch: _Batch, attacks: Sequence[Attack], schedule: str,
-                 kind: Callable[[Attack], str], verify: Callable[..., tuple[Tensor, list]]):
+                 kind: Callable[[Attack], str], verify: Callable[..., tuple[Tensor, list]],
+                 unconditional: Sequence[str] = ()):
         self.runner, self.batch, self.attacks, self.verify = runner, batch, list(attacks), verify
-        self.gates = gates(self.attacks, schedule, kind)
+        self.gates = gates(self.attacks, schedule, kind, unconditional)
         self.correct = [p == lab for p, lab in zip(batch.clean_pred, batch.labels)]
         self.found: dict[str, dict[int, tuple[float, Tensor]]] = {a.spec: {} for a in attacks}
         self.last_eps: float | None = None
@@ -163,6 +170,21 @@ class CascadeBatch:
                 done = [batch.start + k for k, r in enumerate(rows) if r["status"] != "failed"]
                 runner.store.record(attack.spec, eps, done,
                                     {batch.start + k: x for k, x in examples.items()})
+
+
+def check_unconditional(unconditional: Any, specs: Sequence[str], schedule: str) -> list[str]:
+    """``unconditional`` as a list of attack specs of the run, else a ``ValueError`` naming it."""
+    if isinstance(unconditional, str):
+        unconditional = [unconditional]
+    out = list(unconditional or ())
+    unknown = [u for u in out if u not in specs]
+    if unknown:
+        raise ValueError(f"unconditional={unknown} names no attack of this run; pass specs of "
+                         f"its attacks ({', '.join(specs)})")
+    if out and schedule == "full":
+        raise ValueError("unconditional= only applies to schedule='cascade' or 'audit' (under "
+                         "'full' every attack runs on every sample); drop it or pick a cascade")
+    return out
 
 
 def warn_clash(clash: list[tuple[int, str, float]]) -> None:

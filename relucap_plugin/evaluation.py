@@ -30,7 +30,7 @@ from ._console import progress as _progress
 from .adapters import native_library, native_notes, read_native
 from ._torch import caller_state, check_inputs, check_logits, clean_logits, float_dtype, is_out_of_memory
 from .attacks import Attack, get_attack, make_attack, perturbation_norm
-from .cascade import CascadeBatch, cascade_order, check_schedule
+from .cascade import CascadeBatch, cascade_order, check_schedule, check_unconditional
 from ._fingerprint import DataDigest, parameters_digest, run_fingerprint
 from .data import DataLike, as_dataset, as_loader, check_labels, unpack_batch
 from .results import Results, ResultsWriter, open_results_file
@@ -568,6 +568,7 @@ def evaluate(
     notes: Sequence[str] = (),
     keep_adversarial: str | None = None,
     schedule: str = "full",
+    unconditional: Sequence[str] = (),
 ) -> Results:
     """Attack ``model`` on ``data`` with every attack at every budget of ``threat_model``.
 
@@ -618,6 +619,8 @@ def evaluate(
     cost; its per-attack numbers are conditional and rows it did not need say ``not_needed``.
     ``"audit"``: the cascade, but BPDA, transfer and black-box attacks each run on all the
     survivors of the white-box attacks (what :func:`~relucap_plugin.diagnostics.audit` compares).
+    ``unconditional``: specs of attacks that run on every sample under a cascade too (their
+    per-attack and agreement numbers stay exact), besides the first.
     """
     from .adaptive import attack_kind, black_box_layout, first_inputs
 
@@ -652,8 +655,9 @@ def evaluate(
     def kind(attack: Attack) -> str:
         return attack_kind(attack.spec, attack.family)
 
+    unconditional = check_unconditional(unconditional, [a.spec for a in attack_list], schedule)
     if cascade:
-        attack_list = cascade_order(attack_list, kind)
+        attack_list = cascade_order(attack_list, kind, unconditional)
     for attack in attack_list:
         attack.check_dtype(float_dtype(net, torch.float32))
     _check_loader(data)
@@ -684,6 +688,8 @@ def evaluate(
     }
     if cascade:
         metadata["schedule"] = metadata["fingerprint"]["schedule"] = schedule
+        if unconditional:
+            metadata["unconditional"] = metadata["fingerprint"]["unconditional"] = unconditional
     if [*notes, *layout_notes]:
         metadata["notes"] = [*notes, *layout_notes]
     if ctx is not None:
@@ -744,7 +750,7 @@ def evaluate(
                     batch = None if done else runner.prepare(start, x, y)
                     if cascade:
                         steps = None if batch is None else CascadeBatch(
-                            runner, batch, attack_list, schedule, kind, verify)
+                            runner, batch, attack_list, schedule, kind, verify, unconditional)
                         for eps in sorted(tm.eps):
                             yield None if steps is None else functools.partial(steps.run, eps)
                         continue

@@ -775,10 +775,11 @@ def _identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     ia, ib = _identity(a), _identity(b)
     out = [f"{k}: {ia[k]!r} vs {ib[k]!r}" for k in sorted(set(ia) & set(ib)) if ia[k] != ib[k]]
-    sa, sb = a.get("schedule", "full"), b.get("schedule", "full")
+    sa, sb = (a.get("schedule", "full"), a.get("unconditional")), (b.get("schedule", "full"),
+                                                                   b.get("unconditional"))
     if sa != sb:
-        out.append(f"the schedule ({sa!r} vs {sb!r}: a cascade table and a full one are never "
-                   "parts of one run)")
+        out.append(f"the schedule ({sa[0]!r} vs {sb[0]!r}, unconditional attacks {sa[1]} vs "
+                   f"{sb[1]}: tables of different schedules are never parts of one run)")
     return out + _fingerprint_differences(a.get("fingerprint") or {}, b.get("fingerprint") or {})
 
 

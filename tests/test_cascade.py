@@ -262,3 +262,21 @@ def test_audit_schedule_runs_each_evidence_kind_on_the_white_box_survivors(cappe
             ran = {r["sample"] for r in res if r["attack"] == attack and r["status"] != "not_needed"
                    and r["clean_correct"]}
             assert ran == survivors, attack
+
+
+def test_unconditional_attacks_keep_exact_per_attack_and_agreement(capped_mlp, data):
+    tm = TM.replace(eps=(0.1,))
+    attacks = ["torch:PGD", "torchattacks:PGD", "torch:FGSM"]
+    full = evaluate(capped_mlp, data, attacks, tm, CFG, progress=False)
+    res = evaluate(capped_mlp, data, attacks, tm, CFG, progress=False, schedule="cascade",
+                   unconditional=["torchattacks:PGD"])
+    assert not res.conditional("torchattacks:PGD") and res.conditional("torch:FGSM")
+    for attack in ("torch:PGD", "torchattacks:PGD"):
+        assert res.robust_accuracy(attack, 0.1) == full.robust_accuracy(attack, 0.1)
+    assert res.agreement() == full.agreement() != []
+    assert res.metadata["unconditional"] == ["torchattacks:PGD"]
+    with pytest.raises(ValueError, match=r"unconditional=\['art:PGD'\] names no attack"):
+        evaluate(capped_mlp, data, attacks, tm, CFG, progress=False, schedule="cascade",
+                 unconditional=["art:PGD"])
+    with pytest.raises(ValueError, match="only applies to schedule='cascade'"):
+        evaluate(capped_mlp, data, attacks, tm, CFG, progress=False, unconditional=["torch:PGD"])
