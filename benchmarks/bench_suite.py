@@ -18,13 +18,15 @@ case on every sample), robust accuracy of each at every eps, and the time ratios
 eps together (median over rounds). Targets (issue 15): cascade <= 0.25x full, <= 0.5x
 AutoAttack, robust accuracy <= AutoAttack's at every eps.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_suite.py [--n 200] [--reps 1] [--models mlp-capped,mlp,cnn]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_suite.py [--n 200] [--reps 1] \
+        [--models mlp-capped,mlp,cnn]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -128,6 +130,11 @@ def main() -> None:
                         "yes" if t["cascade"] <= 0.25 * t["full"] else "NO",
                         "yes" if t["cascade"] <= 0.5 * t["AutoAttack"] else "NO",
                         "yes" if acc_ok else "NO"))
+        report(args, acc_rows, profile_rows, time_rows, summary)
+
+
+def report(args, acc_rows, profile_rows, time_rows, summary) -> None:
+    """Print the tables so far (after each model, so a long run shows its figures early)."""
     title = f"{args.n} MNIST-5k test samples, Linf, suite PGD {args.steps} steps, AA {args.aa_steps}"
     print_table(("model", "eps", "clean", "cascade worst case", "full worst case", "AutoAttack",
                  "samples cascade <= full"), acc_rows, title="robust accuracy: " + title)
@@ -138,6 +145,7 @@ def main() -> None:
                 title=f"wall time over the three eps together (median of {args.reps} round(s))")
     print_table(("model", "cascade <= full per sample", "<= 0.25x full", "<= 0.5x AA",
                  "robust acc <= AA at every eps"), summary, title="targets (issue 15)")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -775,12 +775,20 @@ def _identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     ia, ib = _identity(a), _identity(b)
     out = [f"{k}: {ia[k]!r} vs {ib[k]!r}" for k in sorted(set(ia) & set(ib)) if ia[k] != ib[k]]
-    sa, sb = (a.get("schedule", "full"), a.get("unconditional")), (b.get("schedule", "full"),
-                                                                   b.get("unconditional"))
-    if sa != sb:
+    sa, sb = _schedule(a), _schedule(b)
+    if sa and sb and sa != sb:
         out.append(f"the schedule ({sa[0]!r} vs {sb[0]!r}, unconditional attacks {sa[1]} vs "
                    f"{sb[1]}: tables of different schedules are never parts of one run)")
     return out + _fingerprint_differences(a.get("fingerprint") or {}, b.get("fingerprint") or {})
+
+
+def _schedule(metadata: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(schedule, unconditional attacks) of a table's metadata; ``None`` for a table of certify
+    rows only (they merge into a table of any schedule)."""
+    attacks = metadata.get("attacks") or []
+    if attacks and all(Results._is_certify(str(a)) for a in attacks):
+        return None
+    return metadata.get("schedule", "full"), metadata.get("unconditional")
 
 
 def _merged_metadata(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
