@@ -186,7 +186,7 @@ def test_killed_run_resumes_to_the_identical_table(capped_mlp, data, tmp_path):
     assert Results.load(out).outcomes() == ref.outcomes()
 
 
-@pytest.mark.parametrize("keep", [3, 20, 41])
+@pytest.mark.parametrize("keep", [3, 41])
 def test_truncated_file_resumes_to_the_identical_table(capped_mlp, data, suite, runs, tmp_path, keep):
     _, ref = runs
     out = tmp_path / "r.jsonl"
@@ -280,3 +280,41 @@ def test_unconditional_attacks_keep_exact_per_attack_and_agreement(capped_mlp, d
                  unconditional=["art:PGD"])
     with pytest.raises(ValueError, match="only applies to schedule='cascade'"):
         evaluate(capped_mlp, data, attacks, tm, CFG, progress=False, unconditional=["torch:PGD"])
+
+
+@pytest.mark.slow
+def test_cascade_under_torchrun_equals_one_process(tmp_path):
+    """Two torchrun ranks, each running the cascade on its own batches, give the rows of one
+    process (CLI, with a schedule mismatch refused on resume)."""
+    import os
+    import subprocess
+    import sys
+
+    from relucap_plugin.cli import main
+    from relucap_plugin.data import load_mnist5k
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = mlp((32, 16)).eval()
+    x = load_mnist5k()[1].tensors[0][:18]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::4] = (y[::4] + 1) % 10
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    args = ["evaluate", "mlp:32,16", "--data", str(tmp_path / "data.pt"), "--attack", "torch:FGSM",
+            "--attack", "torch:PGD", "--eps", "0.02", "0.05", "--steps", "3", "--batch-size", "4",
+            "--device", "cpu", "--schedule", "cascade"]
+    assert main([*args, "--out", str(tmp_path / "single"), "--quiet"]) == 0
+    single = Results.load(tmp_path / "single" / "results.jsonl")
+    assert single.schedule == "cascade" and any(r["status"] == "not_needed" for r in single)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m",
+                           "relucap_plugin.cli", *args, "--out", "dist", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = Results.load(tmp_path / "dist" / "results.jsonl")
+    assert merged.outcomes() == single.outcomes() and merged.metadata["world_size"] == 2
+    full = [a if a != "cascade" else "full" for a in args]
+    assert main([*full, "--out", str(tmp_path / "single"), "--quiet"]) == 2  # another schedule
