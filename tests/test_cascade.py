@@ -318,3 +318,37 @@ def test_cascade_under_torchrun_equals_one_process(tmp_path):
     assert merged.outcomes() == single.outcomes() and merged.metadata["world_size"] == 2
     full = [a if a != "cascade" else "full" for a in args]
     assert main([*full, "--out", str(tmp_path / "single"), "--quiet"]) == 2  # another schedule
+
+
+class _Switch:
+    """A signed-gradient step of eps while ``strong``, else the clean input (no change)."""
+
+    strong = True
+
+    def __call__(self, model, x, y, eps):
+        if not _Switch.strong:
+            return x
+        x = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), x)
+        return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def test_resumed_batch_that_disagrees_with_its_rows_warns(capped_mlp, data, tmp_path):
+    from relucap_plugin import make_attack
+
+    tm = TM.replace(eps=(0.1, 0.2))
+    attacks = [make_attack(_Switch(), name="switch"), "torch:FGSM"]
+    out = tmp_path / "r.jsonl"
+    _Switch.strong = True
+    evaluate(capped_mlp, data, attacks, tm, CFG, out=out, progress=False, schedule="cascade")
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:1 + 12]))  # batch 0 keeps only its first unit's rows
+    stored = Results.load(out).outcomes()
+    _Switch.strong = False
+    try:
+        with pytest.warns(RuntimeWarning, match="got other outcomes than the stored rows"):
+            resumed = evaluate(capped_mlp, data, attacks, tm, CFG, out=out, progress=False,
+                               schedule="cascade")
+    finally:
+        _Switch.strong = True
+    assert [o for o in resumed.outcomes() if o in stored] == stored  # the stored rows are kept
