@@ -64,8 +64,9 @@ def test_worst_case_is_at_most_every_single_attack_per_model_and_eps(tiny):
         for eps in result.config.eps:
             worst = stored.worst_case(eps)
             assert worst == m.worst_case[eps]
-            for attack in stored.attacks:
-                assert worst <= stored.robust_accuracy(attack, eps)
+            for attack in stored.attacks:  # the demo's audit schedule: some attacks conditional
+                acc = stored.robust_accuracy(attack, eps)
+                assert acc is None if stored.conditional(attack, eps) else worst <= acc
             for lib in LIBRARY_PGD:
                 assert worst <= m.pgd[lib][eps]
             assert worst <= m.clean
