@@ -9,8 +9,9 @@ is evaluated on the first ``--n`` test samples at L-inf eps 0.1, 0.2 and 0.3 by
   budgets nested), through :func:`relucap_plugin.evaluate`;
 * the standard suite, ``schedule="full"`` (every attack on every sample), same harness;
 * ``torchattacks.AutoAttack(version="standard")`` run directly on the same samples at each eps
-  (APGD-CE, APGD-T, FAB-T, Square 5000 queries; ``--aa-steps`` iterations per member, 100 as
-  in Croce and Hein), robust accuracy from the model's predictions on its outputs;
+  (APGD-CE, APGD-T, FAB-T, Square with the suite's ``--square-queries``, 5000 as in Croce and
+  Hein; ``--aa-steps`` iterations per other member, 100 as in Croce and Hein), robust accuracy
+  from the model's predictions on its outputs;
 
 interleaved in one process (``--reps`` rounds of cascade, full, AutoAttack per model), with the
 suite's PGD at ``--steps`` steps. Printed: the per-sample check (cascade worst case <= full worst
@@ -55,15 +56,18 @@ def build(name: str, train_set) -> torch.nn.Module:
     return model.eval()
 
 
-def autoattack(model, x, y, eps: float, steps: int) -> tuple[list[bool], float]:
-    """torchattacks' standard AutoAttack at ``eps``: per-sample robust flags and wall time."""
+def autoattack(model, x, y, eps: float, steps: int, queries: int) -> tuple[list[bool], float]:
+    """torchattacks' standard AutoAttack at ``eps`` (members at ``steps`` iterations, Square at
+    ``queries`` queries, as the suite's): per-sample robust flags and wall time."""
     import torchattacks
 
     start = time.perf_counter()
     attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
                                      n_classes=10, seed=0)
     for member in attack._autoattack.attacks:
-        if hasattr(member, "steps"):
+        if hasattr(member, "n_queries"):
+            member.n_queries = queries
+        elif hasattr(member, "steps"):
             member.steps = steps
     x_adv = attack(x, y)
     with torch.no_grad():
@@ -107,7 +111,7 @@ def main() -> None:
             times["full"].append(time.perf_counter() - start)
             aa, t_aa = {}, 0.0
             for eps in EPS:
-                aa[eps], t = autoattack(model, x, y, eps, args.aa_steps)
+                aa[eps], t = autoattack(model, x, y, eps, args.aa_steps, args.square_queries)
                 t_aa += t
             times["AutoAttack"].append(t_aa)
         t = {k: statistics.median(v) for k, v in times.items()}
