@@ -1,54 +1,92 @@
-"""The "standard" suite vs torchattacks' standard AutoAttack on a capped and a plain-ReLU MLP.
+"""The standard suite under the cascade and the full schedule vs torchattacks' standard AutoAttack.
 
-Both models are trained here the same way (MNIST-5k train split, MLP 784-256-32-256-10, Adam
-lr 1e-3, batch 64, 5 epochs, seed 0); the capped one has CappedReLU(0.1) on the 32-unit
-bottleneck only. Each model is evaluated on the first ``--n`` test samples at L-inf eps 0.3 by
-the standard suite (per-sample worst case over its attacks) and by AutoAttack (APGD-CE, APGD-T,
-FAB-T, Square 5000 queries; ``--aa-steps`` iterations per member, 100 as in Croce and Hein),
-side by side in one run, through the same harness (:func:`relucap_plugin.evaluate`).
-Target (issue 5): suite worst case <= AutoAttack's robust accuracy on every model, at <= its time.
+Models (trained here, seed 0, MNIST-5k train split, Adam lr 1e-3, batch 64): the MLP
+784-256-32-256-10 with CappedReLU(0.1) on the 32-unit bottleneck only, the same MLP with plain
+ReLUs (5 epochs each), and the small CNN of :mod:`relucap_plugin.models` (2 epochs). Each model
+is evaluated on the first ``--n`` test samples at L-inf eps 0.1, 0.2 and 0.3 by
 
-    python benchmarks/bench_suite.py [--n 200] [--eps 0.3] [--aa-steps 100] [--threads 1]
+* the standard suite, ``schedule="cascade"`` (each attack only on the samples still robust,
+  budgets nested), through :func:`relucap_plugin.evaluate`;
+* the standard suite, ``schedule="full"`` (every attack on every sample), same harness;
+* ``torchattacks.AutoAttack(version="standard")`` run directly on the same samples at each eps
+  (APGD-CE, APGD-T, FAB-T, Square with the suite's ``--square-queries``, 5000 as in Croce and
+  Hein; ``--aa-steps`` iterations per other member, 100 as in Croce and Hein), robust accuracy
+  from the model's predictions on its outputs;
+
+interleaved in one process (``--reps`` rounds of cascade, full, AutoAttack per model), with the
+suite's PGD at ``--steps`` steps. Printed: the per-sample check (cascade worst case <= full worst
+case on every sample), robust accuracy of each at every eps, and the time ratios over the three
+eps together (median over rounds). Targets (issue 15): cascade <= 0.25x full, <= 0.5x
+AutoAttack, robust accuracy <= AutoAttack's at every eps.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_suite.py [--n 200] [--reps 1] \
+        [--models mlp-capped,mlp,cnn]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import time
 
 import torch
 
-from relucap_plugin import EvalConfig, ThreatModel, evaluate, get_attack
+from relucap_plugin import EvalConfig, ThreatModel, evaluate
 from relucap_plugin._console import print_table
 from relucap_plugin.activations import CappedReLU
 from relucap_plugin.adaptive import get_suite
 from relucap_plugin.data import load_mnist5k
-from relucap_plugin.models import mlp
+from relucap_plugin.models import mlp, small_cnn
 from relucap_plugin.training import train
 
+EPS = (0.1, 0.2, 0.3)
+MODELS = {"mlp-capped": "MLP, cap 0.1 on the bottleneck", "mlp": "MLP, plain ReLU",
+          "cnn": "small CNN, plain ReLU"}
 
-def build(cap: float | None, train_set) -> torch.nn.Module:
+
+def build(name: str, train_set) -> torch.nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = mlp((256, 32, 256))
-    if cap is not None:
-        model[4] = CappedReLU(cap)
-    train(model, train_set, epochs=5, lr=1e-3, batch_size=64, seed=0, device="cpu", progress=False)
+        model = small_cnn() if name == "cnn" else mlp((256, 32, 256))
+    if name == "mlp-capped":
+        model[4] = CappedReLU(0.1)
+    train(model, train_set, epochs=2 if name == "cnn" else 5, lr=1e-3, batch_size=64, seed=0,
+          device="cpu", progress=False)
     return model.eval()
 
 
-def timed(model, data, attacks, tm, cfg):
+def autoattack(model, x, y, eps: float, steps: int, queries: int) -> tuple[list[bool], float]:
+    """torchattacks' standard AutoAttack at ``eps`` (members at ``steps`` iterations, Square at
+    ``queries`` queries, as the suite's): per-sample robust flags and wall time."""
+    import torchattacks
+
     start = time.perf_counter()
-    results = evaluate(model, data, attacks, tm, cfg, progress=False)
-    return results, time.perf_counter() - start
+    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
+                                     n_classes=10, seed=0)
+    for member in attack._autoattack.attacks:
+        if hasattr(member, "n_queries"):
+            member.n_queries = queries
+        elif hasattr(member, "steps"):
+            member.steps = steps
+    x_adv = attack(x, y)
+    with torch.no_grad():
+        robust = (model(x_adv).argmax(1) == y).tolist()
+    return robust, time.perf_counter() - start
+
+
+def per_attack_time(results) -> dict[str, float]:
+    return {a: sum(r["time"] for r in results if r["attack"] == a) for a in results.attacks}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=40, help="suite PGD steps (default 40)")
     parser.add_argument("--aa-steps", type=int, default=100, help="AutoAttack member iterations")
+    parser.add_argument("--square-queries", type=int, default=5000)
+    parser.add_argument("--reps", type=int, default=1, help="interleaved rounds per model")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,29 +94,62 @@ def main() -> None:
     train_set, test_set = load_mnist5k()
     x, y = test_set.tensors[0][: args.n], test_set.tensors[1][: args.n]
     cfg = EvalConfig(batch_size=args.n, device="cpu", seed=0)
-    tm = ThreatModel("Linf", eps=(args.eps,), steps=args.steps)
-    aa_tm = tm.replace(steps=args.aa_steps)
+    tm = ThreatModel("Linf", eps=EPS, steps=args.steps)
 
-    rows, summary = [], []
-    for label, cap in (("capped 0.1 (bottleneck)", 0.1), ("plain ReLU", None)):
-        model = build(cap, train_set)
-        suite, t_suite = timed(model, (x, y), get_suite("standard", tm, model, x[:8]), tm, cfg)
-        aa_attack = get_attack("torchattacks:AutoAttack", aa_tm)
-        aa, t_aa = timed(model, (x, y), [aa_attack], aa_tm, cfg)
-        for attack in suite.attacks:
-            rows.append((label, attack, f"{100 * suite.robust_accuracy(attack, args.eps):.1f}%",
-                         f"{sum(r['time'] for r in suite.rows if r['attack'] == attack):.1f}"))
-        worst = suite.worst_case(args.eps)
-        aa_acc = aa.robust_accuracy(aa_attack.spec, args.eps)
-        rows.append((label, "suite worst case", f"{100 * worst:.1f}%", f"{t_suite:.1f}"))
-        rows.append((label, f"AutoAttack ({args.aa_steps} steps)", f"{100 * aa_acc:.1f}%", f"{t_aa:.1f}"))
-        summary.append((label, f"{100 * suite.clean_accuracy():.1f}%", f"{100 * worst:.1f}%",
-                        f"{100 * aa_acc:.1f}%", f"{t_suite / t_aa:.2f}",
-                        "yes" if worst <= aa_acc and t_suite <= t_aa else "NO"))
-    print_table(("model", "attack", "robust acc", "time (s)"), rows,
-                title=f"{args.n} MNIST-5k test samples, Linf eps {args.eps}")
-    print_table(("model", "clean", "suite worst case", "AutoAttack", "time suite / AA", "target met"),
-                summary, title="standard suite vs AutoAttack")
+    acc_rows, time_rows, profile_rows, summary = [], [], [], []
+    for name in args.models.split(","):
+        label = MODELS[name]
+        model = build(name, train_set)
+        suite = get_suite("standard", tm, model, x[:8], square_queries=args.square_queries)
+        times: dict[str, list[float]] = {"cascade": [], "full": [], "AutoAttack": []}
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            cascade = evaluate(model, (x, y), suite, tm, cfg, progress=False, schedule="cascade")
+            times["cascade"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            full = evaluate(model, (x, y), suite, tm, cfg, progress=False, schedule="full")
+            times["full"].append(time.perf_counter() - start)
+            aa, t_aa = {}, 0.0
+            for eps in EPS:
+                aa[eps], t = autoattack(model, x, y, eps, args.aa_steps, args.square_queries)
+                t_aa += t
+            times["AutoAttack"].append(t_aa)
+        t = {k: statistics.median(v) for k, v in times.items()}
+        per_sample_ok, acc_ok = True, True
+        for eps in EPS:
+            c, f = cascade.per_sample_worst_case(eps), full.per_sample_worst_case(eps)
+            below = sum(c[s] <= f[s] for s in f)
+            per_sample_ok &= below == len(f)
+            aa_acc = sum(aa[eps]) / len(aa[eps])
+            acc_ok &= cascade.worst_case(eps) <= aa_acc
+            acc_rows.append((label, f"{eps:g}", f"{100 * cascade.clean_accuracy():.1f}%",
+                             f"{100 * cascade.worst_case(eps):.1f}%", f"{100 * full.worst_case(eps):.1f}%",
+                             f"{100 * aa_acc:.1f}%", f"{below}/{len(f)}"))
+        for schedule, res in (("cascade", cascade), ("full", full)):
+            for attack, seconds in per_attack_time(res).items():
+                profile_rows.append((label, schedule, attack, f"{seconds:.1f}"))
+        time_rows.append((label, f"{t['cascade']:.1f}", f"{t['full']:.1f}", f"{t['AutoAttack']:.1f}",
+                          f"{t['cascade'] / t['full']:.3f}", f"{t['cascade'] / t['AutoAttack']:.3f}"))
+        summary.append((label, "yes" if per_sample_ok else "NO",
+                        "yes" if t["cascade"] <= 0.25 * t["full"] else "NO",
+                        "yes" if t["cascade"] <= 0.5 * t["AutoAttack"] else "NO",
+                        "yes" if acc_ok else "NO"))
+        report(args, acc_rows, profile_rows, time_rows, summary)
+
+
+def report(args, acc_rows, profile_rows, time_rows, summary) -> None:
+    """Print the tables so far (after each model, so a long run shows its figures early)."""
+    title = f"{args.n} MNIST-5k test samples, Linf, suite PGD {args.steps} steps, AA {args.aa_steps}"
+    print_table(("model", "eps", "clean", "cascade worst case", "full worst case", "AutoAttack",
+                 "samples cascade <= full"), acc_rows, title="robust accuracy: " + title)
+    print_table(("model", "schedule", "attack", "attack time (s)"), profile_rows,
+                title="where the time goes (sum over the three eps)")
+    print_table(("model", "cascade (s)", "full (s)", "AutoAttack (s)", "cascade / full",
+                 "cascade / AA"), time_rows,
+                title=f"wall time over the three eps together (median of {args.reps} round(s))")
+    print_table(("model", "cascade <= full per sample", "<= 0.25x full", "<= 0.5x AA",
+                 "robust acc <= AA at every eps"), summary, title="targets (issue 15)")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -195,7 +195,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         output = int(args.output) if args.output and args.output.lstrip("-").isdigit() else args.output
         results = evaluate(model, dataset, attacks, tm, cfg, out=os.path.join(args.out, "results.jsonl"),
                            resume=not args.no_resume, output=output, progress=not args.quiet,
-                           model_name=args.model, notes=notes, keep_adversarial=args.save_adversarial)
+                           model_name=args.model, notes=notes, keep_adversarial=args.save_adversarial,
+                           schedule=args.schedule or ("cascade" if args.suite else "full"))
     except AttackFailedError as exc:
         return _error("evaluate", exc, 1)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
@@ -239,6 +240,11 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str, steps: str, n_sampl
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--square-queries", type=int, default=5000,
                    help="query budget of the suite's Square attack (default 5000)")
+    p.add_argument("--schedule", choices=("cascade", "full", "audit"), default=None,
+                   help="cascade: each attack only on the samples still robust (default with "
+                        "--suite); full: every attack on every sample (default with --attack "
+                        "only; exact per-attack and agreement tables); audit: BPDA, transfer and "
+                        "black-box each on the white-box survivors (default for audit)")
     _add_format_arguments(p)
     p.add_argument("--input-shape", metavar="C,H,W", default=None,
                    help="layout of one sample when the data are flat vectors, e.g. 1,28,28: "
@@ -291,7 +297,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         results = evaluate_suite(model, data, tm, args.suite, cfg, extra_attacks=["torch:FGSM"],
                                  suite_kwargs={"square_queries": args.square_queries},
                                  out=os.path.join(args.out, AUDIT_RESULTS), resume=False,
-                                 progress=not args.quiet, model_name=args.model)
+                                 progress=not args.quiet, model_name=args.model,
+                                 schedule=args.schedule or "audit")
         report = audit(model, data, tm, cfg, results=results, model_name=args.model)
         certified = _audit_certified(model, data, tm, cfg, results, args)
     except AttackFailedError as exc:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ._console import format_table, print_table
 from ._format import markdown_table
-from .adaptive import attack_kind, cap_statistics, evaluate_suite, find_caps
+from .adaptive import attack_kind, audit_inputs, cap_statistics, evaluate_suite, find_caps
 from ._torch import caller_state, model_device
 from .attacks import get_attack
 from .results import Results
@@ -351,7 +351,7 @@ def _beats(results: Results, kind: str, reference: str = "white-box", *, tests: 
     the smallest p-value times ``tests`` (Bonferroni) is below ``alpha``. Returns the reason if
     there is nothing to compare."""
     kinds = _kinds(results)
-    ref = [a for a, k in kinds.items() if k == reference]
+    ref = [a for a, k in kinds.items() if k == reference and not results.conditional(a)]
     others = [a for a, k in kinds.items() if k == kind]
     if not ref or not others:
         missing = "no " + (f"{reference} attack" if not ref else f"{kind} attack")
@@ -399,13 +399,13 @@ def other_attacks_check(results: Results, *, alpha: float = ALPHA) -> list[Flag]
 
 def over_report(results: Results, *, alpha: float = ALPHA) -> dict[str, Any] | None:
     """How much PGD over-reports: per eps, robust accuracy under the plain white-box attacks
-    (per-sample worst case over them) minus the worst case over every attack, with its exact
-    ``1 - alpha`` interval (Clopper-Pearson on the samples only the other attacks broke).
+    (per-sample worst case over those run on every sample) minus the worst case over every attack,
+    with its exact ``1 - alpha`` interval (Clopper-Pearson on the samples only the others broke).
 
     Returns ``{"per_eps": {...}, "eps", "over_report", "interval", ...}`` for the eps with the
     largest over-report (the headline), or ``None`` without a white-box attack in ``results``.
     """
-    ref = [a for a, k in _kinds(results).items() if k == "white-box"]
+    ref = [a for a, k in _kinds(results).items() if k == "white-box" and not results.conditional(a)]
     if not ref:
         return None
     per_eps = {}
@@ -556,8 +556,8 @@ def audit(
     progress: bool = False,
     out: str | os.PathLike | None = None,
 ) -> Audit:
-    """Evaluate ``model`` with ``suite`` plus ``torch:FGSM`` (unless ``results`` are given) and
-    run every check of :data:`CHECKS` on the same samples.
+    """Evaluate ``model`` with ``suite`` plus ``torch:FGSM`` (schedule ``"audit"``) unless
+    ``results`` are given (then reused: :func:`.adaptive.audit_inputs`); run every check.
 
     ``data`` as for :func:`~relucap_plugin.evaluation.evaluate` (``config.n_samples`` limits it);
     the model checks use the largest budget of ``threat_model``. Pass several budgets for a
@@ -568,15 +568,14 @@ def audit(
 
     config = config or EvalConfig()
     x, y = as_tensors(data, limit=config.n_samples)
+    notes: list[str] = []
     if results is None:
         results = evaluate_suite(model, (x, y), threat_model, suite, config, extra_attacks=["torch:FGSM"],
                                  suite_kwargs=suite_kwargs, progress=progress, model_name=model_name,
-                                 out=out)
-    eps = max(threat_model.eps)
-    pgd = get_attack("torch:PGD", threat_model.replace(eps=(eps,)))
-    x_adv = pgd(model, x, y, eps, seed=config.seed)
+                                 out=out, schedule="audit")
+    results, x_adv = audit_inputs(model, (x, y), threat_model, config, results, notes)
     scan = find_caps(model, x[:8])
-    notes = [*results.metadata.get("notes", [])]
+    notes = [*results.metadata.get("notes", []), *notes]
     if scan.warning and scan.warning not in notes:
         notes.append(scan.warning)
     grad = gradient_check(model, x, y)

@@ -9,6 +9,7 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import math
@@ -29,6 +30,7 @@ from ._console import progress as _progress
 from .adapters import native_library, native_notes, read_native
 from ._torch import caller_state, check_inputs, check_logits, clean_logits, float_dtype, is_out_of_memory
 from .attacks import Attack, get_attack, make_attack, perturbation_norm
+from .cascade import CascadeBatch, cascade_order, check_schedule, check_unconditional
 from ._fingerprint import DataDigest, parameters_digest, run_fingerprint
 from .data import DataLike, as_dataset, as_loader, check_labels, unpack_batch
 from .results import Results, ResultsWriter, open_results_file
@@ -461,34 +463,56 @@ class _Runner:
                 time_k = per_sample
             else:
                 status, reason, adv_pred, norm, robust, time_k = "ok", None, clean, 0.0, False, 0.0
-            rows.append(
-                {
-                    "sample": batch.start + k,
-                    "attack": attack.spec,
-                    "library": attack.library,
-                    "family": family,
-                    "eps": eps,
-                    "label": label,
-                    "clean_pred": clean,
-                    "adv_pred": adv_pred,
-                    "clean_correct": correct[k],
-                    "adv_correct": robust,
-                    "norm": norm,
-                    "status": status,
-                    "reason": reason,
-                    "skipped": not correct[k],
-                    "time": time_k,
-                }
-            )
-        if self.writer is not None:
-            self.writer.write(rows)
-        self.results._add(rows)
-        self.done.update(
-            (r["sample"], r["attack"], r["eps"]) for r in rows if r["status"] != "failed"
-        )
-        self.labels.update((r["sample"], r["label"]) for r in rows)
+            rows.append(self._row(batch, k, attack, family, eps, status, reason, adv_pred, norm,
+                                  robust, time_k))
+        self._record(rows)
         if redo:
             self._keep(batch, attack, eps, correct, attacked, outcome)
+
+    @staticmethod
+    def _row(batch: _Batch, k: int, attack: Attack, family: str | None, eps: float, status: str,
+             reason: str | None, adv_pred: int | None, norm: float | None, robust: bool | None,
+             time_k: float) -> dict[str, Any]:
+        """The row of position ``k`` of ``batch`` (every field of ``ROW_FIELDS`` but ``margin``;
+        ``family`` None: :func:`_family` of the attack)."""
+        correct = batch.clean_pred[k] == batch.labels[k]
+        return {
+            "sample": batch.start + k,
+            "attack": attack.spec,
+            "library": attack.library,
+            "family": family or _family(attack),
+            "eps": eps,
+            "label": batch.labels[k],
+            "clean_pred": batch.clean_pred[k],
+            "adv_pred": adv_pred,
+            "clean_correct": correct,
+            "adv_correct": robust,
+            "norm": norm,
+            "status": status,
+            "reason": reason,
+            "skipped": not correct,
+            "time": time_k,
+        }
+
+    def _record(self, rows: list[dict[str, Any]], warn_clash: bool = False) -> None:
+        """Write and add the ``rows`` that are not done yet. ``warn_clash``: warn when a row
+        computed again differs in outcome from its stored one (the stored one is kept)."""
+        new = [r for r in rows if (r["sample"], r["attack"], r["eps"]) not in self.done]
+        if warn_clash and len(new) < len(rows):
+            from .cascade import warn_clash as _warn
+            from .results import ROW_FIELDS
+
+            fields = [f for f in ROW_FIELDS if f not in ("time", "margin")]
+            _warn([(r["sample"], r["attack"], r["eps"]) for r in rows if r not in new
+                   and any(self.results._rows[(r["sample"], r["attack"], r["eps"])][f] != r[f]
+                           for f in fields)])
+        if self.writer is not None:
+            self.writer.write(new)
+        self.results._add(new)
+        self.done.update(
+            (r["sample"], r["attack"], r["eps"]) for r in new if r["status"] != "failed"
+        )
+        self.labels.update((r["sample"], r["label"]) for r in new)
 
     def _keep(self, batch: _Batch, attack: Attack, eps: float, correct: list[bool],
               attacked: list[int], outcome: dict[int, tuple]) -> None:
@@ -543,6 +567,8 @@ def evaluate(
     model_name: str | None = None,
     notes: Sequence[str] = (),
     keep_adversarial: str | None = None,
+    schedule: str = "full",
+    unconditional: Sequence[str] = (),
 ) -> Results:
     """Attack ``model`` on ``data`` with every attack at every budget of ``threat_model``.
 
@@ -585,8 +611,18 @@ def evaluate(
     cost, the file next to ``out=`` and how a resumed run regenerates missing ones); read them
     with :meth:`~relucap_plugin.results.Results.adversarial_examples` and
     :meth:`~relucap_plugin.results.Results.worst_case_examples`.
+
+    ``schedule``: ``"full"`` runs every attack on every sample (exact per-attack and agreement
+    tables); ``"cascade"`` runs the attacks cheapest first, each at an eps only on the samples
+    still robust there, budgets in increasing order with verified examples reused at larger eps
+    (see :mod:`.cascade`): the same per-sample worst case or a lower one (up to the random draws
+    of randomised attacks, which see other batches), at a fraction of the cost; its per-attack numbers are conditional and rows it did not need say ``not_needed``.
+    ``"audit"``: the cascade, but BPDA, transfer and black-box attacks each run on all the
+    survivors of the white-box attacks (what :func:`~relucap_plugin.diagnostics.audit` compares).
+    ``unconditional``: specs of attacks that run on every sample under a cascade too (their
+    per-attack and agreement numbers stay exact), besides the first.
     """
-    from .adaptive import black_box_layout, first_inputs
+    from .adaptive import attack_kind, black_box_layout, first_inputs
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"evaluate: model must be a torch.nn.Module, got {type(model).__name__} {repr(model)[:80]}")
@@ -606,6 +642,7 @@ def evaluate(
     tm = _as_threat_model(threat_model)
     cfg = _as_config(config)
     check_keep(keep_adversarial)
+    cascade = check_schedule(schedule) != "full"
     ctx = _distributed.setup(cfg.device)
     if ctx is not None and keep_adversarial is not None:
         raise ValueError("keep_adversarial= is not supported in a distributed run (torchrun) yet; "
@@ -619,6 +656,12 @@ def evaluate(
     if progress and get_rank() == 0:
         for line in native_notes(attack_list):
             print(line, file=sys.stderr)
+    def kind(attack: Attack) -> str:
+        return attack_kind(attack.spec, attack.family)
+
+    unconditional = check_unconditional(unconditional, [a.spec for a in attack_list], schedule)
+    if cascade:
+        attack_list = cascade_order(attack_list, kind, unconditional)
     for attack in attack_list:
         attack.check_dtype(float_dtype(net, torch.float32))
     _check_loader(data)
@@ -647,6 +690,10 @@ def evaluate(
         "rtol": RTOL,
         "fingerprint": run_fingerprint(model, data_digest, tm, cfg, attack_list),
     }
+    if cascade:
+        metadata["schedule"] = metadata["fingerprint"]["schedule"] = schedule
+        if unconditional:
+            metadata["unconditional"] = metadata["fingerprint"]["unconditional"] = unconditional
     if [*notes, *layout_notes]:
         metadata["notes"] = [*notes, *layout_notes]
     if ctx is not None:
@@ -677,7 +724,8 @@ def evaluate(
     n_batches = None if n_expected is None or bs is None else math.ceil(n_expected / bs)
     if ctx is not None and n_batches is not None:
         n_batches = ctx.share(n_batches)
-    total = None if n_batches is None else n_batches * len(attack_list) * len(tm.eps)
+    units_per_batch = len(tm.eps) if cascade else len(attack_list) * len(tm.eps)
+    total = None if n_batches is None else n_batches * units_per_batch
     keys = [(a.spec, e) for a in attack_list for e in tm.eps]
     try:
         cuda = (
@@ -691,7 +739,7 @@ def evaluate(
             runner.params = parameters_digest(net)
             runner.store = store
 
-            def units() -> Iterator[tuple[_Batch | None, Attack, float]]:
+            def units() -> Iterator[Callable[[], None] | None]:
                 mine = _batches if ctx is None else ctx.batches
                 for start, x, y in mine(loader, cfg.n_samples):
                     if DataDigest.batch(x, y) != data_digest.batches.get(start):
@@ -704,18 +752,26 @@ def evaluate(
                     done = runner.complete(start, y, keys) and (
                         store is None or store.covers(start, len(y), keys))
                     batch = None if done else runner.prepare(start, x, y)
+                    if cascade:
+                        steps = None if batch is None else CascadeBatch(
+                            runner, batch, attack_list, schedule, kind, verify, unconditional)
+                        for eps in sorted(tm.eps):
+                            yield None if steps is None else functools.partial(steps.run, eps)
+                        continue
                     for attack in attack_list:
                         for eps in tm.eps:
-                            yield batch, attack, eps
+                            yield None if batch is None else functools.partial(
+                                runner.run, batch, attack, eps)
 
-            description = f"{len(attack_list)} attack(s) x {len(tm.eps)} eps"
+            description = f"{len(attack_list)} attack(s) x {len(tm.eps)} eps" + (
+                f", {schedule}" if cascade else "")
             if ctx is not None:
                 description += f", rank 0 of {ctx.world_size}"
-            for batch, attack, eps in _progress(
+            for work in _progress(
                 units(), description, total=total, enabled=progress and get_rank() == 0
             ):
-                if batch is not None:
-                    runner.run(batch, attack, eps)
+                if work is not None:
+                    work()
                     if store_path is not None:
                         store.save(store_path, force=False)
     finally:

@@ -448,16 +448,18 @@ def run_model(spec: ModelSpec, config: ExperimentConfig, train_data, eval_data,
     if out is not None:
         results_file = os.path.join(out, "results", f"{spec.slug}.jsonl")
         checkpoint = save_checkpoint(net, os.path.join(out, "models", f"{spec.slug}.pt"))
+    names = {a.spec: a for a in attacks}
+    pgd_names = {lib: next(n for n in names if n.startswith(s)) for lib, s in LIBRARY_PGD.items()}
+    # the audit's cascade; the libraries' PGDs run on every sample for the agreement table
     results = evaluate(net, eval_data, attacks, tm, cfg, out=results_file, resume=False,
-                       progress=progress, model_name=spec.name)
+                       progress=progress, model_name=spec.name, schedule="audit",
+                       unconditional=list(pgd_names.values()))
     report = audit(net, eval_data, tm, cfg, results=results, model_name=spec.name)
     cert = certify(net, eval_data, tm, config.certify_method, cfg, progress=False,
                    model_name=spec.name)
     merged = results.merge(cert)  # the bracket check: certified and broken is an error
     if results_file is not None:
         merged.save(results_file)
-    names = {a.spec: a for a in attacks}
-    pgd_names = {lib: next(n for n in names if n.startswith(s)) for lib, s in LIBRARY_PGD.items()}
     return ModelResult(
         spec=spec,
         clean=results.clean_accuracy() or 0.0,

@@ -63,7 +63,11 @@ ROW_FIELDS = (
 #: Library of the rows of :func:`relucap_plugin.certification.certify`: ``adv_correct`` says certified.
 #: They are a lower bound, so they are left out of the worst case over attacks.
 CERTIFY_LIBRARY = "certify"
-STATUSES = ("ok", "violation", "failed")
+#: ``"not_needed"``: under the cascade schedule the attack did not run on the sample because
+#: another attack had broken it at that eps (``reason`` names it); no outcome, never robust nor
+#: failed (see :mod:`relucap_plugin.cascade`).
+STATUSES = ("ok", "violation", "failed", "not_needed")
+_NO_OUTCOME = ("failed", "not_needed")
 _KEY = ("sample", "attack", "eps")
 _REQUIRED = ("sample", "attack", "eps", "clean_correct", "adv_correct", "status")
 #: Metadata fields that must agree for two tables to describe the same evaluation.
@@ -105,7 +109,7 @@ def _normalise_row(row: Mapping[str, Any]) -> dict[str, Any]:
     if out["family"] is None:
         out["family"] = out["attack"].split(":", 1)[-1]
     out["clean_correct"] = bool(out["clean_correct"])
-    out["adv_correct"] = None if out["status"] == "failed" else bool(out["adv_correct"])
+    out["adv_correct"] = None if out["status"] in _NO_OUTCOME else bool(out["adv_correct"])
     if out["status"] == "violation":
         out["adv_correct"] = False
     out["skipped"] = bool(out["skipped"])
@@ -273,7 +277,34 @@ class Results:
 
     # ------------------------------------------------------------ aggregates
     def _completed(self, attack: str, eps: float) -> list[dict[str, Any]]:
-        return [r for r in self._group(attack, eps) if r["status"] != "failed"]
+        return [r for r in self._group(attack, eps) if r["status"] not in _NO_OUTCOME]
+
+    @property
+    def schedule(self) -> str:
+        """The schedule of the evaluation (``metadata["schedule"]``, default ``"full"``);
+        ``"cascade"`` for rows with ``not_needed`` rows but no such metadata."""
+        if "schedule" in self.metadata:
+            return self.metadata["schedule"]
+        if any(r["status"] == "not_needed" for r in self._rows.values()):
+            return "cascade"
+        return "full"
+
+    def conditional(self, attack: str, eps: float | None = None) -> bool:
+        """Whether ``attack`` (at ``eps``, or at any eps) skipped samples as ``not_needed``:
+        its per-attack numbers are then conditional on the attacks before it."""
+        groups = [self._group(attack, eps)] if eps is not None else [
+            self._group(attack, e) for e in self.eps]
+        return any(r["status"] == "not_needed" for rows in groups for r in rows)
+
+    def conditional_accuracy(self, attack: str, eps: float) -> float | None:
+        """Under the cascade: of the clean-correct samples ``attack`` ran on at ``eps`` (those no
+        earlier attack had broken), the fraction it left robust. ``None`` if it ran on none or
+        failed on one. Under the full schedule the same fraction over every clean-correct sample."""
+        rows = self._group(attack, float(eps))
+        ran = [r for r in rows if r["clean_correct"] and r["status"] != "not_needed"]
+        if not ran or any(r["status"] == "failed" for r in ran):
+            return None
+        return sum(r["adv_correct"] for r in ran) / len(ran)
 
     def clean_accuracy(self) -> float | None:
         """Fraction of samples classified correctly without attack (None: no rows)."""
@@ -285,10 +316,12 @@ class Results:
 
         ``None`` when there are no rows or any row failed: attacks fail only on samples they
         attack (correctly classified ones), so a fraction over the completed rows would be
-        biased low (:meth:`missing` lists the failed rows; resume to fill them in).
+        biased low (:meth:`missing` lists the failed rows; resume to fill them in). ``None``
+        too when the attack did not run on some samples under the cascade schedule
+        (``not_needed`` rows): use :meth:`conditional_accuracy` or :meth:`worst_case` then.
         """
         rows = self._group(attack, float(eps))
-        if not rows or any(r["status"] == "failed" for r in rows):
+        if not rows or any(r["status"] in _NO_OUTCOME for r in rows):
             return None
         return sum(r["adv_correct"] for r in rows) / len(rows)
 
@@ -348,7 +381,8 @@ class Results:
         return sorted(out)
 
     def agreement(self) -> list[dict[str, Any]]:
-        """The same attack family run through several libraries, side by side per eps.
+        """The same attack family run through several libraries, side by side per eps (attacks
+        with ``not_needed`` rows, i.e. conditional under the cascade schedule, are left out).
 
         Each entry: ``family``, ``eps``, ``accuracy`` (library -> robust accuracy over the
         ``n_common`` samples completed by all of them, so that failed rows of one library do not
@@ -357,8 +391,10 @@ class Results:
         ``max_gap`` (largest accuracy difference, in points).
         """
         by_family: dict[str, dict[str, str]] = {}
+        cond = {r["attack"] for r in self._rows.values() if r["status"] == "not_needed"}
         for r in self._rows.values():
-            by_family.setdefault(r["family"], {}).setdefault(r["library"], r["attack"])
+            if r["attack"] not in cond:
+                by_family.setdefault(r["family"], {}).setdefault(r["library"], r["attack"])
         out = []
         for family, libs in by_family.items():
             if len(libs) < 2:
@@ -394,17 +430,20 @@ class Results:
                 rows = self._group(attack, eps)
                 if not rows:
                     continue
-                done = [r for r in rows if r["status"] != "failed"]
+                done = [r for r in rows if r["status"] not in _NO_OUTCOME]
                 attacked = [r for r in done if not r["skipped"] and r["norm"] is not None]
+                conditional = len(done) + sum(r["status"] == "failed" for r in rows) < len(rows)
                 out.append(
                     {
                         "attack": attack,
                         "library": rows[0]["library"],
                         "eps": eps,
-                        "robust_accuracy": self.robust_accuracy(attack, eps),
-                        "n": len(done),
+                        "robust_accuracy": self.conditional_accuracy(attack, eps) if conditional
+                        else self.robust_accuracy(attack, eps),
+                        "conditional": conditional,
+                        "n": sum(r["clean_correct"] for r in done) if conditional else len(done),
                         "violations": sum(r["status"] == "violation" for r in rows),
-                        "failed": len(rows) - len(done),
+                        "failed": sum(r["status"] == "failed" for r in rows),
                         "mean_norm": sum(r["norm"] for r in attacked) / len(attacked)
                         if attacked
                         else None,
@@ -421,6 +460,7 @@ class Results:
                         "library": "",
                         "eps": eps,
                         "robust_accuracy": sum(worst.values()) / len(worst) if worst else None,
+                        "conditional": False,
                         "n": len(worst),
                         "violations": None,
                         "failed": None,
@@ -440,7 +480,7 @@ class Results:
         for s in self.summary():
             cells.append(
                 [
-                    s["attack"],
+                    s["attack"] + (" (conditional)" if s["conditional"] else ""),
                     _fmt_eps(s["eps"]),
                     pct(s["robust_accuracy"]),
                     str(s["n"]),
@@ -493,6 +533,16 @@ class Results:
                     f"eps {_fmt_eps(eps)}: certified {pct(cert)} <= robust accuracy <= "
                     f"{pct(worst)} (worst case over attacks)"
                 )
+        if self.schedule != "full":
+            notes.append(
+                f"{self.schedule} schedule: each attack ran only on the samples no earlier attack "
+                "had broken at that eps (rows not_needed otherwise; under the audit schedule "
+                "BPDA, transfer and black-box attacks ran on every survivor of the white-box "
+                "attacks); an attack marked (conditional) "
+                "shows its robust accuracy on the samples it ran on (n: the clean-correct samples it "
+                "ran on or whose example of a smaller eps it reused), not on all samples; the worst case is exact; agreement across "
+                "libraries is n/a (evaluate with schedule='full' for per-attack and agreement "
+                "tables)")
         if m:
             notes.append(
                 f"{len(m)} (sample, attack, eps) row(s) have no outcome; Results.missing() "
@@ -740,7 +790,20 @@ def _identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     ia, ib = _identity(a), _identity(b)
     out = [f"{k}: {ia[k]!r} vs {ib[k]!r}" for k in sorted(set(ia) & set(ib)) if ia[k] != ib[k]]
+    sa, sb = _schedule(a), _schedule(b)
+    if sa and sb and sa != sb:
+        out.append(f"the schedule ({sa[0]!r} vs {sb[0]!r}, unconditional attacks {sa[1]} vs "
+                   f"{sb[1]}: tables of different schedules are never parts of one run)")
     return out + _fingerprint_differences(a.get("fingerprint") or {}, b.get("fingerprint") or {})
+
+
+def _schedule(metadata: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(schedule, unconditional attacks) of a table's metadata; ``None`` for a table of certify
+    rows only (they merge into a table of any schedule)."""
+    attacks = metadata.get("attacks") or []
+    if attacks and all(Results._is_certify(str(a)) for a in attacks):
+        return None
+    return metadata.get("schedule", "full"), metadata.get("unconditional")
 
 
 def _merged_metadata(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

@@ -242,7 +242,7 @@ def test_suite_for_a_model_without_caps_leaves_out_what_only_repeats_white_box_p
 @pytest.mark.slow
 def test_standard_suite_finds_what_pgd_misses_on_the_capped_model(capped_mlp, test_batch):
     results = evaluate_suite(capped_mlp, test_batch, TM, config=EvalConfig(batch_size=200, device="cpu"),
-                             progress=False)
+                             progress=False, schedule="full")
     pgd = results.robust_accuracy("torch:PGD", 0.3)
     worst = results.worst_case(0.3)
     assert pgd > 0.20, pgd

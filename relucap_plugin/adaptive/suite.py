@@ -24,6 +24,7 @@ __all__ = [
     "SurrogateAttack",
     "TransferAttack",
     "attack_kind",
+    "audit_inputs",
     "LayoutAttack",
     "black_box_layout",
     "bpda",
@@ -287,14 +288,25 @@ def standard_suite(threat_model: ThreatModel, *, square_queries: int = 5000,
 SUITES: dict[str, Callable[..., list[Attack]]] = {"standard": standard_suite}
 
 
+def _finite_cap(module: nn.Module) -> bool:
+    """Whether a cap module of ours caps anything: ``CappedReLU(inf)`` (what ``cap_relus(m,
+    math.inf)`` leaves) is a plain ReLU, so BPDA and transfer have no cap to see past."""
+    cap = getattr(module, "cap", None)
+    if isinstance(cap, Tensor):
+        return cap.numel() == 0 or bool(torch.isfinite(cap.detach()).any())
+    return not isinstance(cap, (int, float)) or math.isfinite(cap)
+
+
 def _has_caps(model: nn.Module, example_input: Tensor | None) -> bool | None:
-    """Whether ``model`` has a cap: from our modules, or one forward pass of ``example_input``;
-    ``None`` if it cannot tell (no example input and no cap module)."""
-    if capped_sites(eager_module(model)):
+    """Whether ``model`` has a finite cap: from our modules, or one forward pass of
+    ``example_input``; ``None`` if it cannot tell (no example input and no cap module).
+    Infinite caps count as no cap."""
+    sites = capped_sites(eager_module(model))
+    if any(_finite_cap(m) for _, m in sites):
         return True
     if example_input is None:
-        return None
-    return bool(find_caps(model, example_input))
+        return False if sites else None
+    return any(site.high != "inf" for site in find_caps(model, example_input).sites)
 
 
 def get_suite(name: str, threat_model: ThreatModel, model: nn.Module | None = None,
@@ -331,9 +343,14 @@ def suite_notes(model: nn.Module, example_input: Tensor) -> list[str]:
 
 def evaluate_suite(model: nn.Module, data: Any, threat_model: ThreatModel, suite: str = "standard",
                    config: Any = None, *, suite_kwargs: dict[str, Any] | None = None,
-                   extra_attacks: Sequence[Any] = (), **evaluate_kwargs: Any):
+                   extra_attacks: Sequence[Any] = (), schedule: str = "cascade",
+                   **evaluate_kwargs: Any):
     """:func:`~relucap_plugin.evaluation.evaluate` with the attacks of ``suite`` (plus
     ``extra_attacks``); the headline is ``results.worst_case(eps)``.
+
+    ``schedule="cascade"`` (the default here) runs each attack only on the samples still robust
+    (see :mod:`relucap_plugin.cascade`); ``"full"`` runs every attack on every sample, for exact
+    per-attack and cross-library tables.
 
     The first samples of ``data`` show which caps the forward reaches (however written); a model
     whose caps sit inside scripted code gets a warning in ``results.metadata["notes"]``.
@@ -343,7 +360,8 @@ def evaluate_suite(model: nn.Module, data: Any, threat_model: ThreatModel, suite
     example = first_inputs(data)
     attacks = [*get_suite(suite, threat_model, model, example, **(suite_kwargs or {})), *extra_attacks]
     notes = [] if example is None else suite_notes(model, example)
-    return evaluate(model, data, attacks, threat_model, config, notes=notes, **evaluate_kwargs)
+    return evaluate(model, data, attacks, threat_model, config, notes=notes, schedule=schedule,
+                    **evaluate_kwargs)
 
 
 def first_inputs(data: Any, n: int = 8) -> Tensor | None:
@@ -357,3 +375,33 @@ def first_inputs(data: Any, n: int = 8) -> Tensor | None:
     except Exception:  # a peek only: data the evaluation cannot read fail there, with its message
         return None
     return torch.stack(xs) if xs and all(x.is_floating_point() for x in xs) else None
+
+
+def audit_inputs(model: Any, data: Any, threat_model: ThreatModel, config: Any, results: Any,
+                 notes: list[str]) -> tuple[Any, Tensor]:
+    """What :func:`~relucap_plugin.diagnostics.audit` adds to a suite run ``results`` on
+    ``data`` = (x, y): the rows of ``torch:FGSM`` (same schedule and eps) when it has no
+    single-step attack (unchanged, with a note, if it describes another evaluation than the
+    audit's), and the adversarial inputs of the saturation check: the kept worst-case examples
+    at the largest eps, else one PGD run."""
+    from ..evaluation import evaluate
+
+    families = {r["attack"]: r["family"] for r in results.rows}
+    if all(attack_kind(a, families.get(a)) != "single-step" for a in results.attacks):
+        fgsm = evaluate(model, data, "torch:FGSM", threat_model.replace(eps=tuple(results.eps)),
+                        config, progress=False, model_name=results.metadata.get("model"),
+                        schedule=results.schedule)
+        try:
+            results = results.merge(fgsm)
+        except ValueError as exc:
+            notes.append(f"single-step check without torch:FGSM: the results given describe "
+                         f"another evaluation than the audit's model, data and config ({exc})")
+    eps = max(threat_model.eps)
+    try:
+        if results._store() is not None:
+            return results, results.worst_case_examples(eps)
+    except ValueError:
+        pass
+    x, y = data
+    pgd = get_attack("torch:PGD", threat_model.replace(eps=(eps,)))
+    return results, pgd(model, x, y, eps, seed=config.seed)
