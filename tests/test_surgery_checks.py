@@ -287,3 +287,33 @@ def test_untraceable_model_found_by_running_and_capped_at_run_time():
     capped[1].register_forward_hook(lambda m, i, o: outputs.append(o))
     run(capped, x)
     assert float(outputs[0].max()) <= 0.5
+
+
+def _bf16_helper(lin, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return torch.relu(lin(x))
+
+
+class HelperBf16(nn.Module):
+    """The autocast block is in a plain function: an fx rewrite of ``forward`` inlines it
+    without the block, and only the self-check's dtype comparison can tell."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _bf16_helper(self.a, x).relu()
+
+
+def test_failure_1_self_check_catches_a_lost_autocast_and_falls_back():
+    torch.manual_seed(0)
+    net = HelperBf16()
+    x = torch.randn(3, 4)
+    reference = run(net, x)
+    assert reference.dtype == torch.bfloat16
+    converted, report = cap_relus(net, math.inf, example_input=x)
+    assert set(report.how.values()) == {"runtime"}
+    assert all("fx rewrite failed the self-check" in r for r in report.reasons.values())
+    out = run(converted, x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference)

@@ -282,3 +282,45 @@ def test_per_channel_caps_of_the_wrong_length_are_refused_naming_the_site():
     assert not hasattr(net, "_relucap_records")
     _, report = cap_relus(net, [1.0, 2.0, 3.0, 4.0])
     assert report.count == 2
+
+
+def test_copy_model_gives_the_copy_its_own_hook_dicts_and_containers():
+    """The empty hook dicts copy_model creates inline belong to the copy alone: a hook added
+    to the copy never reaches the original, and the memo maps every original module."""
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Sequential(nn.Linear(3, 2), nn.ReLU()))
+    memo: dict = {}
+    new = copy_model(net, memo)
+    for old, fresh in zip(net.modules(), new.modules()):
+        assert memo[id(old)] is fresh and fresh is not old
+        for key in ("_forward_hooks", "_forward_pre_hooks", "_parameters", "_buffers",
+                    "_modules", "_non_persistent_buffers_set"):
+            assert getattr(fresh, key) is not getattr(old, key)
+    seen = []
+    new[2][0].register_forward_hook(lambda m, i, o: seen.append(1))
+    net(torch.ones(1, 3))
+    assert seen == [] and not net[2][0]._forward_hooks
+    new(torch.ones(1, 3))
+    assert seen == [1]
+
+
+def test_self_check_leaves_no_trace_on_a_model_in_training_mode():
+    """cap_relus(inplace=True) runs the self-check on the user's own model: BatchNorm's
+    running statistics (also of a module registered twice), existing .grad, train/eval modes
+    and the global RNG come back exactly as they were."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4)
+    net = nn.Sequential(nn.Linear(3, 4), bn, nn.ReLU(), nn.Dropout(0.5), nn.Linear(4, 4), bn,
+                        nn.ReLU(), nn.Linear(4, 2))
+    net[7].eval()
+    net[0].weight.grad = torch.full_like(net[0].weight, 3.0)
+    grad = net[0].weight.grad
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    modes = [m.training for m in net.modules()]
+    x = torch.randn(5, 3)
+    rng = torch.get_rng_state()
+    cap_relus(net, 0.5, inplace=True, example_input=x)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert net[0].weight.grad is grad and net[4].weight.grad is None
+    assert [m.training for m in net.modules()] == modes
+    assert torch.equal(rng, torch.get_rng_state())

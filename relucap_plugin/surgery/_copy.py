@@ -8,6 +8,11 @@ module classes that keep ``nn.Module``'s own pickling (no ``__deepcopy__``, ``__
 ``__getstate__`` or slots of their own), plain parameters and buffers, and hands everything else (tensors,
 parameters, hooks, custom classes) to ``copy.deepcopy`` with the same memo, so sharing (tied
 weights, a module registered twice) comes out as ``copy.deepcopy`` makes it. Our own design.
+
+Unlike ``copy.deepcopy``, the objects copied here are not kept alive in the memo: each is held
+by the model (a module, one of its dicts, a parameter, a buffer), which outlives the copy, so
+no id in the memo can be reused while it is in use. Strings and other atomic values are
+shared without a call, as ``copy.deepcopy`` shares them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 _ATOMIC = frozenset({t for t, f in copy._deepcopy_dispatch.items() if f is copy._deepcopy_atomic}
                     | {torch.dtype})
 _NIL = object()
+_CONTAINERS = frozenset({dict, OrderedDict, set})
 _SHARED = "relucap shared storages"  # a memo key that no id() can be
 
 
@@ -52,18 +58,16 @@ def _copy(obj: Any, memo: dict[int, Any]) -> Any:
         new = cls()
         memo[id(obj)] = new
         for key, value in obj.items():
-            new[_copy(key, memo)] = _copy(value, memo)
-        _keep(obj, memo)
+            new[key if type(key) is str else _copy(key, memo)] = (
+                value if type(value) in _ATOMIC else _copy(value, memo))
         return new
     if cls in (set, frozenset) and all(type(e) in _ATOMIC for e in obj):
         new = cls(obj)
         memo[id(obj)] = new
-        _keep(obj, memo)
         return new
     if cls is nn.Parameter:  # what nn.Parameter.__deepcopy__ does
         new = nn.Parameter(obj.data.clone(memory_format=torch.preserve_format), obj.requires_grad)
         memo[id(obj)] = new
-        _keep(obj, memo)
         return new
     if cls is torch.Tensor and _plain_buffer(obj, memo):
         new = obj.clone()
@@ -72,10 +76,18 @@ def _copy(obj: Any, memo: dict[int, Any]) -> Any:
     if isinstance(obj, nn.Module) and _plain(cls):
         new = cls.__new__(cls)
         memo[id(obj)] = new
-        state = {k: _copy(v, memo) for k, v in obj.__dict__.items()
-                 if k != "_compiled_call_impl"}
+        state = {}
+        for k, v in obj.__dict__.items():
+            kind = type(v)
+            if k == "_compiled_call_impl":
+                continue
+            if kind in _ATOMIC:
+                state[k] = v
+            elif kind in _CONTAINERS and not v and id(v) not in memo:  # most hook dicts
+                state[k] = memo[id(v)] = kind()
+            else:
+                state[k] = _copy(v, memo)
         new.__setstate__(state)
-        _keep(obj, memo)
         return new
     return copy.deepcopy(obj, memo)
 
@@ -101,11 +113,6 @@ def _shared_storages(model: nn.Module) -> set[int]:
                 ptr = t.untyped_storage().data_ptr()
                 (shared if ptr in seen else seen).add(ptr)
     return shared
-
-
-def _keep(obj: Any, memo: dict[int, Any]) -> None:
-    """Keep ``obj`` alive for the memo's lifetime, as ``copy.deepcopy`` does (its id is a key)."""
-    memo.setdefault(id(memo), []).append(obj)
 
 
 def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:

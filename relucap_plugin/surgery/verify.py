@@ -138,9 +138,12 @@ class _Run:
 @contextmanager
 def _restored(model: nn.Module) -> Iterator[None]:
     """Buffers, ``.grad`` of parameters, module modes and the CPU RNG come back on exit."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
-    grads = [(p, p.grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())  # one walk of the tree serves all three
+    buffers = [(b, b.detach().clone()) for b in dict.fromkeys(
+        b for m in modules for b in m._buffers.values() if b is not None)
+        if b.device.type != "meta"]
+    grads = [(p, p.grad) for m in modules for p in m._parameters.values() if p is not None]
+    modes = [(m, m.training) for m in modules]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
