@@ -1,8 +1,10 @@
 """Evaluation spread over the processes of a ``torchrun`` launch (one model replica per process).
 
-:func:`~relucap_plugin.evaluation.evaluate` calls :func:`setup` and, inside a process group of
-more than one rank, gives rank ``r`` the batches number ``b`` with ``b % world_size == r`` of the
-single-process batching (same boundaries, global sample indices, no padding). Every attack call
+:func:`~relucap_plugin.evaluation.evaluate` asks :func:`process_context` where it runs: alone, a
+:class:`LocalContext` (world size 1, files as they always were); inside a process group of more
+than one rank (:func:`setup`), a :class:`DistContext` that gives rank ``r`` the batches number
+``b`` with ``b % world_size == r`` of the single-process batching (same boundaries, global
+sample indices, no padding). Every attack call
 is seeded from (seed, attack, eps, first sample of its batch), so each row equals the row of a
 single-process run whatever the number of ranks. Each rank streams its rows to its own JSONL
 shard (``results.rank0-of-2.jsonl`` next to ``results.jsonl``); at the end rank 0 gathers the

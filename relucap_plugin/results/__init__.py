@@ -393,7 +393,7 @@ class Results:
 
     def _store(self):
         if self._adversarial is None and self._adversarial_path is not None:
-            from .adversarial import AdversarialStore
+            from ..adversarial import AdversarialStore
 
             self._adversarial = AdversarialStore.load(
                 self._adversarial_path, self.metadata.get("fingerprint"))
@@ -435,7 +435,7 @@ class Results:
         path = _files.check_target(path, "results", what="results file")
         _files.atomic_write(path, "".join(lines))
         if self._store() is not None:
-            from .adversarial import sidecar_path
+            from ..adversarial import sidecar_path
 
             self._adversarial.save(sidecar_path(path))
 
