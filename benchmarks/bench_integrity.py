@@ -20,7 +20,7 @@ import torch
 from relucap_plugin import EvalConfig, ThreatModel, evaluate
 from relucap_plugin._fingerprint import model_digest, parameters_digest
 from relucap_plugin.data import as_loader, load_mnist5k
-from relucap_plugin.evaluation import _data_digest
+from relucap_plugin.distributed import LocalContext
 from relucap_plugin.models import mlp
 
 
@@ -46,7 +46,7 @@ def main() -> None:
         times["evaluate"].append(_seconds(
             lambda: evaluate(model, data, "torch:FGSM", tm, cfg, progress=False)))
         times["model"].append(_seconds(lambda: model_digest(model)))
-        times["data"].append(_seconds(lambda: _data_digest(as_loader(data, 256), None)))
+        times["data"].append(_seconds(lambda: LocalContext(torch.device("cpu")).data_digest(as_loader(data, 256), None)))
         times["params"].append(calls * _seconds(lambda: parameters_digest(model)))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"MLP 784-256-32-256-10, 1000 digits, torch:FGSM, {args.threads} thread(s), "

@@ -31,7 +31,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from .attacks import Attack
-    from .evaluation import _Batch, _Runner
+    from ._runner import Batch, Runner
 
 __all__ = ["COST_RANK", "NOT_NEEDED", "SCHEDULES", "cascade_order", "check_schedule",
            "check_unconditional", "gates"]
@@ -98,7 +98,7 @@ class CascadeBatch:
     reused at every larger eps.
     """
 
-    def __init__(self, runner: _Runner, batch: _Batch, attacks: Sequence[Attack], schedule: str,
+    def __init__(self, runner: Runner, batch: Batch, attacks: Sequence[Attack], schedule: str,
                  kind: Callable[[Attack], str], verify: Callable[..., tuple[Tensor, list]],
                  unconditional: Sequence[str] = ()):
         self.runner, self.batch, self.attacks, self.verify = runner, batch, list(attacks), verify

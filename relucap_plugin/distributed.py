@@ -1,8 +1,10 @@
 """Evaluation spread over the processes of a ``torchrun`` launch (one model replica per process).
 
-:func:`~relucap_plugin.evaluation.evaluate` calls :func:`setup` and, inside a process group of
-more than one rank, gives rank ``r`` the batches number ``b`` with ``b % world_size == r`` of the
-single-process batching (same boundaries, global sample indices, no padding). Every attack call
+:func:`~relucap_plugin.evaluation.evaluate` asks :func:`process_context` where it runs: alone, a
+:class:`LocalContext` (world size 1, files as they always were); inside a process group of more
+than one rank (:func:`setup`), a :class:`DistContext` that gives rank ``r`` the batches number
+``b`` with ``b % world_size == r`` of the single-process batching (same boundaries, global
+sample indices, no padding). Every attack call
 is seeded from (seed, attack, eps, first sample of its batch), so each row equals the row of a
 single-process run whatever the number of ranks. Each rank streams its rows to its own JSONL
 shard (``results.rank0-of-2.jsonl`` next to ``results.jsonl``); at the end rank 0 gathers the
@@ -33,10 +35,12 @@ from .threat import resolve_device
 
 __all__ = [
     "DistContext",
+    "LocalContext",
     "get_rank",
     "get_world_size",
     "is_main_process",
     "merge_shards",
+    "process_context",
     "setup",
     "shard_files",
     "shard_path",
@@ -295,8 +299,82 @@ def _subset_loader(loader: DataLoader, keys: list[list[Any]]) -> DataLoader:
     return DataLoader(loader.dataset, sampler=keys, batch_size=None, **kw)
 
 
+class _Context:
+    """What :func:`~relucap_plugin.evaluation.evaluate` asks of its place among the processes
+    (:class:`LocalContext` alone, :class:`DistContext` as one rank of several)."""
+
+    def data_digest(self, loader: DataLoader, limit: int | None) -> DataDigest:
+        """Digest of every batch of the single-process batching (not only this rank's), so
+        that ranks compare the whole data they were given."""
+        digest = DataDigest()
+        for start, x, y in self.batches(loader, limit, every=True):
+            digest.update(start, x, y)
+        return digest
+
+    def batches(
+        self, loader: DataLoader, limit: int | None, every: bool = False
+    ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        raise NotImplementedError
+
+
+class LocalContext(_Context):
+    """A single process as a distributed context of world size 1: it owns every batch, writes
+    ``out=`` itself (adopting the shards a distributed run left there) and gathers nothing, so
+    ``evaluate`` has one path. Its run metadata has no ``world_size``."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def owns(self, batch_number: int) -> bool:
+        return True
+
+    def share(self, n_batches: int) -> int:
+        return n_batches
+
+    def batches(
+        self, loader: DataLoader, limit: int | None, every: bool = False
+    ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """:func:`~relucap_plugin.data.numbered_batches` of the whole data."""
+        return numbered_batches(loader, limit)
+
+    def check_options(self, keep_adversarial: str | None) -> None:
+        """Every option of ``evaluate`` works in one process."""
+
+    def metadata(self) -> dict[str, Any]:
+        """Fields the context adds to the run's metadata: none in one process."""
+        return {}
+
+    def progress_note(self) -> str:
+        return ""
+
+    def check_same(self, model: nn.Module, metadata: Mapping[str, Any]) -> None:
+        """Nothing to compare in one process."""
+
+    def open_shard(
+        self, path: str, metadata: Mapping[str, Any], resume: bool
+    ) -> tuple[Results, ResultsWriter]:
+        """``path`` itself (rows kept when resuming) and its writer; resuming also adopts the
+        rows of a distributed run's shards of ``path``, starting over deletes them."""
+        results, writer = open_results_file(path, metadata, resume)
+        adopt_shards(path, results, writer, resume)
+        return results, writer
+
+    def gather(self, results: Results, path: str | None) -> Results:
+        """The table itself: its rows are already in ``path``."""
+        return results
+
+
+def process_context(device: str | torch.device = "auto") -> DistContext | LocalContext:
+    """:func:`setup`'s rank of a process group of several, else a :class:`LocalContext` on
+    ``device`` (``"auto"``: cuda when available)."""
+    return setup(device) or LocalContext(resolve_device(device))
+
+
 @dataclass
-class DistContext:
+class DistContext(_Context):
     """One rank of a distributed evaluation: which batches it owns, where it writes, gathering."""
 
     rank: int
@@ -313,13 +391,19 @@ class DistContext:
         """How many of ``n_batches`` batches this rank evaluates."""
         return len(range(self.rank, n_batches, self.world_size))
 
-    def data_digest(self, loader: DataLoader, limit: int | None) -> DataDigest:
-        """Digest of every batch of the single-process batching (not only this rank's), so
-        that ranks compare the whole data they were given."""
-        digest = DataDigest()
-        for start, x, y in self.batches(loader, limit, every=True):
-            digest.update(start, x, y)
-        return digest
+    def check_options(self, keep_adversarial: str | None) -> None:
+        """Refuse the options a distributed run does not support yet."""
+        if keep_adversarial is not None:
+            raise ValueError("keep_adversarial= is not supported in a distributed run (torchrun) yet; "
+                             "evaluate in one process to keep adversarial examples")
+
+    def metadata(self) -> dict[str, Any]:
+        """Fields the context adds to the run's metadata: the world size."""
+        return {"world_size": self.world_size}
+
+    def progress_note(self) -> str:
+        """Only rank 0 shows progress; the note says it is one of several."""
+        return f", rank {self.rank} of {self.world_size}"
 
     def batches(
         self, loader: DataLoader, limit: int | None, every: bool = False

@@ -10,31 +10,27 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import math
 import os
 import sys
-import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import distributed as _distributed
-from .distributed import get_rank
+from .distributed import process_context
 from ._console import progress as _progress
 from .adapters import native_library, native_notes, read_native
-from ._torch import caller_state, check_inputs, check_logits, clean_logits, float_dtype, is_out_of_memory
+from ._runner import Runner
+from ._torch import caller_state, float_dtype
 from .attacks import Attack, get_attack, make_attack, perturbation_norm
 from .cascade import CascadeBatch, cascade_order, check_schedule, check_unconditional
 from ._fingerprint import DataDigest, parameters_digest, run_fingerprint
-from .data import DataLike, as_dataset, as_loader, check_labels, unpack_batch
-from .results import Results, ResultsWriter, open_results_file
-from .adversarial import AdversarialStore, check_keep, open_store, sidecar_path
+from .data import DataLike, as_dataset, as_loader
+from .results import Results
+from .adversarial import check_keep, open_store, sidecar_path
 from .threat import EvalConfig, ThreatModel
 
 __all__ = ["RTOL", "AttackFailedError", "evaluate", "norm_tolerance", "verify"]
@@ -192,29 +188,6 @@ def _expected_samples(data: DataLike, cfg: EvalConfig) -> int | None:
     return n if cfg.n_samples is None else min(n, cfg.n_samples)
 
 
-def _batches(loader: Any, limit: int | None) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(index of the first sample, x, y) per batch, stopping after ``limit`` samples."""
-    start = 0
-    for batch in loader:
-        x, y = unpack_batch(batch)
-        x, y = torch.as_tensor(x), torch.as_tensor(y).reshape(-1)
-        if limit is not None and start + len(x) > limit:
-            x, y = x[: limit - start], y[: limit - start]
-        if len(x):
-            yield start, x, y
-        start += len(x)
-        if limit is not None and start >= limit:
-            return
-
-
-def _call_seed(seed: int, attack: str, eps: float, start: int, offset: int = 0) -> int:
-    """Seed of one attack call, from (seed, attack, eps, first sample index of the batch) and,
-    for a part of a batch split after running out of memory, the part's offset in the call."""
-    part = f"|{offset}" if offset else ""
-    digest = hashlib.sha256(f"{seed}|{attack}|{eps!r}|{start}{part}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def _versions(attacks: Sequence[Attack]) -> dict[str, str]:
     from . import __version__
     from .adapters import LIBRARIES
@@ -231,10 +204,6 @@ def _versions(attacks: Sequence[Attack]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ identity
-class _ModelChangedError(RuntimeError):
-    """An attack call changed the model's parameters (never recorded as a failed row)."""
-
-
 def _check_loader(data: DataLike) -> None:
     """Refuse a DataLoader that drops samples: a resumed run could never fill their rows."""
     if isinstance(data, torch.utils.data.DataLoader) and data.drop_last and data.batch_size:
@@ -249,309 +218,6 @@ def _check_loader(data: DataLike) -> None:
                 "those samples would never be evaluated; pass drop_last=False, or pass the "
                 "Dataset and let evaluate() batch it"
             )
-
-
-def _data_digest(loader: Any, limit: int | None) -> DataDigest:
-    """Digest of the exact inputs and labels the run will see (one pass over the data)."""
-    digest = DataDigest()
-    for start, x, y in _batches(loader, limit):
-        digest.update(start, x, y)
-    return digest
-
-
-# ------------------------------------------------------------------------------ the loop
-@dataclass
-class _Batch:
-    start: int
-    x: Tensor  # (B, ...) on the device, in the model's dtype
-    y: Tensor  # (B,) int64 on the device
-    labels: list[int]
-    clean_pred: list[int]
-    logits: Tensor  # (B, classes) clean logits
-
-    @property
-    def index(self) -> range:
-        return range(self.start, self.start + len(self.labels))
-
-
-class _Runner:
-    """The state of one evaluation: validates and predicts batches, attacks them, records rows."""
-
-    def __init__(
-        self,
-        net: nn.Module,
-        tm: ThreatModel,
-        cfg: EvalConfig,
-        device: torch.device,
-        results: Results,
-        writer: ResultsWriter | None,
-    ):
-        self.net, self.tm, self.cfg, self.device = net, tm, cfg, device
-        self.results, self.writer = results, writer
-        rows = results.rows
-        self.done = {(r["sample"], r["attack"], r["eps"]) for r in rows if r["status"] != "failed"}
-        self.labels = {r["sample"]: r["label"] for r in rows if r["label"] is not None}
-        self.dtype: torch.dtype | None = None
-        self.warned: set[str] = set()
-        self.params: str | None = None
-        self.store: AdversarialStore | None = None
-        self._x_adv: Tensor | None = None
-
-    def complete(self, start: int, y: Tensor, keys: Sequence[tuple[str, float]]) -> bool:
-        """Whether every (attack, eps) row of the batch exists (checking that labels match)."""
-        ys = y.tolist()
-        clash = [start + k for k, lab in enumerate(ys) if self.labels.get(start + k, lab) != lab]
-        if clash:
-            raise ValueError(
-                f"samples {clash[:5]} have other labels than in the results file being "
-                "resumed: the data differ (order or content); evaluate the same data "
-                "in the same order, or write to another out= path"
-            )
-        return all((start + k, a, e) in self.done for k in range(len(ys)) for a, e in keys)
-
-    def prepare(self, start: int, x: Tensor, y: Tensor) -> _Batch:
-        """Validate a batch, move it to the device and predict it once (clean)."""
-        if not x.is_floating_point():
-            raise TypeError(
-                f"data x must be floating point in {self.tm.bounds} (got {x.dtype}); "
-                "convert uint8 images with x.float() / 255"
-            )
-        where = f"data samples {start}..{start + len(x) - 1}"
-        check_inputs(x, self.tm.bounds, where)
-        if self.dtype is None:
-            self.dtype = float_dtype(self.net, x.dtype)
-        xd = x.to(device=self.device, dtype=self.dtype)
-        yd = y.to(device=self.device, dtype=torch.long)
-        logits = clean_logits(self._logits, xd, where)
-        check_labels(y, logits.shape[1], where)
-        labels = yd.tolist()
-        if self.store is not None:
-            self.store.clean(start, xd, self.tm.eps)
-        return _Batch(start, xd, yd, labels, logits.argmax(1).tolist(), logits)
-
-    def _check_parameters(self, attack: Attack) -> None:
-        """Stop the run if an attack call changed the model's parameters: every later row would
-        describe another model (the attack gets copies of the inputs, so those cannot change)."""
-        if self.params is not None and parameters_digest(self.net) != self.params:
-            raise _ModelChangedError(
-                f"attack {attack.spec} changed the model's parameters during its call; the "
-                "rows before it are kept, but the run stops because the model is no longer "
-                "the one evaluated: fix the attack (it must not train or edit the model) and "
-                "evaluate a fresh copy of the model"
-            )
-
-    @torch.no_grad()
-    def _logits(self, x: Tensor) -> Tensor:
-        return check_logits(
-            self.net(x), "for a model returning a tuple or dict pass output=<index, key or function>"
-        )
-
-    def _attack(
-        self, attack: Attack, eps: float, batch: _Batch, attacked: list[int]
-    ) -> tuple[dict, float]:
-        """Attack the batch's ``attacked`` positions.
-
-        Returns per position (status, reason, adv_pred, norm) and the call's wall time.
-        """
-        sel = torch.tensor(attacked, device=self.device)
-        x, y = batch.x[sel], batch.y[sel]
-        t0 = time.perf_counter()
-        try:
-            x_adv = self._split_call(attack, eps, x, y, batch.start, logits=batch.logits[sel])
-            if x_adv.shape != x.shape:
-                raise RuntimeError(
-                    f"returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}"
-                )
-        except _ModelChangedError:
-            raise
-        except Exception as exc:
-            elapsed = time.perf_counter() - t0
-            error = f"{type(exc).__name__}: {exc}"[:2000]
-            if attack.spec not in self.warned:
-                self.warned.add(attack.spec)
-                warnings.warn(
-                    f"{attack.spec} failed at eps={eps:g} on samples {batch.index[0]}.."
-                    f"{batch.index[-1]}: {error} (recorded as failed rows; further "
-                    "failures of this attack are recorded without a warning)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            return {k: ("failed", error, None, None) for k in attacked}, elapsed
-        elapsed = time.perf_counter() - t0
-        norms, reasons = verify(x, x_adv, eps, self.tm)
-        finite = ~norms.isnan()
-        if not bool(finite.all()):  # predict the clean input in place of a non-finite example
-            x_adv = torch.where(finite.view(-1, *[1] * (x.dim() - 1)).to(x.device), x_adv, x)
-        logits = self._logits(x_adv)
-        self._x_adv = x_adv
-        pred = logits.argmax(1).tolist()
-        nan_logits = (~torch.isfinite(logits)).any(1).tolist()
-        out = {}
-        for j, (k, n, why) in enumerate(zip(attacked, norms.tolist(), reasons)):
-            finite = math.isfinite(n)
-            if finite and nan_logits[j]:  # an undefined prediction never counts as robust
-                why = "; ".join(filter(None, [why, "the model returns NaN/inf logits on it"]))
-            out[k] = (
-                "ok" if why is None else "violation",
-                why,
-                pred[j] if finite and not nan_logits[j] else None,
-                n if finite else None,
-            )
-        return out, elapsed
-
-    def _split_call(
-        self, attack: Attack, eps: float, x: Tensor, y: Tensor, start: int, offset: int = 0,
-        logits: Tensor | None = None,
-    ) -> Tensor:
-        """``attack`` on ``x`` (B, ...), seeded by (batch ``start``, ``offset`` of ``x`` in the call).
-
-        Out of memory: warn, then attack the two halves separately (each seeded by its own
-        offset), halving down to one sample; so a split batch gives the unsplit table for
-        deterministic attacks, and for random ones the same table whenever memory splits alike.
-        """
-        seed = _call_seed(self.cfg.seed, attack.spec, eps, start, offset)
-        try:
-            x_adv = attack(self.net, x.clone(), y.clone(), eps, seed=seed,
-                           logits=None if logits is None else logits.clone())
-        except Exception as exc:
-            self._check_parameters(attack)
-            if len(x) == 1 or not is_out_of_memory(exc):
-                raise
-        else:
-            self._check_parameters(attack)
-            return torch.as_tensor(x_adv).to(device=self.device, dtype=x.dtype)
-        half = (len(x) + 1) // 2
-        warnings.warn(
-            f"{attack.spec} ran out of memory at eps={eps:g} on {len(x)} samples from sample "
-            f"{start}; retrying in batches of {half} and {len(x) - half} (a smaller "
-            "EvalConfig(batch_size=...) avoids the retries)",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        parts = [(x[:half], y[:half], offset, None if logits is None else logits[:half]),
-                 (x[half:], y[half:], offset + half, None if logits is None else logits[half:])]
-        return torch.cat([self._split_call(attack, eps, a, b, start, o, z) for a, b, o, z in parts])
-
-    def run(self, batch: _Batch, attack: Attack, eps: float) -> None:
-        """Rows of ``attack`` at ``eps`` for the batch's samples that have none yet.
-
-        The attack runs on all correctly classified samples of the batch even if only some rows
-        are missing, so a resumed run reproduces the uninterrupted one; only missing rows are
-        written.
-        """
-        todo = [k for k, i in enumerate(batch.index) if (i, attack.spec, eps) not in self.done]
-        redo = self.store is not None and not self.store.covers(
-            batch.start, len(batch.labels), [(attack.spec, eps)])
-        if not todo and not redo:
-            return
-        correct = [p == lab for p, lab in zip(batch.clean_pred, batch.labels)]
-        attacked = [k for k, c in enumerate(correct) if c]
-        outcome: dict[int, tuple] = {}
-        per_sample = 0.0
-        if any(correct[k] for k in todo) or (redo and attacked):
-            outcome, elapsed = self._attack(attack, eps, batch, attacked)
-            per_sample = elapsed / len(attacked)
-        family = _family(attack)
-        rows = []
-        for k in todo:
-            label, clean = batch.labels[k], batch.clean_pred[k]
-            if correct[k]:
-                status, reason, adv_pred, norm = outcome[k]
-                robust = None if status == "failed" else status == "ok" and adv_pred == label
-                time_k = per_sample
-            else:
-                status, reason, adv_pred, norm, robust, time_k = "ok", None, clean, 0.0, False, 0.0
-            rows.append(self._row(batch, k, attack, family, eps, status, reason, adv_pred, norm,
-                                  robust, time_k))
-        self._record(rows)
-        if redo:
-            self._keep(batch, attack, eps, correct, attacked, outcome)
-
-    @staticmethod
-    def _row(batch: _Batch, k: int, attack: Attack, family: str | None, eps: float, status: str,
-             reason: str | None, adv_pred: int | None, norm: float | None, robust: bool | None,
-             time_k: float) -> dict[str, Any]:
-        """The row of position ``k`` of ``batch`` (every field of ``ROW_FIELDS`` but ``margin``;
-        ``family`` None: :func:`_family` of the attack)."""
-        correct = batch.clean_pred[k] == batch.labels[k]
-        return {
-            "sample": batch.start + k,
-            "attack": attack.spec,
-            "library": attack.library,
-            "family": family or _family(attack),
-            "eps": eps,
-            "label": batch.labels[k],
-            "clean_pred": batch.clean_pred[k],
-            "adv_pred": adv_pred,
-            "clean_correct": correct,
-            "adv_correct": robust,
-            "norm": norm,
-            "status": status,
-            "reason": reason,
-            "skipped": not correct,
-            "time": time_k,
-        }
-
-    def _record(self, rows: list[dict[str, Any]], warn_clash: bool = False) -> None:
-        """Write and add the ``rows`` that are not done yet. ``warn_clash``: warn when a row
-        computed again differs in outcome from its stored one (the stored one is kept)."""
-        new = [r for r in rows if (r["sample"], r["attack"], r["eps"]) not in self.done]
-        if warn_clash and len(new) < len(rows):
-            from .cascade import warn_clash as _warn
-            from .results import ROW_FIELDS
-
-            fields = [f for f in ROW_FIELDS if f not in ("time", "margin")]
-            _warn([(r["sample"], r["attack"], r["eps"]) for r in rows if r not in new
-                   and any(self.results._rows[(r["sample"], r["attack"], r["eps"])][f] != r[f]
-                           for f in fields)])
-        if self.writer is not None:
-            self.writer.write(new)
-        self.results._add(new)
-        self.done.update(
-            (r["sample"], r["attack"], r["eps"]) for r in new if r["status"] != "failed"
-        )
-        self.labels.update((r["sample"], r["label"]) for r in new)
-
-    def _keep(self, batch: _Batch, attack: Attack, eps: float, correct: list[bool],
-              attacked: list[int], outcome: dict[int, tuple]) -> None:
-        """Hand the verified adversarial examples of this call to the store: a sample whose row
-        (new or resumed) is an ``ok`` row it is not robust on; checks that a recomputed verdict
-        matches a resumed row (an example that contradicts its row is never kept)."""
-        pos = {k: j for j, k in enumerate(attacked)}
-        examples, clash = {}, []
-        for k, i in enumerate(batch.index):
-            row = self.results._rows.get((i, attack.spec, float(eps)))
-            kept = row is not None and row["status"] == "ok" and not row["adv_correct"]
-            if not correct[k]:
-                broken, x_adv = True, batch.x[k]
-            else:
-                status, _, adv_pred, _ = outcome.get(k, ("failed", None, None, None))
-                broken = status == "ok" and adv_pred != batch.labels[k]
-                x_adv = self._x_adv[pos[k]] if broken else None
-            if kept and broken:
-                examples[i] = x_adv
-            elif kept != broken:
-                clash.append(i)
-        if clash:
-            warnings.warn(
-                f"{attack.spec} at eps={eps:g} gave other verdicts than the stored rows on samples "
-                f"{clash[:5]} when run again to regenerate their adversarial examples (a "
-                "non-deterministic attack or device): the rows keep their verdicts and those "
-                "samples have no kept example",
-                RuntimeWarning, stacklevel=4)
-        done = [i for i in batch.index
-                if self.results._rows.get((i, attack.spec, float(eps)), {}).get("status") != "failed"]
-        self.store.record(attack.spec, eps, done, examples)
-
-
-def _family(attack: Attack) -> str:
-    """Agreement key: the attack family plus any threat-model fields the attack changes."""
-    changes = getattr(attack, "changes", None) or {}
-    if not changes:
-        return attack.family
-    return f"{attack.family}(" + ", ".join(f"{k}={v!r}" for k, v in sorted(changes.items())) + ")"
 
 
 def evaluate(
@@ -643,17 +309,15 @@ def evaluate(
     cfg = _as_config(config)
     check_keep(keep_adversarial)
     cascade = check_schedule(schedule) != "full"
-    ctx = _distributed.setup(cfg.device)
-    if ctx is not None and keep_adversarial is not None:
-        raise ValueError("keep_adversarial= is not supported in a distributed run (torchrun) yet; "
-                         "evaluate in one process to keep adversarial examples")
-    device = cfg.resolve_device() if ctx is None else ctx.device
+    ctx = process_context(cfg.device)
+    ctx.check_options(keep_adversarial)
+    device = ctx.device
     net = model if output is None else _SelectOutput(model, output)
     attack_list = _as_attacks(attacks, tm, cfg)
     first = first_inputs(data, 1)
     attack_list, layout_notes = black_box_layout(
         attack_list, cfg.input_shape, None if first is None else tuple(first.shape[1:]))
-    if progress and get_rank() == 0:
+    if progress and ctx.rank == 0:
         for line in native_notes(attack_list):
             print(line, file=sys.stderr)
     def kind(attack: Attack) -> str:
@@ -672,8 +336,7 @@ def evaluate(
         # another random stream than the run's, so a loader that draws from torch's RNG
         # (shuffle=True, random transforms) shows up as data that changed between passes
         torch.random.default_generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        data_digest = _data_digest(loader, cfg.n_samples) if ctx is None else ctx.data_digest(
-            loader, cfg.n_samples)
+        data_digest = ctx.data_digest(loader, cfg.n_samples)
     n_expected = data_digest.n
     if n_expected == 0:
         raise ValueError("the data set is empty; pass at least one (x, y) sample")
@@ -696,19 +359,14 @@ def evaluate(
             metadata["unconditional"] = metadata["fingerprint"]["unconditional"] = unconditional
     if [*notes, *layout_notes]:
         metadata["notes"] = [*notes, *layout_notes]
-    if ctx is not None:
-        metadata["world_size"] = ctx.world_size
-        ctx.check_same(model, metadata)
+    metadata.update(ctx.metadata())
+    ctx.check_same(model, metadata)
     writer = None
     if out is not None:
         path = os.fspath(out)
         if os.path.isdir(path):
             path = os.path.join(path, "results.jsonl")
-        if ctx is None:
-            results, writer = open_results_file(path, metadata, resume)
-            _distributed.adopt_shards(path, results, writer, resume)
-        else:
-            results, writer = ctx.open_shard(path, metadata, resume)
+        results, writer = ctx.open_shard(path, metadata, resume)
     else:
         results = Results(metadata=metadata)
     try:
@@ -722,7 +380,7 @@ def evaluate(
 
     bs = loader.batch_size if isinstance(data, torch.utils.data.DataLoader) else cfg.batch_size
     n_batches = None if n_expected is None or bs is None else math.ceil(n_expected / bs)
-    if ctx is not None and n_batches is not None:
+    if n_batches is not None:
         n_batches = ctx.share(n_batches)
     units_per_batch = len(tm.eps) if cascade else len(attack_list) * len(tm.eps)
     total = None if n_batches is None else n_batches * units_per_batch
@@ -735,13 +393,12 @@ def evaluate(
         )
         with caller_state(net), torch.random.fork_rng(devices=cuda):
             net.to(device)
-            runner = _Runner(net, tm, cfg, device, results, writer)
+            runner = Runner(net, tm, cfg, device, results, writer, verify)
             runner.params = parameters_digest(net)
             runner.store = store
 
             def units() -> Iterator[Callable[[], None] | None]:
-                mine = _batches if ctx is None else ctx.batches
-                for start, x, y in mine(loader, cfg.n_samples):
+                for start, x, y in ctx.batches(loader, cfg.n_samples):
                     if DataDigest.batch(x, y) != data_digest.batches.get(start):
                         raise ValueError(
                             f"the data changed between two passes over it (the batch from "
@@ -765,10 +422,9 @@ def evaluate(
 
             description = f"{len(attack_list)} attack(s) x {len(tm.eps)} eps" + (
                 f", {schedule}" if cascade else "")
-            if ctx is not None:
-                description += f", rank 0 of {ctx.world_size}"
+            description += ctx.progress_note()
             for work in _progress(
-                units(), description, total=total, enabled=progress and get_rank() == 0
+                units(), description, total=total, enabled=progress and ctx.rank == 0
             ):
                 if work is not None:
                     work()
@@ -782,7 +438,7 @@ def evaluate(
             if writer is not None:
                 writer.close()
     results._adversarial = store
-    final = results if ctx is None else ctx.gather(results, None if out is None else path)
+    final = ctx.gather(results, None if out is None else path)
     _refuse_total_failure(final, None if out is None else path)
     return final
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 
 from relucap_plugin.attacks import make_attack
-from relucap_plugin.data import as_loader
+from relucap_plugin.data import as_loader, numbered_batches
 from relucap_plugin.distributed import DistContext, merge_shards, shard_files, shard_path
-from relucap_plugin.evaluation import _batches, evaluate
+from relucap_plugin.evaluation import evaluate
 from relucap_plugin.results import Results
 from relucap_plugin.threat import EvalConfig, ThreatModel
 
@@ -118,7 +118,7 @@ def test_ranks_take_whole_batches_of_the_single_process_run(kind, world):
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=BS, sampler=sampler)
 
-    single = [(s, xb, yb) for s, xb, yb in _batches(DataLoader(dataset, batch_size=BS), N - 2)]
+    single = [(s, xb, yb) for s, xb, yb in numbered_batches(DataLoader(dataset, batch_size=BS), N - 2)]
     got = []
     for rank in range(world):
         ctx = DistContext(rank, world, rank, torch.device("cpu"))

@@ -14,17 +14,19 @@ warning and keeps every complete row.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from ._format import markdown_table, pct
-from . import _files
-from ._console import format_table, print_table
-from ._fingerprint import differences as _fingerprint_differences
+from .. import _files
+from . import _render
+from ._io import (
+    ResultsWriter, _differences, _drop_torn_tail, _header, _merged_metadata, _read,
+)
+from ._rows import (  # noqa: F401 (FORMAT, FORMAT_VERSION: the file format, as before the split)
+    _NO_OUTCOME, CERTIFY_LIBRARY, FORMAT, FORMAT_VERSION, ROW_FIELDS, STATUSES, BracketError, Key,
+    ResultsFileWarning, _is_certify, _json_line, _key, _normalise_row, _ordered_union,
+)
 
 __all__ = [
     "CERTIFY_LIBRARY",
@@ -37,113 +39,6 @@ __all__ = [
     "load_same_evaluation",
     "open_results_file",
 ]
-
-FORMAT = "relucap-results"
-FORMAT_VERSION = 1
-
-#: Columns of a row, in file and DataFrame order.
-ROW_FIELDS = (
-    "sample",  # index of the sample in the evaluated data (iteration order)
-    "attack",  # unique attack name, "library:Name"
-    "library",  # "torchattacks", "foolbox", "art", or the library of a user attack
-    "family",  # the attack across libraries (e.g. "PGD"): rows of one family are compared
-    "eps",  # budget in the threat model's norm
-    "label",  # true label
-    "clean_pred",  # prediction on the clean input
-    "adv_pred",  # prediction on the returned example (None: failed)
-    "clean_correct",
-    "adv_correct",  # counts as robust: clean correct AND correct on a verified example
-    "norm",  # perturbation norm in the threat model's norm (None: failed or non-finite)
-    "status",  # "ok" | "violation" | "failed"
-    "reason",  # why a row is a violation (norm, bounds, non-finite) or the error of a failure
-    "skipped",  # True: misclassified clean, so not attacked (the example is the clean input)
-    "time",  # wall seconds of the attack call that produced the row / samples in that call
-    "margin",  # certify rows: the certified margin lower bound (None: attack rows)
-)
-#: Library of the rows of :func:`relucap_plugin.certification.certify`: ``adv_correct`` says certified.
-#: They are a lower bound, so they are left out of the worst case over attacks.
-CERTIFY_LIBRARY = "certify"
-#: ``"not_needed"``: under the cascade schedule the attack did not run on the sample because
-#: another attack had broken it at that eps (``reason`` names it); no outcome, never robust nor
-#: failed (see :mod:`relucap_plugin.cascade`).
-STATUSES = ("ok", "violation", "failed", "not_needed")
-_NO_OUTCOME = ("failed", "not_needed")
-_KEY = ("sample", "attack", "eps")
-_REQUIRED = ("sample", "attack", "eps", "clean_correct", "adv_correct", "status")
-#: Metadata fields that must agree for two tables to describe the same evaluation.
-_IDENTITY = ("model",)
-_THREAT_IDENTITY_SKIP = ("eps",)
-
-
-class BracketError(RuntimeError):
-    """A sample certified at some eps was broken by a verified adversarial example within it:
-    a bug in the bounds or in the verification, never a result."""
-
-
-class ResultsFileWarning(UserWarning):
-    """A results file had a torn last line (an interrupted write); that line was dropped."""
-
-
-Key = tuple[int, str, float]
-
-
-def _key(row: Mapping[str, Any]) -> Key:
-    return (row["sample"], row["attack"], row["eps"])
-
-
-def _normalise_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A row with every field of :data:`ROW_FIELDS`, plain Python types and a valid status."""
-    missing = [f for f in _REQUIRED if f not in row]
-    if missing:
-        raise ValueError(
-            f"results row {dict(row)!r} lacks field(s) {missing}; rows need {list(_REQUIRED)}"
-        )
-    if row["status"] not in STATUSES:
-        raise ValueError(f"results row status must be one of {STATUSES}, got {row['status']!r}")
-    out = {f: row.get(f) for f in ROW_FIELDS}
-    out["sample"] = int(out["sample"])
-    out["attack"] = str(out["attack"])
-    out["eps"] = float(out["eps"])
-    if out["library"] is None:
-        out["library"] = out["attack"].split(":", 1)[0] if ":" in out["attack"] else "custom"
-    if out["family"] is None:
-        out["family"] = out["attack"].split(":", 1)[-1]
-    out["clean_correct"] = bool(out["clean_correct"])
-    out["adv_correct"] = None if out["status"] in _NO_OUTCOME else bool(out["adv_correct"])
-    if out["status"] == "violation":
-        out["adv_correct"] = False
-    out["skipped"] = bool(out["skipped"])
-    out["time"] = float(out["time"] or 0.0)
-    if out["margin"] is not None:
-        out["margin"] = float(out["margin"])
-    for f in ("label", "clean_pred", "adv_pred"):
-        if out[f] is not None:
-            out[f] = int(out[f])
-    if out["norm"] is not None:
-        out["norm"] = float(out["norm"]) if math.isfinite(float(out["norm"])) else None
-    return out
-
-
-_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
-
-
-def _json_line(obj: Mapping[str, Any]) -> str:
-    return _ENCODER.encode(obj) + "\n"
-
-
-def _fmt_eps(eps: float) -> str:
-    """``eps`` as people write it: ``0.3``, or ``8/255`` for a budget in 255ths with no short
-    decimal form."""
-    short, k = f"{eps:g}", round(eps * 255)
-    return f"{k}/255" if len(short) > 6 and k > 0 and math.isclose(eps * 255, k, rel_tol=1e-9) else short
-
-
-def _ordered_union(*lists: Iterable[Any]) -> list[Any]:
-    seen: dict[Any, None] = {}
-    for items in lists:
-        for item in items:
-            seen.setdefault(item, None)
-    return list(seen)
 
 
 class Results:
@@ -197,9 +92,7 @@ class Results:
                 self._check_bracket()
         return changed
 
-    @staticmethod
-    def _is_certify(attack: str) -> bool:
-        return attack.startswith(CERTIFY_LIBRARY + ":")
+    _is_certify = staticmethod(_is_certify)
 
     def _check_bracket(self) -> None:
         """Raise :class:`BracketError` if a sample certified at eps has a verified adversarial
@@ -471,103 +364,13 @@ class Results:
         return out
 
     # -------------------------------------------------------------- display
-    _COLUMNS = ("attack", "eps", "robust acc", "n", "violations", "failed", "mean norm", "time (s)")
-
-    def _summary_cells(self) -> list[list[str]]:
-        cells = [
-            ["clean", "-", pct(self.clean_accuracy()), str(len(self.samples)), "", "", "", ""]
-        ]
-        for s in self.summary():
-            cells.append(
-                [
-                    s["attack"] + (" (conditional)" if s["conditional"] else ""),
-                    _fmt_eps(s["eps"]),
-                    pct(s["robust_accuracy"]),
-                    str(s["n"]),
-                    "" if s["violations"] is None else str(s["violations"]),
-                    "" if s["failed"] is None else str(s["failed"]),
-                    "" if s["mean_norm"] is None else f"{s['mean_norm']:.4g}",
-                    "" if s["time"] is None else f"{s['time']:.2f}",
-                ]
-            )
-        return cells
-
-    def _agreement_cells(self) -> tuple[list[str], list[list[str]]]:
-        entries = self.agreement()
-        libs = sorted({lib for e in entries for lib in e["accuracy"]})
-        columns = ["attack family", "eps", *libs, "max gap (pts)", "disagreements"]
-        cells = [
-            [
-                e["family"],
-                _fmt_eps(e["eps"]),
-                *(pct(e["accuracy"].get(lib)) for lib in libs),
-                f"{e['max_gap']:.1f}",
-                f"{e['disagreements']}/{e['n_common']}",
-            ]
-            for e in entries
-        ]
-        return columns, cells
-
-    def _title(self) -> str:
-        tm = self.metadata.get("threat_model") or {}
-        norm = f", {tm['norm']}" if tm.get("norm") else ""
-        return f"{self.metadata.get('model') or 'model'}{norm}: {len(self.samples)} samples"
-
-    def _notes(self) -> list[str]:
-        notes = []
-        v, f, m = self.violations(), self.failed(), self.missing()
-        if v:
-            notes.append(
-                f"{len(v)} row(s) failed verification and count as not robust, e.g. "
-                f"{v[0]['attack']} sample {v[0]['sample']}: {v[0]['reason']}"
-            )
-        if f:
-            notes.append(
-                f"{len(f)} row(s) failed (the attack raised), e.g. {f[0]['attack']} "
-                f"sample {f[0]['sample']}: {f[0]['reason']}"
-            )
-        for eps in self.eps:
-            cert, worst = self.certified(eps), self.worst_case(eps)
-            if cert is not None and worst is not None:
-                notes.append(
-                    f"eps {_fmt_eps(eps)}: certified {pct(cert)} <= robust accuracy <= "
-                    f"{pct(worst)} (worst case over attacks)"
-                )
-        if self.schedule != "full":
-            notes.append(
-                f"{self.schedule} schedule: each attack ran only on the samples no earlier attack "
-                "had broken at that eps (rows not_needed otherwise; under the audit schedule "
-                "BPDA, transfer and black-box attacks ran on every survivor of the white-box "
-                "attacks); an attack marked (conditional) "
-                "shows its robust accuracy on the samples it ran on (n: the clean-correct samples it "
-                "ran on or whose example of a smaller eps it reused), not on all samples; the worst case is exact; agreement across "
-                "libraries is n/a (evaluate with schedule='full' for per-attack and agreement "
-                "tables)")
-        if m:
-            notes.append(
-                f"{len(m)} (sample, attack, eps) row(s) have no outcome; Results.missing() "
-                "lists them (resume the run to fill them)"
-            )
-        return notes
-
     def table(self, markdown: bool = False) -> str:
         """The summary (and agreement) tables and notes as text, or as Markdown."""
-        fmt = markdown_table if markdown else format_table
-        parts = [self._title(), fmt(self._COLUMNS, self._summary_cells())]
-        columns, cells = self._agreement_cells()
-        if cells:
-            parts += ["Agreement across libraries", fmt(columns, cells)]
-        parts += self._notes()
-        return "\n\n".join(parts) + "\n"
+        return _render.table(self, markdown)
 
     def print(self, file=None) -> None:
         """Print the summary and agreement tables (rich if installed) and the notes."""
-        print_table(self._COLUMNS, self._summary_cells(), title=self._title(), file=file)
-        columns, cells = self._agreement_cells()
-        if cells:
-            print_table(columns, cells, title="Agreement across libraries", file=file)
-        for note in self._notes():
-            print(note, file=file)
+        _render.print_tables(self, file)
 
     def to_pandas(self):
         """The rows as a ``pandas.DataFrame`` (columns :data:`ROW_FIELDS`)."""
@@ -580,36 +383,7 @@ class Results:
     def plot(self, path: str | os.PathLike | None = None):
         """Robust accuracy vs eps, one line per attack plus the worst case; saved as PNG to
         ``path`` if given. Returns the matplotlib ``Figure`` (drawn with Agg; pyplot untouched)."""
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise ImportError("Results.plot() needs matplotlib: pip install matplotlib") from None
-        fig = Figure(figsize=(6, 4), layout="constrained")
-        ax = fig.add_subplot()
-        eps = self.eps
-        for attack in self.attacks:
-            pts = [(e, self.robust_accuracy(attack, e)) for e in eps]
-            pts = [(e, 100 * a) for e, a in pts if a is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=attack)
-        if len(self.attacks) > 1:
-            pts = [(e, self.worst_case(e)) for e in eps]
-            pts = [(e, 100 * a) for e, a in pts if a is not None]
-            if pts:
-                ax.plot(*zip(*pts), "k--", marker="s", label="worst case")
-        clean = self.clean_accuracy()
-        if clean is not None:
-            ax.axhline(100 * clean, color="grey", linestyle=":", label="clean")
-        tm = self.metadata.get("threat_model") or {}
-        ax.set_xlabel(f"eps ({tm.get('norm', 'norm')})")
-        ax.set_ylabel("robust accuracy (%)")
-        ax.set_ylim(-2, 102)
-        ax.set_title(self._title())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        if path is not None:
-            _files.save_figure(fig, path, dpi=120)
-        return fig
+        return _render.plot(self, path)
 
     # ------------------------------------------------ adversarial examples
     #: The kept examples (:class:`~relucap_plugin.adversarial.AdversarialStore`), set by
@@ -619,7 +393,7 @@ class Results:
 
     def _store(self):
         if self._adversarial is None and self._adversarial_path is not None:
-            from .adversarial import AdversarialStore
+            from ..adversarial import AdversarialStore
 
             self._adversarial = AdversarialStore.load(
                 self._adversarial_path, self.metadata.get("fingerprint"))
@@ -661,7 +435,7 @@ class Results:
         path = _files.check_target(path, "results", what="results file")
         _files.atomic_write(path, "".join(lines))
         if self._store() is not None:
-            from .adversarial import sidecar_path
+            from ..adversarial import sidecar_path
 
             self._adversarial.save(sidecar_path(path))
 
@@ -693,172 +467,6 @@ class Results:
         return merged
 
 
-# ------------------------------------------------------------------ files
-def _header(metadata: Mapping[str, Any]) -> str:
-    return _json_line({"format": FORMAT, "version": FORMAT_VERSION, "metadata": dict(metadata)})
-
-
-def _read(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    if os.path.exists(path):
-        _files.check_target(path, None, what="results file")
-        if os.path.getsize(path) and not _files.is_ours(path, "results"):
-            raise ValueError(
-                f"{path} is not a relucap results file: its first line must be the "
-                f'metadata line {{"format": "{FORMAT}", ...}}'
-            )
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"results file {path!r} does not exist; check the path (evaluate(..., out=) "
-                                "or relucap evaluate --out writes it)")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines:
-        raise ValueError(f"{path} is empty: not a relucap results file (expected a metadata line)")
-    try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError:
-        header = None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is not a relucap results file: its first line must be the "
-            f'metadata line {{"format": "{FORMAT}", ...}}'
-        )
-    if header.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has results format version {header.get('version')!r}; this "
-            f"relucap-plugin reads version {FORMAT_VERSION}: upgrade relucap-plugin"
-        )
-    rows = []
-    for i, line in enumerate(lines[1:], start=2):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not an object")
-            rows.append(_normalise_row(row))
-        except ValueError as exc:
-            if i == len(lines):
-                warnings.warn(
-                    f"{path}: dropped a torn last line {i} (an interrupted write); every "
-                    "complete row was kept and a resumed run recomputes the lost one",
-                    ResultsFileWarning,
-                    stacklevel=3,
-                )
-                break
-            raise ValueError(
-                f"{path} line {i} is damaged ({exc}); only a torn last line can be "
-                "dropped. Remove the line or re-run the evaluation"
-            ) from None
-    _check_duplicates(path, rows)
-    return dict(header.get("metadata") or {}), rows
-
-
-def _check_duplicates(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Refuse two completed rows of one (sample, attack, eps) with different outcomes: the file
-    was edited or concatenated from different runs, and either row could be the wrong one."""
-    seen: dict[Key, Mapping[str, Any]] = {}
-    fields = [f for f in ROW_FIELDS if f not in ("time", "reason")]
-    for row in rows:
-        if row["status"] == "failed":
-            continue
-        key = _key(row)
-        old = seen.setdefault(key, row)
-        if old is not row and any(old[f] != row[f] for f in fields):
-            raise ValueError(
-                f"{path} holds two rows for sample {key[0]}, attack {key[1]}, eps {key[2]:g} "
-                "with different outcomes (the file was edited or joined from different runs); "
-                "re-run the evaluation into a new out= path"
-            )
-
-
-def _identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """The metadata fields that must agree for two tables to be parts of one evaluation."""
-    tm = {
-        k: v
-        for k, v in (metadata.get("threat_model") or {}).items()
-        if k not in _THREAT_IDENTITY_SKIP
-    }
-    cfg = metadata.get("config") or {}
-    ident = {f"threat_model.{k}": v for k, v in tm.items()}
-    ident.update(
-        {f"config.{k}": cfg.get(k) for k in ("seed", "batch_size", "n_samples") if k in cfg}
-    )
-    ident.update({k: metadata.get(k) for k in _IDENTITY if k in metadata})
-    return ident
-
-
-def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    ia, ib = _identity(a), _identity(b)
-    out = [f"{k}: {ia[k]!r} vs {ib[k]!r}" for k in sorted(set(ia) & set(ib)) if ia[k] != ib[k]]
-    sa, sb = _schedule(a), _schedule(b)
-    if sa and sb and sa != sb:
-        out.append(f"the schedule ({sa[0]!r} vs {sb[0]!r}, unconditional attacks {sa[1]} vs "
-                   f"{sb[1]}: tables of different schedules are never parts of one run)")
-    return out + _fingerprint_differences(a.get("fingerprint") or {}, b.get("fingerprint") or {})
-
-
-def _schedule(metadata: Mapping[str, Any]) -> tuple[str, Any] | None:
-    """(schedule, unconditional attacks) of a table's metadata; ``None`` for a table of certify
-    rows only (they merge into a table of any schedule)."""
-    attacks = metadata.get("attacks") or []
-    if attacks and all(Results._is_certify(str(a)) for a in attacks):
-        return None
-    return metadata.get("schedule", "full"), metadata.get("unconditional")
-
-
-def _merged_metadata(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    diff = _differences(a, b)
-    if diff:
-        raise ValueError(
-            "cannot merge results of different evaluations ("
-            + "; ".join(diff)
-            + "); merge only tables of the same model, threat model and config"
-        )
-    out = {**b, **a}
-    out["attacks"] = _ordered_union(a.get("attacks", []), b.get("attacks", []))
-    if a.get("fingerprint") and b.get("fingerprint"):
-        out["fingerprint"] = {**b["fingerprint"], **a["fingerprint"], "attacks": {
-            **(b["fingerprint"].get("attacks") or {}), **(a["fingerprint"].get("attacks") or {})}}
-    if a.get("threat_model") or b.get("threat_model"):
-        tm = dict(a.get("threat_model") or b.get("threat_model"))
-        tm["eps"] = _ordered_union(
-            (a.get("threat_model") or {}).get("eps", []),
-            (b.get("threat_model") or {}).get("eps", []),
-        )
-        out["threat_model"] = tm
-    return out
-
-
-class ResultsWriter:
-    """Appends rows to a JSONL results file: whole lines, flushed and fsynced per call, so an
-    interrupted run leaves at most a torn last line. ``lock``: the file's advisory lock
-    (released by :meth:`close`), taken here if not given."""
-
-    def __init__(self, path: str | os.PathLike, lock: _files.Lock | None = None):
-        self.path = _files.check_target(path, "results", what="results file")
-        self._lock = lock or _files.Lock(self.path)
-        try:
-            self._file = open(self.path, "ab")
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        data = "".join(_json_line(r) for r in rows).encode("utf-8")
-        if data:
-            self._file.write(data)
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-        self._lock.release()
-
-    def __enter__(self) -> ResultsWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def load_same_evaluation(path: str, metadata: Mapping[str, Any]) -> Results:
@@ -891,16 +499,6 @@ def _check_rows_in_run(path: str, loaded: Results, metadata: Mapping[str, Any]) 
             "over, or write to another out= path"
         )
 
-
-def _drop_torn_tail(path: str) -> None:
-    """Truncate ``path`` after its last newline, so appended rows start on a line of their own."""
-    with open(path, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # Results.load warned about it
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def open_results_file(
