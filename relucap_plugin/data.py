@@ -16,6 +16,7 @@ import gzip
 import importlib.util
 import os
 import pickle
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
 
@@ -40,6 +41,7 @@ __all__ = [
     "as_loader",
     "as_tensors",
     "check_labels",
+    "check_complete_loader",
     "load_cifar10",
     "load_digits_dataset",
     "load_mnist",
@@ -154,6 +156,29 @@ def as_loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+def check_complete_loader(data: Any, fn: str, warn: bool = False, limit: int | None = None) -> None:
+    """Refuse (or with ``warn``, warn about) a ``DataLoader`` that drops its last incomplete
+    batch: ``fn`` would silently report on fewer samples than ``data`` holds, and a resumed run
+    could never fill their rows. Anything else passes, as does a ``limit`` within the kept
+    batches."""
+    if not (isinstance(data, DataLoader) and data.drop_last and data.batch_size):
+        return
+    try:
+        n: int | None = len(data.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    if n is not None and (n % data.batch_size == 0
+                          or (limit is not None and limit <= n - n % data.batch_size)):
+        return
+    message = (f"{fn}: data= is a DataLoader that drops its last incomplete batch (drop_last=True, batch_size="
+               f"{data.batch_size}, {n if n is not None else 'unknown number of'} samples): those "
+               f"samples would be left out; pass drop_last=False, or pass its Dataset "
+               "(loader.dataset) instead")
+    if not warn:
+        raise ValueError(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def as_tensors(data: DataLike, limit: int | None = None) -> tuple[Tensor, Tensor]:
     """All of ``data`` (or its first ``limit`` samples, in loader order) as ``(x, y)`` tensors.
 
@@ -167,6 +192,7 @@ def as_tensors(data: DataLike, limit: int | None = None) -> tuple[Tensor, Tensor
         assert isinstance(dataset, TensorDataset)
         x, y = dataset.tensors
         return (x, y) if limit is None else (x[:limit], y[:limit])
+    check_complete_loader(data, "as_tensors", limit=limit)
     batches = [(x, y) for _, x, y in numbered_batches(as_loader(data, batch_size=256), limit)]
     if not batches:
         raise ValueError("the data set is empty; pass at least one (x, y) sample")

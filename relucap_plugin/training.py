@@ -27,7 +27,7 @@ from . import _files
 from ._console import progress as _progress
 from .activations import apply_saved_caps, saved_caps
 from ._torch import check_finite_inputs, check_module
-from .data import DataLike, as_loader, check_labels, unpack_batch
+from .data import DataLike, as_loader, check_complete_loader, check_labels, unpack_batch
 from .threat import check_budget, resolve_device
 
 __all__ = [
@@ -389,6 +389,7 @@ def accuracy(
     dev = resolve_device(device) if param is None else param.device
     if param is not None:
         resolve_device(device)  # a bad device string is an error even where it is not used
+    check_complete_loader(data, "accuracy", warn=True)
     was_training = model.training
     model.eval()
     correct = total = 0

@@ -214,6 +214,17 @@ API_CASES = [
     ("cap_relus-mode", lambda m, x, y, t: r.cap_relus(m, 0.1, mode="magic"), ValueError, ["mode", "'magic'"]),
     ("cap_relus-inplace", lambda m, x, y, t: r.cap_relus(m, 0.1, inplace="yes"), TypeError, ["inplace", "'yes'"]),
     ("cap_relus-mapping-key", lambda m, x, y, t: r.cap_relus(m, {"zzz": 0.1}), ValueError, ["'zzz'", "no site"]),
+    ("cap_relus-cap-unknown-spec", lambda m, x, y, t: r.cap_relus(m, "big"), ValueError,
+     ["cap='big'", "unknown activation 'big'", "a number (math.inf = plain ReLU)", "per-channel"]),
+    ("cap_relus-cap-nan", lambda m, x, y, t: r.cap_relus(m, math.nan), ValueError, ["cap is NaN", "positive float"]),
+    ("cap_relus-cap-tensor-2d", lambda m, x, y, t: r.cap_relus(m, torch.ones(2, 2)), ValueError,
+     ["cap tensor", "(2, 2)", "1-D"]),
+    ("cap_relus-mapping-value-spec", lambda m, x, y, t: r.cap_relus(m, {"*": "nosuch"}), ValueError,
+     ["cap['*']='nosuch'", "unknown activation"]),
+    ("cap_relus-cap-wrong-length", lambda m, x, y, t: r.cap_relus(_conv(), [1.0, 2.0], example_input=x), ValueError,
+     ["cap=[1.0, 2.0]", "per-channel cap of 2 entries", "one cap per channel (4)"]),
+    ("CappedReLU-cap-wrong-length", lambda m, x, y, t: r.CappedReLU([1.0, 2.0])(x), ValueError,
+     ["cap=[1.0, 2.0]", "shape [6, 1, 4, 4]", "one entry per channel"]),
     ("find_relus-model-int", lambda m, x, y, t: r.find_relus(5), TypeError, ["find_relus", "int 5"]),
     ("calibrate_caps-quantile", lambda m, x, y, t: r.calibrate_caps(m, x, quantile=2), ValueError,
      ["quantile", "2"]),
@@ -223,6 +234,12 @@ API_CASES = [
     ("uncap-int", lambda m, x, y, t: r.uncap(5), TypeError, ["uncap", "int 5"]),
     # adaptive attacks, audit, certify, growth
     ("audit-threat_model-float", lambda m, x, y, t: r.audit(m, (x, y), 0.1), TypeError, ["threat_model", "float 0.1"]),
+    ("audit-results-int", lambda m, x, y, t: r.audit(m, (x, y), TM, results=5), TypeError,
+     ["results=", "int 5", "Results.load"]),
+    ("certify-loader-drop_last", lambda m, x, y, t: r.certify(m, _dropping(x, y), TM), ValueError,
+     ["certify", "drop_last=True", "batch_size=4, 6 samples", "drop_last=False"]),
+    ("audit-loader-drop_last", lambda m, x, y, t: r.audit(m, _dropping(x, y), TM), ValueError,
+     ["drop_last=True", "batch_size=4, 6 samples"]),
     ("audit-suite_kwargs-unknown", lambda m, x, y, t: r.audit(m, (x, y), TM, suite_kwargs={"foo": 1}), TypeError,
      ["suite_kwargs", "['foo']", "square_queries"]),
     ("get_suite-unknown-kwarg", lambda m, x, y, t: r.get_suite("standard", TM, foo=1), TypeError,
@@ -274,6 +291,17 @@ class _Unlabelled(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.x[i]
+
+
+def _conv():
+    """A conv layer's ReLU: 4 channels on 1x4x4 inputs (a per-channel cap needs 4 entries)."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def _dropping(x, y):
+    """A DataLoader over six samples in batches of 4 that drops the last two."""
+    dataset = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(dataset, batch_size=4, drop_last=True)
 
 
 def _text(folder):
@@ -372,3 +400,17 @@ def test_cli_errors_name_the_flag_and_value(cli_data, capsys, argv, parts):
     missing = [p for p in parts if p not in err]
     assert not missing, f"{missing} not in: {err}"
     assert "Traceback" not in err
+
+
+def test_accuracy_warns_about_a_loader_that_drops_samples(kit):
+    """accuracy() on a drop_last loader would score 4 of 6 samples without a word."""
+    model, x, y = kit
+    with pytest.warns(UserWarning, match=r"accuracy: data= is a DataLoader that drops .*6 samples"):
+        r.accuracy(model, _dropping(x, y))
+
+
+def test_a_limit_within_the_kept_batches_is_not_refused(kit):
+    """certify(n_samples=4) on that loader sees every sample it asked for: no refusal."""
+    model, x, y = kit
+    res = r.certify(model, _dropping(x, y), TM, config=r.EvalConfig(n_samples=4), progress=False)
+    assert res.metadata["n_samples"] == 4

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .._console import progress as _progress
 from .._torch import caller_state, model_device
 from .._fingerprint import DataDigest, json_digest, run_fingerprint
-from ..data import DataLike, as_loader, unpack_batch
+from ..data import DataLike, as_loader, check_complete_loader, unpack_batch
 from ..results import CERTIFY_LIBRARY, Results
 from ..threat import EvalConfig, ThreatModel
 from .bounds import Ball, Bounds, margin_spec
@@ -158,6 +158,7 @@ def certify(
         "attacks": [name],
     }
     rows: list[dict[str, Any]] = []
+    check_complete_loader(data, "certify", limit=cfg.n_samples)
     loader = as_loader(data, batch_size=cfg.batch_size)
     graph = None
     seen = 0

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .._format import short_repr
 from .._torch import float_dtype, model_device
 from ._records import _MARK, ConversionCheckError
 
@@ -224,9 +225,10 @@ def _plain_op(upper: float, inplace: bool, module: nn.Module, site: str
     def checked(x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != caps.numel():
             raise _CapsDoNotFit(
-                f"site {site!r} has input of shape {tuple(x.shape)} and a per-channel cap of "
-                f"{caps.numel()} entries; give it one cap per channel "
-                f"({x.shape[1] if x.dim() >= 2 else 'an (N, C, *) input'}) or a number")
+                f"cap={short_repr(caps.tolist())} gives site {site!r} a per-channel cap of "
+                f"{caps.numel()} entries but its input has shape {tuple(x.shape)}; pass cap= "
+                f"one cap per channel ({x.shape[1] if x.dim() >= 2 else 'an (N, C, *) input'}), "
+                "a number, or a mapping {site name: cap}")
         return relu(x)
 
     return checked
