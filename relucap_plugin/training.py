@@ -269,7 +269,7 @@ def train(
                 check_finite_inputs(torch.as_tensor(x), where)
                 x, y = x.to(dev), y.to(dev)
                 if num_classes is None:
-                    num_classes = _num_classes(model, x)
+                    num_classes = _num_classes(model, x, "train", f"data ({where})")
                 check_labels(y, num_classes, where)
                 inputs, targets = x, y
                 buffers = [b.detach().clone() for b in model.buffers()]
@@ -327,12 +327,17 @@ def train(
 
 
 @torch.no_grad()
-def _num_classes(model: nn.Module, x: Tensor) -> int:
-    """The model's number of outputs, from one sample in eval mode (no state changes)."""
+def _num_classes(model: nn.Module, x: Tensor, fn: str, argument: str) -> int:
+    """The model's number of outputs, from one sample in eval mode (no state changes); a batch
+    the model cannot run is the user's ``argument`` of ``fn``, named with the shape it takes."""
+    from .surgery.verify import bad_example_input
+
     was = model.training
     model.eval()
     try:
         return int(model(x[:1]).shape[-1])
+    except Exception as exc:
+        raise bad_example_input(fn, model, x, exc, argument) from exc
     finally:
         model.train(was)
 
@@ -396,6 +401,8 @@ def accuracy(
     try:
         for batch in as_loader(data, batch_size=batch_size):
             x, y = unpack_batch(batch)
+            if total == 0:
+                _num_classes(model, x.to(dev), "accuracy", "data (batch 0)")
             logits = model(x.to(dev))
             pred = logits.argmax(1).cpu()
             correct += (pred == check_labels(y, logits.shape[-1], f"accuracy's batch from sample {total}")).sum().item()

@@ -191,6 +191,32 @@ API_CASES = [
      ["nomnist", "train-images-idx3-ubyte"]),
     ("load_cifar10-missing", lambda m, x, y, t: r.load_cifar10(t / "nocifar"), FileNotFoundError,
      ["nocifar", "data_batch_1"]),
+    ("load_mnist-root-is-a-file", lambda m, x, y, t: r.load_mnist(_text(t)), NotADirectoryError,
+     ["load_mnist: root", "notes.txt", "is a file, not a folder"]),
+    ("load_cifar10-root-is-a-file", lambda m, x, y, t: r.load_cifar10(_text(t)), NotADirectoryError,
+     ["load_cifar10: root", "notes.txt", "cifar-10-batches-py"]),
+    ("load_mnist-root-int", lambda m, x, y, t: r.load_mnist(5), TypeError, ["root", "int 5"]),
+    ("load_mnist-corrupt-gzip", lambda m, x, y, t: r.load_mnist(_not_gzip(t)), ValueError,
+     ["train-images-idx3-ubyte.gz", "cannot be read as an IDX file", "BadGzipFile"]),
+    ("load_mnist5k-seed-str", lambda m, x, y, t: r.load_mnist5k(seed="a"), TypeError, ["seed", "str 'a'"]),
+    ("load_digits_dataset-n_test-float", lambda m, x, y, t: r.load_digits_dataset(n_test=100.5), ValueError,
+     ["n_test", "100.5"]),
+    ("as_loader-seed-str", lambda m, x, y, t: r.as_loader((x, y), seed="a"), TypeError, ["seed", "str 'a'"]),
+    ("as_loader-shuffle-str", lambda m, x, y, t: r.as_loader((x, y), shuffle="no"), TypeError,
+     ["shuffle", "str 'no'"]),
+    ("scale_init-model-str", lambda m, x, y, t: r.scale_init("m", 2.0), TypeError, ["scale_init", "str 'm'"]),
+    ("train-data-wrong-shape", lambda m, x, y, t: r.train(m, (torch.rand(6, 3, 8, 8), y)), ValueError,
+     ["train: data (training batch 0", "shape (6, 3, 8, 8)", "torch.randn(1, 16)"]),
+    ("accuracy-data-wrong-shape", lambda m, x, y, t: r.accuracy(m, (torch.rand(6, 3, 8, 8), y)), ValueError,
+     ["accuracy: data (batch 0)", "shape (6, 3, 8, 8)", "torch.randn(1, 16)"]),
+    ("perturbation_growth-nan", lambda m, x, y, t: r.perturbation_growth(m, x, x * math.nan), ValueError,
+     ["perturbation_growth: x_adv", "NaN/inf"]),
+    ("clopper_pearson-alpha", lambda m, x, y, t: r.significance.clopper_pearson(1, 5, 2.0), ValueError,
+     ["alpha", "2.0", "(0, 1)"]),
+    ("clopper_pearson-k-float", lambda m, x, y, t: r.significance.clopper_pearson(1.5, 5), TypeError,
+     ["k must be an int", "1.5"]),
+    ("mcnemar_exact-b-float", lambda m, x, y, t: r.significance.mcnemar_exact(1.5, 3), TypeError,
+     ["b must be an int", "1.5"]),
     ("load_mnist5k-n_test", lambda m, x, y, t: r.load_mnist5k(n_test=-5), ValueError, ["n_test", "-5"]),
     ("mlp-widths-zero", lambda m, x, y, t: r.mlp(widths=(0,)), ValueError, ["widths", "(0,)"]),
     ("mlp-widths-str", lambda m, x, y, t: r.mlp(widths="abc"), ValueError, ["widths", "'abc'"]),
@@ -302,6 +328,12 @@ def _dropping(x, y):
     """A DataLoader over six samples in batches of 4 that drops the last two."""
     dataset = torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(dataset, batch_size=4, drop_last=True)
+
+
+def _not_gzip(folder):
+    """A folder whose MNIST training images are a .gz file that is not gzip."""
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    return folder
 
 
 def _text(folder):
