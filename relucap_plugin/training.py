@@ -330,14 +330,12 @@ def train(
 def _num_classes(model: nn.Module, x: Tensor, fn: str, argument: str) -> int:
     """The model's number of outputs, from one sample in eval mode (no state changes); a batch
     the model cannot run is the user's ``argument`` of ``fn``, named with the shape it takes."""
-    from .surgery.verify import bad_example_input
+    from .surgery.verify import first_output
 
     was = model.training
     model.eval()
     try:
-        return int(model(x[:1]).shape[-1])
-    except Exception as exc:
-        raise bad_example_input(fn, model, x, exc, argument) from exc
+        return int(first_output(fn, model, x, argument).shape[-1])
     finally:
         model.train(was)
 

@@ -295,6 +295,39 @@ API_CASES = [
     ("certify-threat_model-float", lambda m, x, y, t: r.certify(m, (x, y), 0.1), TypeError,
      ["threat_model", "float 0.1"]),
     ("certify-model-str", lambda m, x, y, t: r.certify("m", (x, y), TM), TypeError, ["certify", "str 'm'"]),
+    ("certify-chunk", lambda m, x, y, t: r.certify(m, (x, y), TM, chunk=0), ValueError, ["chunk", "0"]),
+    ("certify-max_neurons", lambda m, x, y, t: r.certify(m, (x, y), TM, max_neurons=0), ValueError,
+     ["max_neurons", "0"]),
+    ("certify-config-int", lambda m, x, y, t: r.certify(m, (x, y), TM, config=5), TypeError, ["config", "int 5"]),
+    ("certify-model_name-int", lambda m, x, y, t: r.certify(m, (x, y), TM, model_name=5), TypeError,
+     ["model_name", "int 5"]),
+    ("certify-x-nan", lambda m, x, y, t: r.certify(m, (x * math.nan, y), TM, progress=False), ValueError,
+     ["certify: data samples 0..5", "NaN/inf"]),
+    ("certify-x-out-of-bounds", lambda m, x, y, t: r.certify(m, (x + 2, y), TM, progress=False), ValueError,
+     ["certify: data samples 0..5", "bounds (0.0, 1.0)"]),
+    ("certify-labels-out-of-range", lambda m, x, y, t: r.certify(m, (x, y + 7), TM, progress=False), ValueError,
+     ["labels must be in [0, 2]", "labels in [7,"]),
+    ("certify-data-wrong-shape", lambda m, x, y, t: r.certify(m, (torch.rand(6, 3, 8, 8), y), TM, progress=False),
+     ValueError, ["certify: data (batch 0)", "shape (6, 3, 8, 8)", "torch.randn(1, 16)"]),
+    # experiment configuration
+    ("ExperimentConfig-caps-str", lambda m, x, y, t: _experiment_config(caps="abc"), TypeError,
+     ["caps must be a tuple of floats", "str 'abc'"]),
+    ("ExperimentConfig-eps-number", lambda m, x, y, t: _experiment_config(eps=0.1), TypeError,
+     ["eps must be a tuple", "float 0.1"]),
+    ("ExperimentConfig-positions-str", lambda m, x, y, t: _experiment_config(positions="all"), TypeError,
+     ["positions", "str 'all'"]),
+    ("ExperimentConfig-widths-zero", lambda m, x, y, t: _experiment_config(widths=(0,)), ValueError,
+     ["widths", "(0,)"]),
+    ("ExperimentConfig-lr", lambda m, x, y, t: _experiment_config(lr=-1), ValueError, ["lr", "-1"]),
+    ("ExperimentConfig-train_eps", lambda m, x, y, t: _experiment_config(train_eps="a"), ValueError,
+     ["train_eps", "'a'"]),
+    ("ExperimentConfig-fgsm_best", lambda m, x, y, t: _experiment_config(fgsm_best="no"), TypeError,
+     ["fgsm_best", "'no'"]),
+    ("ExperimentConfig-seed", lambda m, x, y, t: _experiment_config(seed=-1), ValueError, ["seed", "-1"]),
+    ("run_experiment-config-dict", lambda m, x, y, t: r.experiment.run_experiment({"epochs": 1}), TypeError,
+     ["config", "dict {'epochs': 1}", "preset('demo'"]),
+    ("run_experiment-out-a-file", lambda m, x, y, t: r.experiment.run_experiment(out=_text(t)), NotADirectoryError,
+     ["out=", "notes.txt", "not a folder"]),
     # results files
     ("Results.load-missing", lambda m, x, y, t: r.Results.load(t / "none.jsonl"), FileNotFoundError,
      ["results file", "none.jsonl"]),
@@ -328,6 +361,10 @@ def _dropping(x, y):
     """A DataLoader over six samples in batches of 4 that drops the last two."""
     dataset = torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(dataset, batch_size=4, drop_last=True)
+
+
+def _experiment_config(**settings):
+    return r.experiment.ExperimentConfig(**settings)
 
 
 def _not_gzip(folder):

@@ -321,6 +321,17 @@ def bad_example_input(fn: str, model: nn.Module, example_input: Any, error: Base
         f"e.g. {_expected_input(model)}; a tuple passes several forward arguments")
 
 
+@torch.no_grad()
+def first_output(fn: str, model: nn.Module, x: Tensor, argument: str) -> Any:
+    """``model(x[:1])``: the first data batch of ``fn`` tried on one sample, so that data of a
+    shape the model cannot take is ``argument``'s error (:func:`bad_example_input`), not a raw
+    torch error from deep inside a layer. The caller sets the model's mode."""
+    try:
+        return model(x[:1])
+    except Exception as exc:
+        raise bad_example_input(fn, model, x, exc, argument) from exc
+
+
 def reference(model: nn.Module, args: tuple) -> _Run:
     """The original model's checked pass (run before converting, on a model equal to it)."""
     return _run(model, args)
