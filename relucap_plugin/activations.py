@@ -84,8 +84,9 @@ def channel_view(cap: Tensor, x: Tensor) -> Tensor:
     """Reshape per-channel ``cap`` of shape (C,) to broadcast over ``x`` of shape (N, C, *)."""
     if x.dim() < 2 or x.shape[1] != cap.shape[0]:
         raise ValueError(
-            "per-channel cap has " + str(cap.shape[0]) + " entries but the input has shape "
-            + str(list(x.shape)) + "; channels must be dim 1 of an (N, C, *) input"
+            f"cap={short_repr(cap.tolist())} has {cap.shape[0]} per-channel entries but the input "
+            f"has shape {list(x.shape)}; channels are dim 1 of an (N, C, *) input: give cap= one "
+            "entry per channel, or a number"
         )
     shape = [1] * x.dim()
     shape[1] = cap.shape[0]

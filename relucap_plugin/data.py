@@ -16,6 +16,7 @@ import gzip
 import importlib.util
 import os
 import pickle
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
 
@@ -40,6 +41,7 @@ __all__ = [
     "as_loader",
     "as_tensors",
     "check_labels",
+    "check_complete_loader",
     "load_cifar10",
     "load_digits_dataset",
     "load_mnist",
@@ -141,8 +143,10 @@ def as_loader(
         return data
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int (got {batch_size!r})")
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be True or False, got {type(shuffle).__name__} {short_repr(shuffle)}")
     dataset = as_dataset(data)
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(_check_seed(seed))
     if isinstance(dataset, TensorDataset):
         sampler = RandomSampler(dataset, generator=generator) if shuffle else (
             SequentialSampler(dataset))
@@ -152,6 +156,29 @@ def as_loader(
             batch_size=None,
         )
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def check_complete_loader(data: Any, fn: str, warn: bool = False, limit: int | None = None) -> None:
+    """Refuse (or with ``warn``, warn about) a ``DataLoader`` that drops its last incomplete
+    batch: ``fn`` would silently report on fewer samples than ``data`` holds, and a resumed run
+    could never fill their rows. Anything else passes, as does a ``limit`` within the kept
+    batches."""
+    if not (isinstance(data, DataLoader) and data.drop_last and data.batch_size):
+        return
+    try:
+        n: int | None = len(data.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    if n is not None and (n % data.batch_size == 0
+                          or (limit is not None and limit <= n - n % data.batch_size)):
+        return
+    message = (f"{fn}: data= is a DataLoader that drops its last incomplete batch (drop_last=True, batch_size="
+               f"{data.batch_size}, {n if n is not None else 'unknown number of'} samples): those "
+               f"samples would be left out; pass drop_last=False, or pass its Dataset "
+               "(loader.dataset) instead")
+    if not warn:
+        raise ValueError(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def as_tensors(data: DataLike, limit: int | None = None) -> tuple[Tensor, Tensor]:
@@ -167,6 +194,7 @@ def as_tensors(data: DataLike, limit: int | None = None) -> tuple[Tensor, Tensor
         assert isinstance(dataset, TensorDataset)
         x, y = dataset.tensors
         return (x, y) if limit is None else (x[:limit], y[:limit])
+    check_complete_loader(data, "as_tensors", limit=limit)
     batches = [(x, y) for _, x, y in numbered_batches(as_loader(data, batch_size=256), limit)]
     if not batches:
         raise ValueError("the data set is empty; pass at least one (x, y) sample")
@@ -252,10 +280,18 @@ def _stratified_split(
     return rng.permutation(np.concatenate(train_idx)), test
 
 
+def _check_seed(seed: Any) -> int:
+    """``seed`` as an int; anything else (a float, a string) is refused naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise TypeError(f"seed must be an int >= 0, got {type(seed).__name__} {short_repr(seed)}")
+    return int(seed)
+
+
 def _split_datasets(
     x: Tensor, y: Tensor, n_test: int, num_classes: int, seed: int
 ) -> tuple[TensorDataset, TensorDataset]:
-    if not num_classes <= n_test <= len(y) - num_classes:
+    _check_seed(seed)
+    if isinstance(n_test, bool) or not isinstance(n_test, int) or not num_classes <= n_test <= len(y) - num_classes:
         raise ValueError(f"n_test must be between {num_classes} and {len(y) - num_classes} "
                          f"(got {n_test})")
     train_idx, test_idx = _stratified_split(
@@ -337,8 +373,12 @@ def _mnist_candidates(root: str, stem: str, ndim: int) -> list[str]:
 def _read_idx(path: str) -> np.ndarray:
     """One IDX file (as on yann.lecun.com; gzip or not) as a uint8 array of its stored shape."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path} cannot be read as an IDX file ({type(exc).__name__}: {exc}); "
+                         "use the original MNIST files") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(
             f"{path} is not an unsigned-byte IDX file (bad magic number {raw[:4].hex()}, "
@@ -355,6 +395,19 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def _data_folder(root: Any, fn: str, holds: str) -> str:
+    """``root`` of ``fn`` as a path string; refuses a non-path or a path that is a file."""
+    try:
+        path = os.fspath(root)
+    except TypeError:
+        raise TypeError(f"{fn}: root must be a folder path (str or os.PathLike), got "
+                        f"{type(root).__name__} {short_repr(root)}") from None
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{fn}: root {path!r} is a file, not a folder; pass the folder "
+                                 f"holding {holds}")
+    return str(path)
+
+
 def load_mnist(root: str | os.PathLike) -> tuple[TensorDataset, TensorDataset]:
     """Full MNIST (60000 train, 10000 test) from the four IDX files under ``root``; no download.
 
@@ -363,7 +416,7 @@ def load_mnist(root: str | os.PathLike) -> tuple[TensorDataset, TensorDataset]:
     ``t10k-labels-idx1-ubyte``, each optionally ``.gz`` (``.idx3-ubyte`` spellings too).
     Images are (N, 1, H, W) in [0, 1].
     """
-    root = os.fspath(root)
+    root = _data_folder(root, "load_mnist", "the four MNIST IDX files")
     arrays: dict[str, np.ndarray] = {}
     missing = []
     for key, (stem, ndim) in _MNIST_FILES.items():
@@ -448,7 +501,7 @@ def load_cifar10(root: str | os.PathLike) -> tuple[TensorDataset, TensorDataset]
     folder itself, with ``data_batch_1`` .. ``data_batch_5`` and ``test_batch``. The pickles are
     read with an unpickler that accepts numpy arrays only. Images are (N, 3, 32, 32) in [0, 1].
     """
-    root = os.fspath(root)
+    root = _data_folder(root, "load_cifar10", "cifar-10-batches-py/")
     folder = os.path.join(root, "cifar-10-batches-py")
     if not os.path.isdir(folder):
         folder = root

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ._console import format_table, print_table
-from ._format import markdown_table
+from ._format import markdown_table, short_repr
 from .adaptive import attack_kind, audit_inputs, cap_statistics, evaluate_suite, find_caps
 from ._torch import caller_state, model_device
 from .attacks import get_attack
@@ -37,6 +37,7 @@ from .results import Results
 from .significance import ALPHA, clopper_pearson, mcnemar_exact
 from .threat import EvalConfig, ThreatModel
 from .growth import GrowthTable, perturbation_growth  # noqa: F401  (re-exported: issue 5's home)
+from ._gradient_layers import margin as _margin, zero_gradient_layers
 
 __all__ = [
     "CHECKS",
@@ -201,12 +202,6 @@ def verdict(flags: Sequence[Flag], model_name: str | None = None,
 
 
 # ------------------------------------------------------------------------------ model checks
-def _margin(logits: Tensor, y: Tensor) -> Tensor:
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    z_other = logits.scatter(1, y[:, None], -torch.inf).amax(1)
-    return z_other - z_y
-
-
 def gradient_check(model: nn.Module, x: Tensor, y: Tensor, *, threshold: float = ZERO_FRACTION) -> Flag:
     """``zero_gradients``: fraction of samples whose input gradient is all zero / has NaN or inf.
 
@@ -426,46 +421,6 @@ def over_report(results: Results, *, alpha: float = ALPHA) -> dict[str, Any] | N
     return {"per_eps": per_eps, "eps": eps, **per_eps[eps], "pgd_attacks": ref}
 
 
-def zero_gradient_layers(model: nn.Module, x: Tensor, y: Tensor, *, top: int = 3) -> list[dict[str, Any]]:
-    """Where the input gradient of the logit margin dies: per leaf module, the fraction of
-    samples whose gradient is non-zero at the module's output but all zero at its input; the
-    ``top`` modules with the largest fraction (above 0), deepest first in a tie."""
-    device = model_device(model, x.device)
-    seen: list[tuple[str, Tensor, Tensor]] = []
-
-    def hook(name):
-        def record(module, args, output):
-            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor) \
-                    and args[0].requires_grad and output.requires_grad:
-                seen.append((name, args[0], output))
-        return record
-
-    leaves = [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
-    try:
-        with caller_state(model), torch.enable_grad():
-            xd = x.detach().to(device).requires_grad_(True)
-            margin = _margin(model(xd), y.to(device)).sum()
-            tensors = [t for _, a, o in seen for t in (a, o)]
-            grads = torch.autograd.grad(margin, tensors, allow_unused=True) if tensors else []
-    finally:
-        for h in handles:
-            h.remove()
-    out = []
-    for k, (name, _, _) in enumerate(seen):
-        g_in, g_out = grads[2 * k], grads[2 * k + 1]
-        if g_in is None or g_out is None:
-            continue
-        alive = (g_out.flatten(1) != 0).any(1)
-        dead = (g_in.flatten(1) == 0).all(1)
-        frac = (alive & dead).float().mean().item()
-        if frac > 0:
-            out.append({"layer": name, "type": type(model.get_submodule(name)).__name__,
-                        "fraction": frac, "order": k})
-    out.sort(key=lambda r: (-r["fraction"], -r["order"]))
-    return [{k: v for k, v in r.items() if k != "order"} for r in out[:top]]
-
-
 # ------------------------------------------------------------------------------ the audit
 @dataclass
 class Audit:
@@ -566,6 +521,10 @@ def audit(
     """
     from .data import as_tensors
 
+    if results is not None and not isinstance(results, Results):
+        raise TypeError(f"audit: results= must be a Results (from evaluate() or Results.load(path)), "
+                        f"got {type(results).__name__} {short_repr(results)}; or leave it out to "
+                        "run the suite")
     config = config or EvalConfig()
     x, y = as_tensors(data, limit=config.n_samples)
     notes: list[str] = []

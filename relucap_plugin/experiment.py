@@ -113,11 +113,17 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "caps", tuple(float(c) for c in self.caps))
-        set_(self, "eps", tuple(float(e) for e in self.eps))
-        set_(self, "widths", tuple(int(w) for w in self.widths))
-        set_(self, "positions", tuple(self.positions))
-        set_(self, "trainings", tuple(self.trainings))
+        for name, kind in (("caps", float), ("eps", float), ("widths", int), ("positions", str),
+                           ("trainings", str)):
+            set_(self, name, _sequence(name, getattr(self, name), kind))
+        for name, value in (("lr", self.lr), ("train_eps", self.train_eps), *(("widths", w) for w in self.widths)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)!r:.40}")
+        for name in ("fgsm_best", "pssilu"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r:.40}")
+        if isinstance(self.seed, int) and self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed}")
         if not self.caps or any(not (c > 0) for c in self.caps):
             raise ValueError(f"caps must be numbers > 0 (got {self.caps}); math.inf is plain ReLU, "
                              "which every grid includes anyway")
@@ -130,7 +136,8 @@ class ExperimentConfig:
         if self.certified_training not in (*_CERTIFIED_TRAININGS, None):
             raise ValueError(f"certified_training must be one of {', '.join(_CERTIFIED_TRAININGS)} "
                              f"or None (no certified-trained model), got {self.certified_training!r}")
-        if not (isinstance(self.certified_cap, (int, float)) and 0 < self.certified_cap < math.inf):
+        if isinstance(self.certified_cap, bool) or not (
+                isinstance(self.certified_cap, (int, float)) and 0 < self.certified_cap < math.inf):
             raise ValueError(f"certified_cap must be a finite number > 0, got {self.certified_cap!r}")
         from .certification import METHODS
 
@@ -171,6 +178,19 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _sequence(name: str, value: Any, kind: type) -> tuple:
+    """``value`` (a list or tuple) as a tuple of ``kind``; a bare string or number, or an entry
+    that is not a ``kind``, is refused naming the setting."""
+    if isinstance(value, (list, tuple)):
+        ok = (lambda v: isinstance(v, str)) if kind is str else (
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (kind is float or float(v).is_integer()))
+        if all(ok(v) for v in value):
+            return tuple(kind(v) for v in value)
+    raise TypeError(f"{name} must be a tuple of {kind.__name__}s, e.g. {name}={getattr(ExperimentConfig, name)}; got "
+                    f"{type(value).__name__} {value!r:.80}")
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -514,6 +534,12 @@ def run_experiment(config: ExperimentConfig | None = None, out: str | os.PathLik
     and progress bars on stderr. Models are dropped from the result unless ``keep_models``.
     """
     config = config or preset("demo")
+    if not isinstance(config, ExperimentConfig):
+        raise TypeError(f"run_experiment: config must be an ExperimentConfig (preset('demo', **settings) "
+                        f"or ExperimentConfig(**settings)), got {type(config).__name__} {config!r:.80}")
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"run_experiment: out={os.fspath(out)!r} is a file, not a folder; "
+                                 "pass a folder (it is created if missing)")
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)

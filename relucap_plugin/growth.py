@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ._console import format_table, print_table
 from .adaptive import uncapped_twin
 from ._format import short_repr
-from ._torch import caller_state, check_module, model_device
+from ._torch import caller_state, check_finite_inputs, check_module, model_device
 
 __all__ = ["GrowthTable", "perturbation_growth"]
 
@@ -116,6 +116,8 @@ def perturbation_growth(model: nn.Module, x: Tensor, x_adv: Tensor, *, twin: boo
         raise ValueError(f"perturbation_growth: x and x_adv must be tensors of the same shape (N, ...), the "
                          f"clean inputs and their perturbed versions; got x={short_repr(x)}, "
                          f"x_adv={short_repr(x_adv)}")
+    check_finite_inputs(x, "perturbation_growth: x")
+    check_finite_inputs(x_adv, "perturbation_growth: x_adv")
     if not bool(((x_adv - x).flatten(1).abs().amax(1) > 0).any()):
         raise ValueError("x_adv equals x for every sample: there is no perturbation to follow; "
                          "pass adversarial (or noisy) inputs")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ._format import short_repr
+from ._torch import check_module
 from .registry import create_activation
 
 __all__ = ["is_model_factory", "mlp", "register_model", "scale_init", "small_cnn"]
@@ -56,6 +57,7 @@ def scale_init(model: nn.Module, init_scale: float) -> nn.Module:
     makes two-layer ReLU nets more robust off the data subspace (Melamed et al. 2303.00783).
     Returns ``model``.
     """
+    check_module(model, "scale_init")
     if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real) or not (
         math.isfinite(init_scale) and init_scale > 0
     ):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -239,6 +240,19 @@ class EvalConfig(_Settings):
         """Plain JSON-able dict (lists for tuples; a torch.device as its string);
         :meth:`from_dict` reads it back."""
         return {**super().to_dict(), "device": str(self.device)}
+
+
+def as_eval_config(config: Any) -> EvalConfig:
+    """``config`` (an :class:`EvalConfig`, a dict of its fields, or None) as an EvalConfig;
+    anything else is a TypeError naming it."""
+    if config is None:
+        return EvalConfig()
+    if isinstance(config, EvalConfig):
+        return config
+    if isinstance(config, Mapping):
+        return EvalConfig.from_dict(dict(config))
+    raise TypeError(f"config must be an EvalConfig, a dict of its fields or None, got "
+                    f"{type(config).__name__} {config!r:.80}")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -27,7 +27,7 @@ from . import _files
 from ._console import progress as _progress
 from .activations import apply_saved_caps, saved_caps
 from ._torch import check_finite_inputs, check_module
-from .data import DataLike, as_loader, check_labels, unpack_batch
+from .data import DataLike, as_loader, check_complete_loader, check_labels, unpack_batch
 from .threat import check_budget, resolve_device
 
 __all__ = [
@@ -269,7 +269,7 @@ def train(
                 check_finite_inputs(torch.as_tensor(x), where)
                 x, y = x.to(dev), y.to(dev)
                 if num_classes is None:
-                    num_classes = _num_classes(model, x)
+                    num_classes = _num_classes(model, x, "train", f"data ({where})")
                 check_labels(y, num_classes, where)
                 inputs, targets = x, y
                 buffers = [b.detach().clone() for b in model.buffers()]
@@ -327,12 +327,15 @@ def train(
 
 
 @torch.no_grad()
-def _num_classes(model: nn.Module, x: Tensor) -> int:
-    """The model's number of outputs, from one sample in eval mode (no state changes)."""
+def _num_classes(model: nn.Module, x: Tensor, fn: str, argument: str) -> int:
+    """The model's number of outputs, from one sample in eval mode (no state changes); a batch
+    the model cannot run is the user's ``argument`` of ``fn``, named with the shape it takes."""
+    from .surgery.verify import first_output
+
     was = model.training
     model.eval()
     try:
-        return int(model(x[:1]).shape[-1])
+        return int(first_output(fn, model, x, argument).shape[-1])
     finally:
         model.train(was)
 
@@ -389,12 +392,15 @@ def accuracy(
     dev = resolve_device(device) if param is None else param.device
     if param is not None:
         resolve_device(device)  # a bad device string is an error even where it is not used
+    check_complete_loader(data, "accuracy", warn=True)
     was_training = model.training
     model.eval()
     correct = total = 0
     try:
         for batch in as_loader(data, batch_size=batch_size):
             x, y = unpack_batch(batch)
+            if total == 0:
+                _num_classes(model, x.to(dev), "accuracy", "data (batch 0)")
             logits = model(x.to(dev))
             pred = logits.argmax(1).cpu()
             correct += (pred == check_labels(y, logits.shape[-1], f"accuracy's batch from sample {total}")).sum().item()

@@ -90,7 +90,7 @@ def test_per_channel_cap_broadcasts_over_channel_dim(shape):
 def test_per_channel_accepts_list_and_reports_wrong_channel_count():
     m = CappedReLU([0.1, 0.2])
     assert torch.equal(m.cap, torch.tensor([0.1, 0.2]))
-    with pytest.raises(ValueError, match="2 entries but the input has shape"):
+    with pytest.raises(ValueError, match="2 per-channel entries but the input has shape"):
         m(torch.randn(4, 3))
 
 

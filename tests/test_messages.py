@@ -191,6 +191,32 @@ API_CASES = [
      ["nomnist", "train-images-idx3-ubyte"]),
     ("load_cifar10-missing", lambda m, x, y, t: r.load_cifar10(t / "nocifar"), FileNotFoundError,
      ["nocifar", "data_batch_1"]),
+    ("load_mnist-root-is-a-file", lambda m, x, y, t: r.load_mnist(_text(t)), NotADirectoryError,
+     ["load_mnist: root", "notes.txt", "is a file, not a folder"]),
+    ("load_cifar10-root-is-a-file", lambda m, x, y, t: r.load_cifar10(_text(t)), NotADirectoryError,
+     ["load_cifar10: root", "notes.txt", "cifar-10-batches-py"]),
+    ("load_mnist-root-int", lambda m, x, y, t: r.load_mnist(5), TypeError, ["root", "int 5"]),
+    ("load_mnist-corrupt-gzip", lambda m, x, y, t: r.load_mnist(_not_gzip(t)), ValueError,
+     ["train-images-idx3-ubyte.gz", "cannot be read as an IDX file", "BadGzipFile"]),
+    ("load_mnist5k-seed-str", lambda m, x, y, t: r.load_mnist5k(seed="a"), TypeError, ["seed", "str 'a'"]),
+    ("load_digits_dataset-n_test-float", lambda m, x, y, t: r.load_digits_dataset(n_test=100.5), ValueError,
+     ["n_test", "100.5"]),
+    ("as_loader-seed-str", lambda m, x, y, t: r.as_loader((x, y), seed="a"), TypeError, ["seed", "str 'a'"]),
+    ("as_loader-shuffle-str", lambda m, x, y, t: r.as_loader((x, y), shuffle="no"), TypeError,
+     ["shuffle", "str 'no'"]),
+    ("scale_init-model-str", lambda m, x, y, t: r.scale_init("m", 2.0), TypeError, ["scale_init", "str 'm'"]),
+    ("train-data-wrong-shape", lambda m, x, y, t: r.train(m, (torch.rand(6, 3, 8, 8), y)), ValueError,
+     ["train: data (training batch 0", "shape (6, 3, 8, 8)", "torch.randn(1, 16)"]),
+    ("accuracy-data-wrong-shape", lambda m, x, y, t: r.accuracy(m, (torch.rand(6, 3, 8, 8), y)), ValueError,
+     ["accuracy: data (batch 0)", "shape (6, 3, 8, 8)", "torch.randn(1, 16)"]),
+    ("perturbation_growth-nan", lambda m, x, y, t: r.perturbation_growth(m, x, x * math.nan), ValueError,
+     ["perturbation_growth: x_adv", "NaN/inf"]),
+    ("clopper_pearson-alpha", lambda m, x, y, t: r.significance.clopper_pearson(1, 5, 2.0), ValueError,
+     ["alpha", "2.0", "(0, 1)"]),
+    ("clopper_pearson-k-float", lambda m, x, y, t: r.significance.clopper_pearson(1.5, 5), TypeError,
+     ["k must be an int", "1.5"]),
+    ("mcnemar_exact-b-float", lambda m, x, y, t: r.significance.mcnemar_exact(1.5, 3), TypeError,
+     ["b must be an int", "1.5"]),
     ("load_mnist5k-n_test", lambda m, x, y, t: r.load_mnist5k(n_test=-5), ValueError, ["n_test", "-5"]),
     ("mlp-widths-zero", lambda m, x, y, t: r.mlp(widths=(0,)), ValueError, ["widths", "(0,)"]),
     ("mlp-widths-str", lambda m, x, y, t: r.mlp(widths="abc"), ValueError, ["widths", "'abc'"]),
@@ -214,6 +240,17 @@ API_CASES = [
     ("cap_relus-mode", lambda m, x, y, t: r.cap_relus(m, 0.1, mode="magic"), ValueError, ["mode", "'magic'"]),
     ("cap_relus-inplace", lambda m, x, y, t: r.cap_relus(m, 0.1, inplace="yes"), TypeError, ["inplace", "'yes'"]),
     ("cap_relus-mapping-key", lambda m, x, y, t: r.cap_relus(m, {"zzz": 0.1}), ValueError, ["'zzz'", "no site"]),
+    ("cap_relus-cap-unknown-spec", lambda m, x, y, t: r.cap_relus(m, "big"), ValueError,
+     ["cap='big'", "unknown activation 'big'", "a number (math.inf = plain ReLU)", "per-channel"]),
+    ("cap_relus-cap-nan", lambda m, x, y, t: r.cap_relus(m, math.nan), ValueError, ["cap is NaN", "positive float"]),
+    ("cap_relus-cap-tensor-2d", lambda m, x, y, t: r.cap_relus(m, torch.ones(2, 2)), ValueError,
+     ["cap tensor", "(2, 2)", "1-D"]),
+    ("cap_relus-mapping-value-spec", lambda m, x, y, t: r.cap_relus(m, {"*": "nosuch"}), ValueError,
+     ["cap['*']='nosuch'", "unknown activation"]),
+    ("cap_relus-cap-wrong-length", lambda m, x, y, t: r.cap_relus(_conv(), [1.0, 2.0], example_input=x), ValueError,
+     ["cap=[1.0, 2.0]", "per-channel cap of 2 entries", "one cap per channel (4)"]),
+    ("CappedReLU-cap-wrong-length", lambda m, x, y, t: r.CappedReLU([1.0, 2.0])(x), ValueError,
+     ["cap=[1.0, 2.0]", "shape [6, 1, 4, 4]", "one entry per channel"]),
     ("find_relus-model-int", lambda m, x, y, t: r.find_relus(5), TypeError, ["find_relus", "int 5"]),
     ("calibrate_caps-quantile", lambda m, x, y, t: r.calibrate_caps(m, x, quantile=2), ValueError,
      ["quantile", "2"]),
@@ -223,6 +260,12 @@ API_CASES = [
     ("uncap-int", lambda m, x, y, t: r.uncap(5), TypeError, ["uncap", "int 5"]),
     # adaptive attacks, audit, certify, growth
     ("audit-threat_model-float", lambda m, x, y, t: r.audit(m, (x, y), 0.1), TypeError, ["threat_model", "float 0.1"]),
+    ("audit-results-int", lambda m, x, y, t: r.audit(m, (x, y), TM, results=5), TypeError,
+     ["results=", "int 5", "Results.load"]),
+    ("certify-loader-drop_last", lambda m, x, y, t: r.certify(m, _dropping(x, y), TM), ValueError,
+     ["certify", "drop_last=True", "batch_size=4, 6 samples", "drop_last=False"]),
+    ("audit-loader-drop_last", lambda m, x, y, t: r.audit(m, _dropping(x, y), TM), ValueError,
+     ["drop_last=True", "batch_size=4, 6 samples"]),
     ("audit-suite_kwargs-unknown", lambda m, x, y, t: r.audit(m, (x, y), TM, suite_kwargs={"foo": 1}), TypeError,
      ["suite_kwargs", "['foo']", "square_queries"]),
     ("get_suite-unknown-kwarg", lambda m, x, y, t: r.get_suite("standard", TM, foo=1), TypeError,
@@ -252,6 +295,39 @@ API_CASES = [
     ("certify-threat_model-float", lambda m, x, y, t: r.certify(m, (x, y), 0.1), TypeError,
      ["threat_model", "float 0.1"]),
     ("certify-model-str", lambda m, x, y, t: r.certify("m", (x, y), TM), TypeError, ["certify", "str 'm'"]),
+    ("certify-chunk", lambda m, x, y, t: r.certify(m, (x, y), TM, chunk=0), ValueError, ["chunk", "0"]),
+    ("certify-max_neurons", lambda m, x, y, t: r.certify(m, (x, y), TM, max_neurons=0), ValueError,
+     ["max_neurons", "0"]),
+    ("certify-config-int", lambda m, x, y, t: r.certify(m, (x, y), TM, config=5), TypeError, ["config", "int 5"]),
+    ("certify-model_name-int", lambda m, x, y, t: r.certify(m, (x, y), TM, model_name=5), TypeError,
+     ["model_name", "int 5"]),
+    ("certify-x-nan", lambda m, x, y, t: r.certify(m, (x * math.nan, y), TM, progress=False), ValueError,
+     ["certify: data samples 0..5", "NaN/inf"]),
+    ("certify-x-out-of-bounds", lambda m, x, y, t: r.certify(m, (x + 2, y), TM, progress=False), ValueError,
+     ["certify: data samples 0..5", "bounds (0.0, 1.0)"]),
+    ("certify-labels-out-of-range", lambda m, x, y, t: r.certify(m, (x, y + 7), TM, progress=False), ValueError,
+     ["labels must be in [0, 2]", "labels in [7,"]),
+    ("certify-data-wrong-shape", lambda m, x, y, t: r.certify(m, (torch.rand(6, 3, 8, 8), y), TM, progress=False),
+     ValueError, ["certify: data (batch 0)", "shape (6, 3, 8, 8)", "torch.randn(1, 16)"]),
+    # experiment configuration
+    ("ExperimentConfig-caps-str", lambda m, x, y, t: _experiment_config(caps="abc"), TypeError,
+     ["caps must be a tuple of floats", "str 'abc'"]),
+    ("ExperimentConfig-eps-number", lambda m, x, y, t: _experiment_config(eps=0.1), TypeError,
+     ["eps must be a tuple", "float 0.1"]),
+    ("ExperimentConfig-positions-str", lambda m, x, y, t: _experiment_config(positions="all"), TypeError,
+     ["positions", "str 'all'"]),
+    ("ExperimentConfig-widths-zero", lambda m, x, y, t: _experiment_config(widths=(0,)), ValueError,
+     ["widths", "(0,)"]),
+    ("ExperimentConfig-lr", lambda m, x, y, t: _experiment_config(lr=-1), ValueError, ["lr", "-1"]),
+    ("ExperimentConfig-train_eps", lambda m, x, y, t: _experiment_config(train_eps="a"), ValueError,
+     ["train_eps", "'a'"]),
+    ("ExperimentConfig-fgsm_best", lambda m, x, y, t: _experiment_config(fgsm_best="no"), TypeError,
+     ["fgsm_best", "'no'"]),
+    ("ExperimentConfig-seed", lambda m, x, y, t: _experiment_config(seed=-1), ValueError, ["seed", "-1"]),
+    ("run_experiment-config-dict", lambda m, x, y, t: r.experiment.run_experiment({"epochs": 1}), TypeError,
+     ["config", "dict {'epochs': 1}", "preset('demo'"]),
+    ("run_experiment-out-a-file", lambda m, x, y, t: r.experiment.run_experiment(out=_text(t)), NotADirectoryError,
+     ["out=", "notes.txt", "not a folder"]),
     # results files
     ("Results.load-missing", lambda m, x, y, t: r.Results.load(t / "none.jsonl"), FileNotFoundError,
      ["results file", "none.jsonl"]),
@@ -274,6 +350,27 @@ class _Unlabelled(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.x[i]
+
+
+def _conv():
+    """A conv layer's ReLU: 4 channels on 1x4x4 inputs (a per-channel cap needs 4 entries)."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def _dropping(x, y):
+    """A DataLoader over six samples in batches of 4 that drops the last two."""
+    dataset = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(dataset, batch_size=4, drop_last=True)
+
+
+def _experiment_config(**settings):
+    return r.experiment.ExperimentConfig(**settings)
+
+
+def _not_gzip(folder):
+    """A folder whose MNIST training images are a .gz file that is not gzip."""
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    return folder
 
 
 def _text(folder):
@@ -372,3 +469,17 @@ def test_cli_errors_name_the_flag_and_value(cli_data, capsys, argv, parts):
     missing = [p for p in parts if p not in err]
     assert not missing, f"{missing} not in: {err}"
     assert "Traceback" not in err
+
+
+def test_accuracy_warns_about_a_loader_that_drops_samples(kit):
+    """accuracy() on a drop_last loader would score 4 of 6 samples without a word."""
+    model, x, y = kit
+    with pytest.warns(UserWarning, match=r"accuracy: data= is a DataLoader that drops .*6 samples"):
+        r.accuracy(model, _dropping(x, y))
+
+
+def test_a_limit_within_the_kept_batches_is_not_refused(kit):
+    """certify(n_samples=4) on that loader sees every sample it asked for: no refusal."""
+    model, x, y = kit
+    res = r.certify(model, _dropping(x, y), TM, config=r.EvalConfig(n_samples=4), progress=False)
+    assert res.metadata["n_samples"] == 4

@@ -274,9 +274,9 @@ def test_calibration_data_of_the_wrong_shape_names_the_batch():
 def test_per_channel_caps_of_the_wrong_length_are_refused_naming_the_site():
     net = _conv_net()
     before = snapshot(net)
-    with pytest.raises(ValueError, match=r"cap_relus: site '1' has input of shape \(1, 4, 30, "
-                                         r"30\) and a per-channel cap of 2 entries; give it one "
-                                         r"cap per channel \(4\)"):
+    with pytest.raises(ValueError, match=r"cap_relus: cap=\[1.0, 2.0\] gives site '1' a per-channel "
+                                         r"cap of 2 entries but its input has shape \(1, 4, 30, "
+                                         r"30\); pass cap= one cap per channel \(4\)"):
         cap_relus(net, [1.0, 2.0], inplace=True)
     assert_same_snapshot(before, snapshot(net))
     assert not hasattr(net, "_relucap_records")

@@ -185,7 +185,7 @@ def test_train_works_under_callers_no_grad_and_restores_mode_on_error(small):
     assert not model.training
     bad = mlp(widths=(16,), in_shape=(1, 8, 8))
     bad.eval()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"train: data \(training batch 0 .* does not run through"):
         train(bad, small, epochs=1, progress=False)
     assert not bad.training
 

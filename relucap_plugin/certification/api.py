@@ -19,11 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from .._console import progress as _progress
-from .._torch import caller_state, model_device
+from .._torch import caller_state, check_inputs, model_device
 from .._fingerprint import DataDigest, json_digest, run_fingerprint
-from ..data import DataLike, as_loader, unpack_batch
+from ..data import DataLike, as_loader, check_complete_loader, check_labels, unpack_batch
 from ..results import CERTIFY_LIBRARY, Results
-from ..threat import EvalConfig, ThreatModel
+from ..surgery.verify import first_output
+from ..threat import EvalConfig, ThreatModel, as_eval_config
 from .bounds import Ball, Bounds, margin_spec
 from .graph import BoundGraph, compile_model
 
@@ -147,7 +148,13 @@ def certify(
     if not isinstance(model, nn.Module):
         raise TypeError(f"certify: model must be a torch.nn.Module, got {type(model).__name__} {repr(model)[:80]}")
     tm = _as_threat(threat_model)
-    cfg = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(dict(config or {}))
+    cfg = as_eval_config(config)
+    for arg, value in (("max_neurons", max_neurons), ("chunk", chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"certify: {arg} must be an int >= 1, got {value!r:.40}")
+    if model_name is not None and not isinstance(model_name, str):
+        raise TypeError(f"certify: model_name must be a string or None, got "
+                        f"{type(model_name).__name__} {model_name!r:.40}")
     device = model_device(model)
     name = f"{CERTIFY_LIBRARY}:{method}"
     metadata = {
@@ -158,6 +165,7 @@ def certify(
         "attacks": [name],
     }
     rows: list[dict[str, Any]] = []
+    check_complete_loader(data, "certify", limit=cfg.n_samples)
     loader = as_loader(data, batch_size=cfg.batch_size)
     graph = None
     seen = 0
@@ -172,12 +180,16 @@ def certify(
                 break
             x, y = torch.as_tensor(x), torch.as_tensor(y).reshape(-1)
             digest.update(seen, x, y)  # the exact inputs, as evaluate() hashes them
+            where = f"certify: data samples {seen}..{seen + len(x) - 1}"
+            check_inputs(x, tm.bounds, where)
             x, y = x.to(device), y.to(device).long()
             if graph is None:
+                first_output("certify", model, x, "data (batch 0)")
                 graph = compile_model(model, x[:1])
                 _check_logits(graph, model)
                 scope.enter_context(graph.reuse_abs_weights())
             logits = model(x)
+            check_labels(y, logits.shape[-1], where)
             pred, tol = logits.argmax(1), margin_tolerance(logits)
             for eps in tm.eps:
                 start = time.perf_counter()

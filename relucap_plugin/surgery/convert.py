@@ -479,8 +479,9 @@ def cap_relus(
         return cap_quantizable(model, cap, sites, example_input, inplace)
     if cap is None:
         raise TypeError("cap is required: a number, math.inf (plain ReLU), a spec or a mapping")
-    for value in cap.values() if isinstance(cap, Mapping) else [cap]:
-        _recipe(value, "cap value" if isinstance(cap, Mapping) else "cap")
+    for where, value in ({f"cap[{k!r}]": v for k, v in cap.items()} if isinstance(cap, Mapping)
+                         else {"cap": cap}).items():
+        _recipe(value, where)
     found = (sites.discovery(model, mode, example_input is not None)
              if isinstance(sites, _Sites) else None)
     if inplace:

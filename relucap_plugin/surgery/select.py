@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._format import short_repr
 from ..activations import CappedReLU, validate_cap
 from ..registry import create_activation
 from ._records import ReluSite, _name_list
@@ -115,6 +116,11 @@ class _Recipe:
         return ("cap", min(cap, site.upper))
 
 
+_FORMS = ("a number (math.inf = plain ReLU), a 1-D tensor/list of per-channel caps, an activation "
+          "spec ('pssilu', 'learnable_capped_relu(cap=1)'), an activation class or factory, or a "
+          "mapping {site name or glob: cap}")
+
+
 def _recipe(value: Any, where: str) -> _Recipe:
     if isinstance(value, (numbers.Number, Tensor)) or (
         isinstance(value, (list, tuple)) and all(isinstance(v, numbers.Number) for v in value)
@@ -122,13 +128,14 @@ def _recipe(value: Any, where: str) -> _Recipe:
         return _Recipe(cap=validate_cap(value, name=where))
     if isinstance(value, (str, nn.Module)) or callable(value):
         recipe = _Recipe(spec=value)
-        recipe.build(ReluSite("", 0, "module", "nn.ReLU", "", "", False, False))  # fail early
+        try:
+            recipe.build(ReluSite("", 0, "module", "nn.ReLU", "", "", False, False))  # fail early
+        except (ValueError, TypeError) as exc:
+            raise (TypeError if isinstance(exc, TypeError) else ValueError)(
+                f"{where}={short_repr(value)} is not a usable activation spec ({exc}); "
+                f"{where} takes {_FORMS}") from exc
         return recipe
-    raise TypeError(
-        f"{where} must be a number (math.inf = plain ReLU), a 1-D tensor/list of per-channel "
-        "caps, an activation spec ('pssilu', 'learnable_capped_relu(cap=1)'), an activation "
-        f"class or factory, or a mapping {{site name or glob: cap}}; got {type(value).__name__} {value!r:.80}"
-    )
+    raise TypeError(f"{where} must be {_FORMS}; got {type(value).__name__} {short_repr(value)}")
 
 
 def _plan(sites: Sequence[ReluSite], cap: Any, selector: Any) -> dict[int, _Recipe]:

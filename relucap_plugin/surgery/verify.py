@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .._format import short_repr
 from .._torch import float_dtype, model_device
 from ._records import _MARK, ConversionCheckError
 
@@ -227,9 +228,10 @@ def _plain_op(upper: float, inplace: bool, module: nn.Module, site: str
     def checked(x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != caps.numel():
             raise _CapsDoNotFit(
-                f"site {site!r} has input of shape {tuple(x.shape)} and a per-channel cap of "
-                f"{caps.numel()} entries; give it one cap per channel "
-                f"({x.shape[1] if x.dim() >= 2 else 'an (N, C, *) input'}) or a number")
+                f"cap={short_repr(caps.tolist())} gives site {site!r} a per-channel cap of "
+                f"{caps.numel()} entries but its input has shape {tuple(x.shape)}; pass cap= "
+                f"one cap per channel ({x.shape[1] if x.dim() >= 2 else 'an (N, C, *) input'}), "
+                "a number, or a mapping {site name: cap}")
         return relu(x)
 
     return checked
@@ -320,6 +322,17 @@ def bad_example_input(fn: str, model: nn.Module, example_input: Any, error: Base
         f"{_describe(example_input)}, and the forward pass failed with {type(error).__name__}: "
         f"{text[:300]}. Pass a batch shaped like the model's input, on its device and dtype, "
         f"e.g. {_expected_input(model)}; a tuple passes several forward arguments")
+
+
+@torch.no_grad()
+def first_output(fn: str, model: nn.Module, x: Tensor, argument: str) -> Any:
+    """``model(x[:1])``: the first data batch of ``fn`` tried on one sample, so that data of a
+    shape the model cannot take is ``argument``'s error (:func:`bad_example_input`), not a raw
+    torch error from deep inside a layer. The caller sets the model's mode."""
+    try:
+        return model(x[:1])
+    except Exception as exc:
+        raise bad_example_input(fn, model, x, exc, argument) from exc
 
 
 def reference(model: nn.Module, args: tuple) -> _Run:
