@@ -131,7 +131,7 @@ def test_save_load_and_resume_are_bit_identical(mnist_mlp, data, full, tmp_path)
 
 def test_killed_run_resumes_to_the_same_examples(mnist_mlp, data, full, tmp_path):
     out = tmp_path / "results.jsonl"
-    STOP["after"] = 3  # the fourth fgsm call (second batch, second eps) is "killed"
+    STOP["calls"], STOP["after"] = 0, 3  # the fourth fgsm call (second batch, second eps) is "killed"
     try:
         with pytest.raises(KeyboardInterrupt):
             evaluate(mnist_mlp, data, ATTACKS, TM, CFG, progress=False, out=out,
