@@ -12,9 +12,10 @@ attack from it is asked for.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -132,6 +133,43 @@ class CallContext:
     device: torch.device
     num_classes: int
     batch_size: int | None
+    #: The call's seed (drawn from the global generator if the caller gave none), the samples'
+    #: ids (``sample_ids`` of the call, by default their positions) and the restart number: an
+    #: attack of ours draws each sample's noise from :meth:`generators`, so it does not depend on
+    #: which other samples are in the call.
+    seed: int = 0
+    sample_ids: torch.Tensor | None = None
+    restart: int = 0
+
+    def generators(self, n: int) -> list[torch.Generator]:
+        """One CPU generator per sample of the run (``n`` of them), seeded by (call seed, sample
+        id, restart): a sample's draws are the same whichever samples share the call. Our own
+        design."""
+        ids = range(n) if self.sample_ids is None else self.sample_ids.tolist()
+        if len(ids) != n:
+            raise RuntimeError(f"{len(ids)} sample ids for a run on {n} samples")
+        return [torch.Generator().manual_seed(sample_seed(self.seed, i, self.restart)) for i in ids]
+
+
+def _check_ids(sample_ids: Any, n: int) -> torch.Tensor | None:
+    """``sample_ids`` as a CPU int64 tensor (N,), else a ``ValueError`` naming it."""
+    if sample_ids is None:
+        return None
+    try:
+        ids = torch.as_tensor(sample_ids).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is None or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.shape != (n,) \
+            or len(set(ids.tolist())) != n:
+        raise ValueError(f"sample_ids must be {n} distinct integers, one per input, got "
+                         f"{short_repr(sample_ids)}; pass e.g. the samples' indices in the data set")
+    return ids.long()
+
+
+def sample_seed(seed: int, sample_id: int, restart: int = 0) -> int:
+    """Seed of one sample's random draws in one attack call (see :meth:`CallContext.generators`)."""
+    digest = hashlib.sha256(f"{seed}|{sample_id}|{restart}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 #: ThreatModel fields an attack spec may not change: the harness verifies against them.
@@ -291,6 +329,7 @@ class Attack:
         target: torch.Tensor | None = None,
         seed: int | None = None,
         logits: torch.Tensor | None = None,
+        sample_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Adversarial examples for ``x`` (N, ...) with labels ``y`` (N,) at budget ``eps``.
 
@@ -300,7 +339,11 @@ class Attack:
         reproducible without touching the global random state. The model must return logits
         (N, classes); keep any normalisation inside it. ``logits``: the model's clean logits of
         ``x`` if the caller has them (the evaluation harness does), which saves a forward pass;
-        they are checked like the model's own.
+        they are checked like the model's own. ``sample_ids`` (N distinct ints, default the
+        positions 0..N-1): the samples' ids; our own attacks (``torch:PGD``'s random start and
+        restarts, and BPDA and transfer around it) draw each sample's noise from (``seed``,
+        its id), so a sample gets the same example whichever other samples are in the call.
+        Library attacks draw from the seeded global generator for the whole call.
         """
         tm = self._require_threat_model()
         check_module(model, f"attack {self.name}")
@@ -315,7 +358,9 @@ class Attack:
             with torch.no_grad():
                 forward = (lambda t: given) if given is not None else (lambda t: _logits(model, t, self.name))
                 logits = clean_logits(forward, xd, self.spec)
-            ctx = CallContext(device=device, num_classes=logits.shape[1], batch_size=self.batch_size)
+            ctx = CallContext(device=device, num_classes=logits.shape[1], batch_size=self.batch_size,
+                              seed=int(torch.randint(2**62, ())) if seed is None else int(seed),
+                              sample_ids=_check_ids(sample_ids, len(xd)))
             needed = self.required_classes(tm)
             if ctx.num_classes < needed:
                 raise ValueError(
@@ -433,7 +478,7 @@ class Attack:
         x_adv = self._run(model, x, y, eps, target, ctx)
         if self.native_restarts or tm.restarts == 1:
             return x_adv
-        for _ in range(tm.restarts - 1):
+        for restart in range(1, tm.restarts):
             x_adv = x_adv.detach().to(x.dtype)
             if self.project_output:
                 x_adv = project(x, x_adv, eps, tm.norm, tm.bounds)
@@ -441,7 +486,9 @@ class Attack:
             if not bool(todo.any()):
                 break
             t = None if target is None else target[todo]
-            x_adv[todo] = self._run(model, x[todo], y[todo], eps, t, ctx).to(x.dtype)
+            ids = ctx.sample_ids if ctx.sample_ids is not None else torch.arange(len(x))
+            again = replace(ctx, sample_ids=ids[todo.cpu()], restart=restart)
+            x_adv[todo] = self._run(model, x[todo], y[todo], eps, t, again).to(x.dtype)
         return x_adv
 
     def _run(
