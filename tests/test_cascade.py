@@ -389,3 +389,25 @@ def test_cascade_of_randomised_own_attacks_is_at_most_full_on_every_sample(cappe
         f, c = full.per_sample_worst_case(eps), cascade.per_sample_worst_case(eps)
         assert set(c) == set(f) == set(range(48))
         assert [s for s in f if c[s] > f[s]] == [], eps
+
+
+def test_library_style_attack_gets_the_full_schedules_call_seed_on_the_survivors(capped_mlp, data):
+    """An attack that draws batch-wide from the global generator (as torchattacks' Square does)
+    cannot give each sample the full schedule's draws on fewer samples, but its call is seeded
+    as in the full schedule: the first draw of each call is the full schedule's."""
+    from relucap_plugin import make_attack
+
+    draws: list[tuple[float, int]] = []
+
+    def square_like(model, x, y, eps):
+        draws.append((eps, int(torch.randint(2**31 - 1, ()))))
+        return x.clone()
+
+    attacks = ["torch:FGSM", make_attack(square_like, name="draws", family="Square")]
+    tm = TM.replace(eps=(0.02, 0.05))
+    evaluate(capped_mlp, data, attacks, tm, CFG, progress=False)
+    full, draws[:] = list(draws), []
+    cascade = evaluate(capped_mlp, data, attacks, tm, CFG, progress=False, schedule="cascade")
+    assert [r for r in cascade if r["status"] == "not_needed"]  # it ran on the survivors only
+    assert draws and set(draws) <= set(full)
+    assert len(set(full)) == len(full)  # one seed per (eps, batch)
