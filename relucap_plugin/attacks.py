@@ -133,11 +133,11 @@ class CallContext:
     device: torch.device
     num_classes: int
     batch_size: int | None
-    #: The call's seed (drawn from the global generator if the caller gave none), the samples'
-    #: ids (``sample_ids`` of the call, by default their positions) and the restart number: an
-    #: attack of ours draws each sample's noise from :meth:`generators`, so it does not depend on
-    #: which other samples are in the call.
-    seed: int = 0
+    #: The call's seed (``None``: drawn from the global generator when first needed), the
+    #: samples' ids (``sample_ids`` of the call, by default their positions) and the restart
+    #: number: an attack of ours draws each sample's noise from :meth:`generators`, so it does
+    #: not depend on which other samples are in the call.
+    seed: int | None = None
     sample_ids: torch.Tensor | None = None
     restart: int = 0
 
@@ -148,6 +148,8 @@ class CallContext:
         ids = range(n) if self.sample_ids is None else self.sample_ids.tolist()
         if len(ids) != n:
             raise RuntimeError(f"{len(ids)} sample ids for a run on {n} samples")
+        if self.seed is None:
+            self.seed = int(torch.randint(2**62, ()))
         return [torch.Generator().manual_seed(sample_seed(self.seed, i, self.restart)) for i in ids]
 
 
@@ -359,7 +361,7 @@ class Attack:
                 forward = (lambda t: given) if given is not None else (lambda t: _logits(model, t, self.name))
                 logits = clean_logits(forward, xd, self.spec)
             ctx = CallContext(device=device, num_classes=logits.shape[1], batch_size=self.batch_size,
-                              seed=int(torch.randint(2**62, ())) if seed is None else int(seed),
+                              seed=None if seed is None else int(seed),
                               sample_ids=_check_ids(sample_ids, len(xd)))
             needed = self.required_classes(tm)
             if ctx.num_classes < needed:
