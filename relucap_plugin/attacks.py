@@ -12,17 +12,16 @@ attack from it is asked for.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 from ._format import short_repr
-from ._torch import caller_state, check_inputs, check_logits, check_module, clean_logits, float_dtype, model_device, seeded
+from ._torch import CallContext, caller_state, check_sample_ids, check_inputs, check_logits, check_module, clean_logits, float_dtype, model_device, seeded
 from .registry import parse_spec
 from .threat import NORMS, ThreatModel
 
@@ -124,54 +123,6 @@ def perturbation_norm(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.
 
 # --------------------------------------------------------------------------------------------
 # The base class
-
-
-@dataclass
-class CallContext:
-    """What an adapter's :meth:`Attack._run` gets besides the data: resolved once per call."""
-
-    device: torch.device
-    num_classes: int
-    batch_size: int | None
-    #: The call's seed (``None``: drawn from the global generator when first needed), the
-    #: samples' ids (``sample_ids`` of the call, by default their positions) and the restart
-    #: number: an attack of ours draws each sample's noise from :meth:`generators`, so it does
-    #: not depend on which other samples are in the call.
-    seed: int | None = None
-    sample_ids: torch.Tensor | None = None
-    restart: int = 0
-
-    def generators(self, n: int) -> list[torch.Generator]:
-        """One CPU generator per sample of the run (``n`` of them), seeded by (call seed, sample
-        id, restart): a sample's draws are the same whichever samples share the call. Our own
-        design."""
-        ids = range(n) if self.sample_ids is None else self.sample_ids.tolist()
-        if len(ids) != n:
-            raise RuntimeError(f"{len(ids)} sample ids for a run on {n} samples")
-        if self.seed is None:
-            self.seed = int(torch.randint(2**62, ()))
-        return [torch.Generator().manual_seed(sample_seed(self.seed, i, self.restart)) for i in ids]
-
-
-def _check_ids(sample_ids: Any, n: int) -> torch.Tensor | None:
-    """``sample_ids`` as a CPU int64 tensor (N,), else a ``ValueError`` naming it."""
-    if sample_ids is None:
-        return None
-    try:
-        ids = torch.as_tensor(sample_ids).detach().cpu()
-    except (TypeError, ValueError, RuntimeError):
-        ids = None
-    if ids is None or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.shape != (n,) \
-            or len(set(ids.tolist())) != n:
-        raise ValueError(f"sample_ids must be {n} distinct integers, one per input, got "
-                         f"{short_repr(sample_ids)}; pass e.g. the samples' indices in the data set")
-    return ids.long()
-
-
-def sample_seed(seed: int, sample_id: int, restart: int = 0) -> int:
-    """Seed of one sample's random draws in one attack call (see :meth:`CallContext.generators`)."""
-    digest = hashlib.sha256(f"{seed}|{sample_id}|{restart}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 #: ThreatModel fields an attack spec may not change: the harness verifies against them.
@@ -362,7 +313,7 @@ class Attack:
                 logits = clean_logits(forward, xd, self.spec)
             ctx = CallContext(device=device, num_classes=logits.shape[1], batch_size=self.batch_size,
                               seed=None if seed is None else int(seed),
-                              sample_ids=_check_ids(sample_ids, len(xd)))
+                              sample_ids=check_sample_ids(sample_ids, len(xd)))
             needed = self.required_classes(tm)
             if ctx.num_classes < needed:
                 raise ValueError(

@@ -300,7 +300,7 @@ def test_training_pgd_is_torch_pgd_bit_for_bit_for_the_same_seed(steps, alpha, r
     draws each sample's start from its own generator (seed, sample id); training draws the
     batch's from one generator, so the test hands the loop torch:PGD's per-sample generators."""
     from relucap_plugin import ThreatModel, get_attack
-    from relucap_plugin.attacks import sample_seed
+    from relucap_plugin._torch import sample_seed
 
     torch.manual_seed(0)
     model = mlp((32,)).eval()
