@@ -140,7 +140,8 @@ class Runner:
         x, y = batch.x[sel], batch.y[sel]
         t0 = time.perf_counter()
         try:
-            x_adv = self._split_call(attack, eps, x, y, batch.start, logits=batch.logits[sel])
+            x_adv = self._split_call(attack, eps, x, y, batch.start, logits=batch.logits[sel],
+                                     ids=torch.tensor([batch.start + k for k in attacked]))
             if x_adv.shape != x.shape:
                 raise RuntimeError(
                     f"returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}"
@@ -184,9 +185,10 @@ class Runner:
 
     def _split_call(
         self, attack: Attack, eps: float, x: Tensor, y: Tensor, start: int, offset: int = 0,
-        logits: Tensor | None = None,
+        logits: Tensor | None = None, ids: Tensor | None = None,
     ) -> Tensor:
-        """``attack`` on ``x`` (B, ...), seeded by (batch ``start``, ``offset`` of ``x`` in the call).
+        """``attack`` on ``x`` (B, ...), seeded by (batch ``start``, ``offset`` of ``x`` in the call);
+        ``ids``: the samples' indices, from which our own attacks draw each sample's noise.
 
         Out of memory: warn, then attack the two halves separately (each seeded by its own
         offset), halving down to one sample; so a split batch gives the unsplit table for
@@ -195,7 +197,7 @@ class Runner:
         seed = _call_seed(self.cfg.seed, attack.spec, eps, start, offset)
         try:
             x_adv = attack(self.net, x.clone(), y.clone(), eps, seed=seed,
-                           logits=None if logits is None else logits.clone())
+                           logits=None if logits is None else logits.clone(), sample_ids=ids)
         except Exception as exc:
             self._check_parameters(attack)
             if len(x) == 1 or not is_out_of_memory(exc):
@@ -215,7 +217,9 @@ class Runner:
             torch.cuda.empty_cache()
         parts = [(x[:half], y[:half], offset, None if logits is None else logits[:half]),
                  (x[half:], y[half:], offset + half, None if logits is None else logits[half:])]
-        return torch.cat([self._split_call(attack, eps, a, b, start, o, z) for a, b, o, z in parts])
+        return torch.cat([self._split_call(attack, eps, a, b, start, o, z,
+                                           None if ids is None else ids[o - offset:o - offset + len(a)])
+                          for a, b, o, z in parts])
 
     def run(self, batch: Batch, attack: Attack, eps: float) -> None:
         """Rows of ``attack`` at ``eps`` for the batch's samples that have none yet.

@@ -9,8 +9,11 @@ here once. The names are public within the package and not exported from ``reluc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,3 +176,53 @@ def check_module(model: object, where: str) -> None:
 
         raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__} "
                         f"{short_repr(model)}; build the model first (e.g. relucap_plugin.mlp())")
+
+
+@dataclass
+class CallContext:
+    """What an adapter's :meth:`Attack._run` gets besides the data: resolved once per call."""
+
+    device: torch.device
+    num_classes: int
+    batch_size: int | None
+    #: The call's seed (``None``: drawn from the global generator when first needed), the
+    #: samples' ids (``sample_ids`` of the call, by default their positions) and the restart
+    #: number: an attack of ours draws each sample's noise from :meth:`generators`, so it does
+    #: not depend on which other samples are in the call.
+    seed: int | None = None
+    sample_ids: torch.Tensor | None = None
+    restart: int = 0
+
+    def generators(self, n: int) -> list[torch.Generator]:
+        """One CPU generator per sample of the run (``n`` of them), seeded by (call seed, sample
+        id, restart): a sample's draws are the same whichever samples share the call. Our own
+        design."""
+        ids = range(n) if self.sample_ids is None else self.sample_ids.tolist()
+        if len(ids) != n:
+            raise RuntimeError(f"{len(ids)} sample ids for a run on {n} samples")
+        if self.seed is None:
+            self.seed = int(torch.randint(2**62, ()))
+        return [torch.Generator().manual_seed(sample_seed(self.seed, i, self.restart)) for i in ids]
+
+
+def check_sample_ids(sample_ids: Any, n: int) -> torch.Tensor | None:
+    """``sample_ids`` as a CPU int64 tensor (N,), else a ``ValueError`` naming it."""
+    from ._format import short_repr
+
+    if sample_ids is None:
+        return None
+    try:
+        ids = torch.as_tensor(sample_ids).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is None or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.shape != (n,) \
+            or len(set(ids.tolist())) != n:
+        raise ValueError(f"sample_ids must be {n} distinct integers, one per input, got "
+                         f"{short_repr(sample_ids)}; pass e.g. the samples' indices in the data set")
+    return ids.long()
+
+
+def sample_seed(seed: int, sample_id: int, restart: int = 0) -> int:
+    """Seed of one sample's random draws in one attack call (see :meth:`CallContext.generators`)."""
+    digest = hashlib.sha256(f"{seed}|{sample_id}|{restart}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 from ._format import short_repr
-from ._torch import caller_state, check_inputs, check_logits, check_module, clean_logits, float_dtype, model_device, seeded
+from ._torch import CallContext, caller_state, check_sample_ids, check_inputs, check_logits, check_module, clean_logits, float_dtype, model_device, seeded
 from .registry import parse_spec
 from .threat import NORMS, ThreatModel
 
@@ -123,15 +123,6 @@ def perturbation_norm(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.
 
 # --------------------------------------------------------------------------------------------
 # The base class
-
-
-@dataclass
-class CallContext:
-    """What an adapter's :meth:`Attack._run` gets besides the data: resolved once per call."""
-
-    device: torch.device
-    num_classes: int
-    batch_size: int | None
 
 
 #: ThreatModel fields an attack spec may not change: the harness verifies against them.
@@ -291,6 +282,7 @@ class Attack:
         target: torch.Tensor | None = None,
         seed: int | None = None,
         logits: torch.Tensor | None = None,
+        sample_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Adversarial examples for ``x`` (N, ...) with labels ``y`` (N,) at budget ``eps``.
 
@@ -300,7 +292,11 @@ class Attack:
         reproducible without touching the global random state. The model must return logits
         (N, classes); keep any normalisation inside it. ``logits``: the model's clean logits of
         ``x`` if the caller has them (the evaluation harness does), which saves a forward pass;
-        they are checked like the model's own.
+        they are checked like the model's own. ``sample_ids`` (N distinct ints, default the
+        positions 0..N-1): the samples' ids; our own attacks (``torch:PGD``'s random start and
+        restarts, and BPDA and transfer around it) draw each sample's noise from (``seed``,
+        its id), so a sample gets the same example whichever other samples are in the call.
+        Library attacks draw from the seeded global generator for the whole call.
         """
         tm = self._require_threat_model()
         check_module(model, f"attack {self.name}")
@@ -315,7 +311,9 @@ class Attack:
             with torch.no_grad():
                 forward = (lambda t: given) if given is not None else (lambda t: _logits(model, t, self.name))
                 logits = clean_logits(forward, xd, self.spec)
-            ctx = CallContext(device=device, num_classes=logits.shape[1], batch_size=self.batch_size)
+            ctx = CallContext(device=device, num_classes=logits.shape[1], batch_size=self.batch_size,
+                              seed=None if seed is None else int(seed),
+                              sample_ids=check_sample_ids(sample_ids, len(xd)))
             needed = self.required_classes(tm)
             if ctx.num_classes < needed:
                 raise ValueError(
@@ -433,7 +431,7 @@ class Attack:
         x_adv = self._run(model, x, y, eps, target, ctx)
         if self.native_restarts or tm.restarts == 1:
             return x_adv
-        for _ in range(tm.restarts - 1):
+        for restart in range(1, tm.restarts):
             x_adv = x_adv.detach().to(x.dtype)
             if self.project_output:
                 x_adv = project(x, x_adv, eps, tm.norm, tm.bounds)
@@ -441,7 +439,9 @@ class Attack:
             if not bool(todo.any()):
                 break
             t = None if target is None else target[todo]
-            x_adv[todo] = self._run(model, x[todo], y[todo], eps, t, ctx).to(x.dtype)
+            ids = ctx.sample_ids if ctx.sample_ids is not None else torch.arange(len(x))
+            again = replace(ctx, sample_ids=ids[todo.cpu()], restart=restart)
+            x_adv[todo] = self._run(model, x[todo], y[todo], eps, t, again).to(x.dtype)
         return x_adv
 
     def _run(

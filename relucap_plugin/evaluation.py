@@ -282,7 +282,7 @@ def evaluate(
     tables); ``"cascade"`` runs the attacks cheapest first, each at an eps only on the samples
     still robust there, budgets in increasing order with verified examples reused at larger eps
     (see :mod:`.cascade`): the same per-sample worst case or a lower one (up to the random draws
-    of randomised attacks, which see other batches), at a fraction of the cost; its per-attack numbers are conditional and rows it did not need say ``not_needed``.
+    of library attacks that draw for the whole call; ours draw per sample), at a fraction of the cost; its per-attack numbers are conditional and rows it did not need say ``not_needed``.
     ``"audit"``: the cascade, but BPDA, transfer and black-box attacks each run on all the
     survivors of the white-box attacks (what :func:`~relucap_plugin.diagnostics.audit` compares).
     ``unconditional``: specs of attacks that run on every sample under a cascade too (their

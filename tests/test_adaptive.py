@@ -201,13 +201,13 @@ def test_wrappers_follow_the_threat_model_and_transfer_uses_the_surrogate(capped
     assert attack_kind(t.spec) == "transfer"
     assert capped_sites(t.source_model(capped_mlp)) == []
     # a given surrogate is used as is: transfer from the model itself is plain PGD, run with the
-    # seed the wrapper draws from its seeded generator
+    # wrapper's seed and sample ids (so its per-sample random starts are the wrapper's)
     same = transfer(pgd, surrogate=capped_mlp, surrogate_name="self")
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        inner_seed = int(torch.randint(2**31 - 1, ()))
-    expected = pgd(capped_mlp, x[:50], y[:50], 0.3, seed=inner_seed)
+    expected = pgd(capped_mlp, x[:50], y[:50], 0.3, seed=3)
     assert torch.equal(same(capped_mlp, x[:50], y[:50], 0.3, seed=3), expected)
+    ids = torch.arange(100, 150)
+    assert torch.equal(same(capped_mlp, x[:50], y[:50], 0.3, seed=3, sample_ids=ids),
+                       pgd(capped_mlp, x[:50], y[:50], 0.3, seed=3, sample_ids=ids))
     with pytest.raises(ValueError, match="pass threat_model"):
         bpda("torch:PGD")
     with pytest.raises(TypeError, match="surrogate must be"):

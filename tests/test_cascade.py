@@ -352,3 +352,62 @@ def test_resumed_batch_that_disagrees_with_its_rows_warns(capped_mlp, data, tmp_
     finally:
         _Switch.strong = True
     assert [o for o in resumed.outcomes() if o in stored] == stored  # the stored rows are kept
+
+
+RANDOM_TM = ThreatModel("Linf", eps=(0.03, 0.05, 0.08), steps=2, restarts=2, random_start=True)
+
+
+def test_randomised_pgd_gives_a_sample_the_same_example_in_any_batch(capped_mlp, mnist5k):
+    from relucap_plugin import get_attack
+
+    x, y = mnist5k[1].tensors[0][:48], mnist5k[1].tensors[1][:48]
+    for spec in ("torch:PGD", "torch:PGD-margin"):
+        attack = get_attack(spec, RANDOM_TM)
+        whole = attack(capped_mlp, x, y, 0.05, seed=3)
+        sub = torch.tensor([40, 2, 17, 33])  # any subset, in any order
+        part = attack(capped_mlp, x[sub], y[sub], 0.05, seed=3, sample_ids=sub)
+        assert torch.equal(part, whole[sub]), spec
+        assert not torch.equal(attack(capped_mlp, x, y, 0.05, seed=4), whole)  # the seed matters
+    with pytest.raises(ValueError, match="sample_ids must be 2 distinct integers"):
+        attack(capped_mlp, x[:2], y[:2], 0.05, seed=3, sample_ids=[1, 1])
+
+
+def test_cascade_of_randomised_own_attacks_is_at_most_full_on_every_sample(capped_mlp, mnist5k):
+    """Random start and restarts draw per sample, so an attack that the cascade runs on the
+    survivors only gives each of them the example it gets in the full schedule."""
+    from relucap_plugin import get_attack
+
+    x, y = mnist5k[1].tensors[0][:48], mnist5k[1].tensors[1][:48]
+    pgd = get_attack("torch:PGD", RANDOM_TM)
+    attacks = [pgd, get_attack("torch:PGD-margin", RANDOM_TM), SurrogateAttack(pgd, "ste")]
+    cfg = EvalConfig(batch_size=48, device="cpu", seed=0)
+    full = evaluate(capped_mlp, (x, y), attacks, RANDOM_TM, cfg, progress=False)
+    cascade = evaluate(capped_mlp, (x, y), attacks, RANDOM_TM, cfg, progress=False,
+                       schedule="cascade")
+    assert [r for r in cascade if r["status"] == "not_needed"]
+    for eps in RANDOM_TM.eps:
+        f, c = full.per_sample_worst_case(eps), cascade.per_sample_worst_case(eps)
+        assert set(c) == set(f) == set(range(48))
+        assert [s for s in f if c[s] > f[s]] == [], eps
+
+
+def test_library_style_attack_gets_the_full_schedules_call_seed_on_the_survivors(capped_mlp, data):
+    """An attack that draws batch-wide from the global generator (as torchattacks' Square does)
+    cannot give each sample the full schedule's draws on fewer samples, but its call is seeded
+    as in the full schedule: the first draw of each call is the full schedule's."""
+    from relucap_plugin import make_attack
+
+    draws: list[tuple[float, int]] = []
+
+    def square_like(model, x, y, eps):
+        draws.append((eps, int(torch.randint(2**31 - 1, ()))))
+        return x.clone()
+
+    attacks = ["torch:FGSM", make_attack(square_like, name="draws", family="Square")]
+    tm = TM.replace(eps=(0.02, 0.05))
+    evaluate(capped_mlp, data, attacks, tm, CFG, progress=False)
+    full, draws[:] = list(draws), []
+    cascade = evaluate(capped_mlp, data, attacks, tm, CFG, progress=False, schedule="cascade")
+    assert [r for r in cascade if r["status"] == "not_needed"]  # it ran on the survivors only
+    assert draws and set(draws) <= set(full)
+    assert len(set(full)) == len(full)  # one seed per (eps, batch)

@@ -296,15 +296,18 @@ def test_checkpoint_bad_files(tmp_path, monkeypatch):
 @pytest.mark.parametrize("steps, alpha, random_start", [(1, 0.1, False), (1, 0.125, True), (5, 0.05, True)])
 def test_training_pgd_is_torch_pgd_bit_for_bit_for_the_same_seed(steps, alpha, random_start):
     """Adversarial training (fgsm, fgsm_rs, pgd) and ``torch:PGD`` run one L-inf PGD loop: the
-    same inputs, seed and settings give the identical adversarial batch."""
+    same inputs, random starts and settings give the identical adversarial batch. ``torch:PGD``
+    draws each sample's start from its own generator (seed, sample id); training draws the
+    batch's from one generator, so the test hands the loop torch:PGD's per-sample generators."""
     from relucap_plugin import ThreatModel, get_attack
+    from relucap_plugin._torch import sample_seed
 
     torch.manual_seed(0)
     model = mlp((32,)).eval()
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     seed = 7
-    ours = _adversarial(model, x, y, 0.1, alpha, steps, random_start, (0.0, 1.0),
-                        torch.Generator().manual_seed(seed))
+    generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(len(x))]
+    ours = _adversarial(model, x, y, 0.1, alpha, steps, random_start, (0.0, 1.0), generators)
     tm = ThreatModel("Linf", eps=0.1, steps=steps, step_size=alpha, random_start=random_start)
     theirs = get_attack("torch:PGD", tm)(model, x, y, seed=seed)
     assert torch.equal(ours, theirs)

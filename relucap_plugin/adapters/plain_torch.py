@@ -11,6 +11,7 @@ is one step of size ``eps`` from the clean input.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,14 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, target: torch.
 
 
 def _random_start(x: torch.Tensor, eps: float, norm: str,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """A uniform random point of the ``norm`` ball around ``x``, drawn from the global RNG on
-    ``x``'s device, or from ``generator`` on the CPU (the same start on any device)."""
+    ``x``'s device, or from ``generator`` on the CPU (the same start on any device); a sequence
+    of generators (one per sample) draws each sample's start from its own."""
+    if isinstance(generator, Sequence):
+        if len(generator) != len(x):
+            raise ValueError(f"{len(generator)} generators for {len(x)} samples: pass one per sample")
+        return torch.cat([_random_start(x[i:i + 1], eps, norm, g) for i, g in enumerate(generator)])
     device = x.device if generator is None else torch.device("cpu")
     if norm == "Linf":
         return x + torch.empty_like(x, device=device).uniform_(-eps, eps, generator=generator).to(x.device)
@@ -85,7 +91,7 @@ def pgd(
     loss: str = "ce",
     bounds: tuple[float, float] = (0.0, 1.0),
     target: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Projected gradient ascent on ``attack_loss`` from ``x`` (N, ...); returns the last iterate.
 
@@ -93,7 +99,8 @@ def pgd(
     ``autograd.Function``\\ s (straight-through or other surrogate gradients) are used as written;
     parameter ``.grad``\\ s are not touched and the model's train/eval mode is the caller's.
     ``step_size=None`` is ``2.5 * eps / steps``. The random start comes from ``generator`` if
-    given, else from the global RNG. Runs under ``torch.enable_grad()``. The one PGD loop of the
+    given (a sequence: one generator per sample, so a sample's start does not depend on the
+    others in the batch), else from the global RNG. Runs under ``torch.enable_grad()``. The one PGD loop of the
     package: ``torch:PGD``/``torch:FGSM`` and adversarial training
     (:func:`relucap_plugin.training.train`) both call it.
     """
@@ -129,7 +136,9 @@ class PGD(Attack):
         )
 
     def _run(self, model, x, y, eps, target, ctx):
-        return pgd(model, x, y, eps, target=target, **self._kwargs(eps))
+        kwargs = self._kwargs(eps)
+        generators = ctx.generators(len(x)) if kwargs["random_start"] else None
+        return pgd(model, x, y, eps, target=target, generator=generators, **kwargs)
 
     def _native(self, model, eps, *, input_shape, num_classes):
         return Native(model, functools.partial(pgd, **self._kwargs(eps)), {"eps": eps})

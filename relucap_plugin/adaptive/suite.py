@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import Attack, get_attack
+from ..attacks import Attack, CallContext, get_attack
 from ..threat import ThreatModel, check_budget
 from .ops import eager_module, find_caps
 from .surrogate import DEFAULT_TEMPERATURE, _check_surrogate, capped_sites, surrogate_gradients, uncapped_twin
@@ -44,8 +44,9 @@ BLACK_BOX_FAMILIES = ("Square", "Boundary", "HopSkipJump")
 class _WrappedAttack(Attack):
     """An attack that runs another, configured :class:`Attack` in a changed setting.
 
-    The inner attack does its own restarts and checks; the wrapper draws its seed from the
-    caller's (seeded) generator and projects the result onto the eps-ball like any attack.
+    The inner attack does its own restarts and checks with the wrapper's call seed and sample
+    ids (so its per-sample draws are the wrapper's); the wrapper projects the result onto the
+    eps-ball like any attack.
     """
 
     native_restarts = True
@@ -70,9 +71,8 @@ class _WrappedAttack(Attack):
         return self.inner.required_classes(self.inner.threat_model)
 
     def _inner_call(self, model: nn.Module, x: Tensor, y: Tensor, eps: float,
-                    target: Tensor | None) -> Tensor:
-        seed = int(torch.randint(2**31 - 1, ()))
-        return self.inner(model, x, y, eps, target=target, seed=seed)
+                    target: Tensor | None, ctx: CallContext) -> Tensor:
+        return self.inner(model, x, y, eps, target=target, seed=ctx.seed, sample_ids=ctx.sample_ids)
 
 
 class SurrogateAttack(_WrappedAttack):
@@ -91,7 +91,7 @@ class SurrogateAttack(_WrappedAttack):
     def _run(self, model, x, y, eps, target, ctx):
         model = eager_module(model)
         with surrogate_gradients(model, self.mode, self.temperature):
-            return self._inner_call(model, x, y, eps, target)
+            return self._inner_call(model, x, y, eps, target, ctx)
 
 
 class TransferAttack(_WrappedAttack):
@@ -126,7 +126,7 @@ class TransferAttack(_WrappedAttack):
         return source
 
     def _run(self, model, x, y, eps, target, ctx):
-        return self._inner_call(self.source_model(model), x, y, eps, target)
+        return self._inner_call(self.source_model(model), x, y, eps, target, ctx)
 
 
 def bpda(attack: str | Attack, threat_model: ThreatModel | None = None, mode: str = "ste",
@@ -197,7 +197,7 @@ class LayoutAttack(_WrappedAttack):
                              "pass the layout of one sample, e.g. input_shape=(1, 28, 28) for MNIST")
         view = _Reshaped(model, tuple(x.shape[1:]))
         shaped = x.reshape(x.shape[0], *self.input_shape)
-        return self._inner_call(view, shaped, y, eps, target).reshape(x.shape)
+        return self._inner_call(view, shaped, y, eps, target, ctx).reshape(x.shape)
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
