@@ -80,12 +80,24 @@ def validate_cap(cap: object, name: str = "cap") -> float | Tensor:
     return cap
 
 
+@torch.jit.unused
+def _wrong_channel_count(cap: Tensor, x: Tensor) -> None:
+    """The eager error of :func:`channel_view`, with the caps' values (TorchScript has its own)."""
+    raise ValueError(
+        f"cap={short_repr(cap.tolist())} has {cap.shape[0]} per-channel entries but the input "
+        f"has shape {list(x.shape)}; channels are dim 1 of an (N, C, *) input: give cap= one "
+        "entry per channel, or a number"
+    )
+
+
 def channel_view(cap: Tensor, x: Tensor) -> Tensor:
     """Reshape per-channel ``cap`` of shape (C,) to broadcast over ``x`` of shape (N, C, *)."""
     if x.dim() < 2 or x.shape[1] != cap.shape[0]:
+        if not torch.jit.is_scripting():
+            _wrong_channel_count(cap, x)
         raise ValueError(
-            f"cap={short_repr(cap.tolist())} has {cap.shape[0]} per-channel entries but the input "
-            f"has shape {list(x.shape)}; channels are dim 1 of an (N, C, *) input: give cap= one "
+            "cap= has " + str(cap.shape[0]) + " per-channel entries but the input has shape "
+            + str(list(x.shape)) + "; channels are dim 1 of an (N, C, *) input: give cap= one "
             "entry per channel, or a number"
         )
     shape = [1] * x.dim()
