@@ -28,10 +28,10 @@ from ._torch import caller_state, float_dtype
 from .attacks import Attack, get_attack, make_attack, perturbation_norm
 from .cascade import CascadeBatch, cascade_order, check_schedule, check_unconditional
 from ._fingerprint import DataDigest, parameters_digest, run_fingerprint
-from .data import DataLike, as_dataset, as_loader
+from .data import DataLike, as_dataset, as_loader, check_complete_loader
 from .results import Results
 from .adversarial import check_keep, open_store, sidecar_path
-from .threat import EvalConfig, ThreatModel
+from .threat import EvalConfig, ThreatModel, as_eval_config
 
 __all__ = ["RTOL", "AttackFailedError", "evaluate", "norm_tolerance", "verify"]
 
@@ -127,18 +127,6 @@ def _as_threat_model(threat_model: ThreatModel | Mapping[str, Any]) -> ThreatMod
     )
 
 
-def _as_config(config: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
-    if config is None:
-        return EvalConfig()
-    if isinstance(config, EvalConfig):
-        return config
-    if isinstance(config, Mapping):
-        return EvalConfig.from_dict(dict(config))
-    raise TypeError(
-        f"config must be an EvalConfig, a dict of its fields or None, got {type(config).__name__} {config!r:.80}"
-    )
-
-
 def _as_attacks(
     attacks: AttackLike | Sequence[AttackLike], tm: ThreatModel, cfg: EvalConfig
 ) -> list[Attack]:
@@ -204,22 +192,6 @@ def _versions(attacks: Sequence[Attack]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ identity
-def _check_loader(data: DataLike) -> None:
-    """Refuse a DataLoader that drops samples: a resumed run could never fill their rows."""
-    if isinstance(data, torch.utils.data.DataLoader) and data.drop_last and data.batch_size:
-        try:
-            n = len(data.dataset)
-        except TypeError:
-            n = None
-        if n is None or n % data.batch_size:
-            raise ValueError(
-                f"the DataLoader drops its last incomplete batch (drop_last=True, batch_size="
-                f"{data.batch_size}, {n if n is not None else 'unknown number of'} samples): "
-                "those samples would never be evaluated; pass drop_last=False, or pass the "
-                "Dataset and let evaluate() batch it"
-            )
-
-
 def evaluate(
     model: nn.Module,
     data: DataLike,
@@ -306,7 +278,7 @@ def evaluate(
     if model_name is not None and not isinstance(model_name, str):
         raise TypeError(f"model_name must be a string or None, got {type(model_name).__name__} {model_name!r:.80}")
     tm = _as_threat_model(threat_model)
-    cfg = _as_config(config)
+    cfg = as_eval_config(config)
     check_keep(keep_adversarial)
     cascade = check_schedule(schedule) != "full"
     ctx = process_context(cfg.device)
@@ -328,7 +300,7 @@ def evaluate(
         attack_list = cascade_order(attack_list, kind, unconditional)
     for attack in attack_list:
         attack.check_dtype(float_dtype(net, torch.float32))
-    _check_loader(data)
+    check_complete_loader(data, "evaluate")
     loader = as_loader(data, batch_size=cfg.batch_size)
     if _expected_samples(data, cfg) == 0:
         raise ValueError("the data set is empty; pass at least one (x, y) sample")
