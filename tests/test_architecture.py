@@ -12,7 +12,7 @@ relucap_plugin's own modules. Two graphs are checked:
 
 The pairs that ``duplicates --most 40`` (run in relucap_plugin/) still reports are deliberate
 parallels: parser declarations of the CLI commands, the data-declared adapter members, the
-adapters' ``build``/``from_native``, evaluation's two argument coercions; docs/architecture.md
+adapters' ``build``/``from_native``; docs/architecture.md
 lists them with the reason each stays.
 """
 
