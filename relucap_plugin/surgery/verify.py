@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 from .._format import short_repr
 from .._torch import float_dtype, model_device
 from ._records import _MARK, ConversionCheckError
+from .running import _first_paths
 
 # Every way a forward applies a ReLU: nn.ReLU runs F.relu, nn.ReLU6 runs F.hardtanh (counted
 # only when the module running it is an exact nn.ReLU6), F.relu_ is torch.relu_.
@@ -126,11 +127,12 @@ class ReluRecorder(TorchFunctionMode):
 
 @dataclass
 class _Run:
-    """One checked pass: flat outputs, the parameters gradients reached, the ReLU calls."""
+    """One checked pass: flat outputs, the parameters gradients reached (None: the pass ran
+    without autograd), the ReLU calls."""
 
     outputs: list[Any]
     spec: Any
-    grads: set[str]
+    grads: set[str] | None
     calls: list[_Application] = field(default_factory=list)
     error: BaseException | None = None
     reads: list[str] = field(default_factory=list)
@@ -154,30 +156,33 @@ def _restored(model: nn.Module) -> Iterator[None]:
                 for b, saved in buffers:
                     b.copy_(saved)
             for p, g in grads:
-                p.grad = g
+                if p.grad is not g:
+                    p.grad = g
             for m, mode in modes:
-                m.training = mode
+                if m.training is not mode:  # nn.Module.__setattr__ is slow; most stay as they were
+                    m.training = mode
 
 
-def _fresh(args: tuple) -> tuple:
-    return tuple(a.detach().clone().requires_grad_(a.is_floating_point()) if isinstance(a, Tensor)
-                 else a for a in args)
+def _fresh(args: tuple, grads: bool) -> tuple:
+    return tuple((a.detach().clone().requires_grad_(grads and a.is_floating_point()))
+                 if isinstance(a, Tensor) else a for a in args)
 
 
-def _run(model: nn.Module, args: tuple) -> _Run:
-    """Forward with autograd in the model's own mode; the parameters the outputs' autograd
-    graph reaches stand for "gets a gradient" (walking the graph costs no backward pass)."""
+def _run(model: nn.Module, args: tuple, grads: bool) -> _Run:
+    """Forward in the model's own mode, with autograd if ``grads`` (the parameters the
+    outputs' autograd graph reaches stand for "gets a gradient"; walking the graph costs no
+    backward pass), else under ``no_grad``."""
     counter = ReluRecorder()
     with _restored(model):
         try:
-            with counter:
-                out = model(*_fresh(args))
+            with counter, (nullcontext() if grads else torch.no_grad()):
+                out = model(*_fresh(args, grads))
             flat, spec = tree_flatten(out)
-            names = _reached(model, [t for t in flat if isinstance(t, Tensor)])
+            names = _reached(model, [t for t in flat if isinstance(t, Tensor)]) if grads else None
             flat = [t.detach() if isinstance(t, Tensor) else t for t in flat]
             return _Run(flat, spec, names, counter.calls, reads=counter.reads)
         except Exception as exc:  # reported by the caller with what to do
-            return _Run([], None, set(), counter.calls, exc, counter.reads)
+            return _Run([], None, None, counter.calls, exc, counter.reads)
 
 
 def _reached(model: nn.Module, outputs: list[Tensor]) -> set[str]:
@@ -272,7 +277,10 @@ def _first_that_runs(model: nn.Module, run: Callable[[nn.Module, tuple], _Run]
     (None, None, why). A batch of 2 is tried only where batch 1 fails for BatchNorm in
     training mode (every size of a synthesised input costs a forward pass, failed ones too)."""
     tried = []
+    at_least = 0
     for args in synthesised_inputs(model):
+        if args[0].dim() > 2 and args[0].shape[-1] < at_least:
+            continue
         got = run(model, args)
         if got.error is not None and "more than 1 value per channel" in str(got.error):
             args = _batch_of_two(args)
@@ -280,11 +288,54 @@ def _first_that_runs(model: nn.Module, run: Callable[[nn.Module, tuple], _Run]
         if got.error is None:
             return args, got, ""
         tried.append(f"{tuple(args[0].shape)} ({type(got.error).__name__})")
+        if args[0].dim() > 2:
+            at_least = max(at_least, _size_needed(got.error, args[0].shape[-1]))
     if not tried:
         return None, None, ("no example_input, and no Linear/Conv layer to synthesise one "
                             "from; pass example_input")
     return None, None, (f"no example_input, and the synthesised inputs {', '.join(tried)} do "
                         "not run; pass example_input")
+
+
+def _size_needed(error: BaseException, size: int) -> int:
+    """The input size a synthesised try at ``size`` failed for, scaled to what the failing
+    layer needs: the innermost module on the traceback (a torch conv or pooling layer)
+    received an input of spatial size ``h`` smaller than its padded-in kernel ``k``, so the
+    model shrinks its input ``size / h`` times up to there and needs about ``size * k / h``.
+    0 when the innermost module on the traceback is not such a layer. Smaller sizes are
+    skipped: each failed try costs a forward pass up to where it fails (inception_resnet_v2
+    fails at 32 and at 64). Our own heuristic; a wrong guess only skips sizes that would
+    fail in that layer too."""
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        layer = frame.f_locals.get("self")
+        if not isinstance(layer, nn.Module):
+            continue
+        if not isinstance(layer, _KERNELS):
+            return 0  # a module of its own failed: its code, not a layer's kernel, says why
+        code = frame.f_code
+        x = next((v for v in (frame.f_locals.get(n) for n in
+                              code.co_varnames[1:code.co_argcount]) if isinstance(v, Tensor)),
+                 None)
+        if x is None or x.dim() < 3:
+            return 0
+        spatial = min(x.shape[2:])
+        pad, dilation = getattr(layer, "padding", 0), getattr(layer, "dilation", 1)
+        reach = max(_ints(dilation)) * (max(_ints(layer.kernel_size)) - 1) + 1
+        need = reach - (2 * min(_ints(pad)) if not isinstance(pad, str) else 0)
+        return -(-size * need // spatial) if 0 < spatial < need else 0
+    return 0
+
+
+_KERNELS = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),)
 
 
 def _describe(value: Any) -> str:
@@ -335,59 +386,59 @@ def first_output(fn: str, model: nn.Module, x: Tensor, argument: str) -> Any:
         raise bad_example_input(fn, model, x, exc, argument) from exc
 
 
-def reference(model: nn.Module, args: tuple) -> _Run:
-    """The original model's checked pass (run before converting, on a model equal to it)."""
-    return _run(model, args)
+def probe(model: nn.Module, args: tuple) -> _Run:
+    """One pass under ``no_grad`` in the model's own mode (buffers, modes and RNG restored):
+    its outputs and ReLU applications. Discovery by running (cheaper than an fx trace), and
+    the self-check's reference pass unless gradients must be compared (:func:`add_gradients`)."""
+    return _run(model, args, grads=False)
 
 
 def reference_run(model: nn.Module, example_input: Any, fn: str = "cap_relus"
                   ) -> tuple[tuple | None, Any, str]:
-    """(arguments, the unconverted model's checked pass, or None and why there is none):
+    """(arguments, the unconverted model's :func:`probe` pass, or None and why there is none):
     ``example_input`` must run; a synthesised input that does not run means no check."""
     if example_input is not None:
         args = _as_args(example_input)
-        ref = reference(model, args)
+        ref = probe(model, args)
         if ref.error is not None:
             raise bad_example_input(fn, model, example_input, ref.error) from ref.error
         return args, ref, ""
-    return _first_that_runs(model, reference)
-
-
-def probe(model: nn.Module, args: tuple) -> _Run:
-    """The ReLU applications of one forward pass under ``no_grad`` in the model's own mode
-    (buffers, modes and RNG restored): discovery by running, cheaper than an fx trace."""
-    recorder = ReluRecorder()
-    with _restored(model), torch.no_grad():
-        try:
-            with recorder:
-                model(*args)
-        except Exception as exc:  # the caller decides: a clear error or a trace instead
-            return _Run([], None, set(), recorder.calls, exc, recorder.reads)
-    return _Run([], None, set(), recorder.calls, reads=recorder.reads)
+    return _first_that_runs(model, probe)
 
 
 def probe_run(model: nn.Module, example_input: Any, fn: str) -> _Run | None:
     """:func:`probe` on ``example_input`` (which must run) or on a synthesised input (None if
     none runs)."""
-    if example_input is not None:
-        got = probe(model, _as_args(example_input))
-        if got.error is not None:
-            raise bad_example_input(fn, model, example_input, got.error) from got.error
-        return got
-    return _first_that_runs(model, probe)[1]
+    return reference_run(model, example_input, fn)[1]
+
+
+def add_gradients(model: nn.Module, ref: _Run, args: tuple, fn: str) -> None:
+    """Make ``ref`` (a :func:`probe` pass of the unconverted ``model``) a pass with autograd,
+    in place: the self-check compares the parameters gradients reach only where a forward
+    was regenerated or wrapped, and needs the original's for that."""
+    got = _run(model, args, grads=True)
+    if got.error is not None:
+        raise ValueError(
+            f"{fn}: the self-check's input runs through {type(model).__name__} under no_grad but "
+            f"not with autograd ({type(got.error).__name__}: {str(got.error)[:300]}), so the "
+            "gradients of the converted forward cannot be compared. Pass an example_input that "
+            "runs with autograd (not one modified in place by the model)") from got.error
+    vars(ref).update(vars(got))
 
 
 def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Module, tuple],
-          all_sites: bool, names: dict[nn.Module, str], fn: str) -> tuple[str, list[str]]:
+          all_sites: bool, fn: str, grads: bool) -> tuple[str, list[str]]:
     """Compare ``converted`` at ``cap=inf`` semantics with ``ref``; raise on any difference.
 
     ``installed`` maps each new activation to ``(site name, upper, inplace)``; ``all_sites``:
     every site found was converted, so no plain ReLU may remain (except inside torch.nn layers,
-    which get a note). Returns a one-line summary and the notes.
+    which get a note). ``grads``: compare the parameters gradients reach too (``ref`` must
+    have them, :func:`add_gradients`); both passes run with autograd then, else under
+    ``no_grad``. Returns a one-line summary and the notes.
     """
     ops = {m: _plain_op(upper, inplace, m, site) for m, (site, upper, inplace) in installed.items()}
     with _plain_caps(converted, ops):
-        got = _run(converted, args)
+        got = _run(converted, args, grads)
     if isinstance(got.error, _CapsDoNotFit):
         raise ValueError(f"{fn}: {got.error}") from None
     if got.error is not None:
@@ -402,23 +453,23 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
     if hidden:
         notes.append(
             f"{fn}: {len(hidden)} ReLU application(s) inside torch.nn layers are not sites and "
-            f"stay plain: {_where(hidden, names)} (docs/surgery.md, Hidden ReLUs)")
+            f"stay plain: {_where(hidden, converted)} (docs/surgery.md, Hidden ReLUs)")
     if all_sites and len(leftover) > len(hidden):
         leftover = [c for c in leftover if c not in hidden]
         raise ConversionCheckError(
             f"{fn}: {len(leftover)} ReLU application(s) were not converted although every site "
-            f"was selected: {_where(leftover, names)}. These ReLUs are invisible to the "
+            f"was selected: {_where(leftover, converted)}. These ReLUs are invisible to the "
             "discovery used (mode='modules' lists nn.ReLU/nn.ReLU6 modules only): use "
             "mode='auto', which finds functional ReLUs and caps them by fx or at run time"
         )
     if len(got.calls) != len(ref.calls):
         raise ConversionCheckError(
             f"{fn}: the converted model applies {len(got.calls)} ReLUs at cap=inf, the original "
-            f"{len(ref.calls)}; not converted: {_where(leftover, names) or 'none'}. Report this "
+            f"{len(ref.calls)}; not converted: {_where(leftover, converted) or 'none'}. Report this "
             "with the model; convert fewer sites meanwhile"
         )
     _compare_outputs(ref, got, fn)
-    if ref.grads != got.grads:
+    if grads and ref.grads != got.grads:
         gained = sorted(got.grads - ref.grads)
         lost = sorted(ref.grads - got.grads)
         raise ConversionCheckError(
@@ -431,9 +482,10 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
         not isinstance(t, Tensor) or t.device.type != "meta" for t in ref.outputs) else (
         "meta tensors: shapes and dtypes")
     inside = sum(1 for c in got.calls if c.installed)
-    return (f"passed at cap=inf: {values}, same dtypes, gradients reach the same "
-            f"{len(ref.grads)} parameters, {len(got.calls)} ReLU applications, "
-            f"{inside} through new activations"), notes
+    gradients = (f"gradients reach the same {len(ref.grads)} parameters" if grads else
+                 "gradients not compared (no forward regenerated or wrapped)")
+    return (f"passed at cap=inf: {values}, same dtypes, {gradients}, {len(got.calls)} ReLU "
+            f"applications, {inside} through new activations"), notes
 
 
 def _inside_torch_layer(m: nn.Module | None) -> bool:
@@ -442,7 +494,8 @@ def _inside_torch_layer(m: nn.Module | None) -> bool:
         type(m) not in (nn.ReLU, nn.ReLU6))
 
 
-def _where(calls: list[tuple[nn.Module | None, str]], names: dict[nn.Module, str]) -> str:
+def _where(calls: list[tuple[nn.Module | None, str]], model: nn.Module) -> str:
+    names = _first_paths(model)
     parts = list(dict.fromkeys(
         (f"in {_label(names.get(m, '?'))} ({type(m).__name__})" if m is not None else "")
         + (f" at {where}" if where else "") for m, where in calls))
