@@ -61,6 +61,8 @@ def _copy(obj: Any, memo: dict[int, Any]) -> Any:
             new[key if type(key) is str else _copy(key, memo)] = (
                 value if type(value) in _ATOMIC else _copy(value, memo))
         return new
+    if cls is tuple and all(type(e) in _ATOMIC for e in obj):  # as copy.deepcopy: itself
+        return obj
     if cls in (set, frozenset) and all(type(e) in _ATOMIC for e in obj):
         new = cls(obj)
         memo[id(obj)] = new

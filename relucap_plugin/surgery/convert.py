@@ -76,6 +76,7 @@ class _Converter:
         self.device, self.dtype = model_device(model), float_dtype(model, torch.get_default_dtype())
         self._traces: dict[Any, fx.Graph] = {}
         self._compiled: dict[Any, Callable] = {}
+        self._split: tuple[list[tuple[nn.Module, list[int]]], list[int]] | None = None
 
     def _module(self, i: int) -> nn.Module:
         module = self.built.get(i)
@@ -103,7 +104,13 @@ class _Converter:
     # -- module replacement ------------------------------------------------------------------
 
     def _split_needed(self) -> tuple[list[tuple[nn.Module, list[int]]], list[int]]:
-        """Instances replaced whole, and site indices that need an fx rewrite."""
+        """Instances replaced whole, and site indices that need an fx rewrite (or run-time
+        capping): worked out once per converter."""
+        if self._split is None:
+            self._split = self._work_out_split()
+        return self._split
+
+    def _work_out_split(self) -> tuple[list[tuple[nn.Module, list[int]]], list[int]]:
         disc, plan = self.disc, self.plan
         groups: dict[int, list[int]] = {}
         for i, site in enumerate(disc.sites):
@@ -502,20 +509,23 @@ def cap_relus(
     args, ref, unchecked = verify.reference_run(target, example_input)
     disc = found or _discover(target, example_input, mode, "cap_relus", ref)
     plan = _plan(disc.sites, cap, sites)
-    if disc.probed and _Converter(target, disc, plan)._split_needed()[1]:
+    converter = _Converter(target, disc, plan)
+    if disc.probed and converter._split_needed()[1]:
         # a shared module needs different activations per call, or an in-place ReLU's input
         # may be read later: that takes graph nodes
         disc = _discover(target, example_input, mode, "cap_relus", ref, trace=True)
         plan = _plan(disc.sites, cap, sites)
+        converter = _Converter(target, disc, plan)
     try:
-        converter, checked = _convert_checked(target, disc, plan, ref, args, mode, unchecked)
+        converter, checked = _convert_checked(converter, ref, args, mode, unchecked)
     except ConversionCheckError:
         if found is not None or mode != "auto":
             raise
         # the fast discovery (our own heuristic) skipped a module hiding a ReLU: trace it all
         disc = _discover(target, example_input, mode, "cap_relus")
         plan = _plan(disc.sites, cap, sites)
-        converter, checked = _convert_checked(target, disc, plan, ref, args, mode, unchecked)
+        converter, checked = _convert_checked(_Converter(target, disc, plan), ref, args, mode,
+                                              unchecked)
     for message in converter.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     used = converter.used
@@ -534,7 +544,8 @@ def cap_relus(
     return target, report
 
 
-def _convert_checked(model, disc, plan, ref, args, mode, unchecked) -> tuple[_Converter, str]:
+def _convert_checked(converter: _Converter, ref, args, mode, unchecked
+                     ) -> tuple[_Converter, str]:
     """Convert, then self-check; an fx rewrite that fails the check is replaced by the runtime
     path for the functional sites. Raises ConversionCheckError with the model unchanged.
 
@@ -542,7 +553,7 @@ def _convert_checked(model, disc, plan, ref, args, mode, unchecked) -> tuple[_Co
     regenerate or wrap a forward (some site is not a whole-module swap), ``ref`` first becomes
     a pass with autograd (once; it is changed in place), so that the check compares the
     parameters gradients reach: a regenerated forward can lose a ``no_grad`` block."""
-    converter = _Converter(model, disc, plan)
+    model, disc, plan = converter.model, converter.disc, converter.plan
     if ref is not None and ref.grads is None and converter._split_needed()[1]:
         verify.add_gradients(model, ref, args, "cap_relus")
     converter.run()

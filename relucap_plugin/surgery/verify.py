@@ -142,9 +142,9 @@ class _Run:
 def _restored(model: nn.Module) -> Iterator[None]:
     """Buffers, ``.grad`` of parameters, module modes and the CPU RNG come back on exit."""
     modules = list(model.modules())  # one walk of the tree serves all three
-    buffers = [(b, b.detach().clone()) for b in dict.fromkeys(
-        b for m in modules for b in m._buffers.values() if b is not None)
-        if b.device.type != "meta"]
+    buffers = list(dict.fromkeys(b for m in modules for b in m._buffers.values() if b is not None))
+    with torch.no_grad():
+        saved = [b.clone() for b in buffers]
     grads = [(p, p.grad) for m in modules for p in m._parameters.values() if p is not None]
     modes = [(m, m.training) for m in modules]
     with torch.random.fork_rng(devices=[]):
@@ -152,9 +152,9 @@ def _restored(model: nn.Module) -> Iterator[None]:
         try:
             yield
         finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+            if buffers:
+                with torch.no_grad():
+                    torch._foreach_copy_(buffers, saved)
             for p, g in grads:
                 if p.grad is not g:
                     p.grad = g
