@@ -29,7 +29,8 @@ _ATOMIC = frozenset({t for t, f in copy._deepcopy_dispatch.items() if f is copy.
                     | {torch.dtype})
 _NIL = object()
 _CONTAINERS = frozenset({dict, OrderedDict, set})
-_SHARED = "relucap shared storages"  # a memo key that no id() can be
+_SHARED = "relucap shared storages"
+_MODULE_STATE = frozenset(nn.Module().__dict__)  # what every module has: no tensor among it  # a memo key that no id() can be
 
 
 @functools.cache
@@ -107,13 +108,21 @@ def _plain_buffer(t: torch.Tensor, memo: dict[int, Any]) -> bool:
 
 def _shared_storages(model: nn.Module) -> set[int]:
     """Data pointers of the storages that more than one tensor of ``model`` uses."""
+    tensors: list[Any] = []
+    tensor = torch._C.TensorBase  # isinstance(v, torch.Tensor) runs a Python __instancecheck__
+    for m in model.modules():
+        tensors += m._parameters.values()
+        tensors += m._buffers.values()
+        d = m.__dict__
+        tensors += [d[k] for k in d.keys() - _MODULE_STATE if isinstance(d[k], tensor)]
     seen: set[int] = set()
     shared: set[int] = set()
-    for m in model.modules():
-        for t in (*m._parameters.values(), *m._buffers.values(), *m.__dict__.values()):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                ptr = t.untyped_storage().data_ptr()
-                (shared if ptr in seen else seen).add(ptr)
+    for t in dict.fromkeys(t for t in tensors if t is not None and not t.is_meta):
+        if t.layout == torch.strided and not t.is_quantized:  # no storage object to make
+            ptr = t.data_ptr() - t.storage_offset() * t.element_size()
+        else:
+            ptr = t.untyped_storage().data_ptr()
+        (shared if ptr in seen else seen).add(ptr)
     return shared
 
 

@@ -276,10 +276,11 @@ def _first_that_runs(model: nn.Module, run: Callable[[nn.Module, tuple], _Run]
     """``run`` on the first synthesised input the model takes: (args, result, "") or
     (None, None, why). A batch of 2 is tried only where batch 1 fails for BatchNorm in
     training mode (every size of a synthesised input costs a forward pass, failed ones too)."""
-    tried = []
+    tried, skipped = [], []
     at_least = 0
     for args in synthesised_inputs(model):
         if args[0].dim() > 2 and args[0].shape[-1] < at_least:
+            skipped.append(args[0].shape[-1])
             continue
         got = run(model, args)
         if got.error is not None and "more than 1 value per channel" in str(got.error):
@@ -293,8 +294,10 @@ def _first_that_runs(model: nn.Module, run: Callable[[nn.Module, tuple], _Run]
     if not tried:
         return None, None, ("no example_input, and no Linear/Conv layer to synthesise one "
                             "from; pass example_input")
+    why = (f" (sizes {', '.join(map(str, skipped))} skipped: a conv/pooling layer needs an "
+           f"input of about {at_least})") if skipped else ""
     return None, None, (f"no example_input, and the synthesised inputs {', '.join(tried)} do "
-                        "not run; pass example_input")
+                        f"not run{why}; pass example_input")
 
 
 def _size_needed(error: BaseException, size: int) -> int:

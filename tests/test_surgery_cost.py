@@ -1,0 +1,209 @@
+"""The shortcuts that make cap_relus cheap (issue 13, trace cost) do not hide a failure.
+
+- The self-check runs without autograd when every site is a whole-module swap, and with
+  autograd (the parameters gradients reach compared) as soon as a forward is regenerated or
+  wrapped.
+- Synthesised input sizes below what a failing conv/pooling layer needs are skipped.
+- The model copy stays independent of the original and keeps shared storages shared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relucap_plugin.surgery.verify as verify
+from relucap_plugin.surgery import ConversionCheckError, cap_relus
+from relucap_plugin.surgery._copy import copy_model
+from tests.test_surgery import assert_same_snapshot, count_relu_applications, run, snapshot
+from tests.test_surgery_checks import HelperFrozen, grads_of
+
+
+class _Modules(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.relu(self.a(x)))
+
+
+class _Aliased(_Modules):
+    """Calls its ReLU through a plain list attribute: a module swap at ``relu`` leaves the
+    forward calling the old, uncapped module (silent without the check's ReLU count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.__dict__["acts"] = [self.relu]
+
+    def forward(self, x):
+        return self.b(self.acts[0](self.a(x)))
+
+
+class _Functional(_Modules):
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+def _count_gradient_passes(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = verify.add_gradients
+    monkeypatch.setattr(verify, "add_gradients",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_module_swaps_are_checked_without_autograd(monkeypatch):
+    calls = _count_gradient_passes(monkeypatch)
+    x = torch.randn(3, 4)
+    _, report = cap_relus(_Modules(), 0.5, example_input=x)
+    assert report.method == "modules" and calls == []
+    assert "gradients not compared (no forward regenerated or wrapped)" in report.check
+    assert "bit-identical outputs" in report.check
+
+
+def test_the_check_without_autograd_still_catches_a_swap_the_forward_bypasses():
+    torch.manual_seed(0)
+    net = _Aliased()
+    x = torch.randn(3, 4)
+    before = snapshot(net)
+    with pytest.raises(ConversionCheckError, match=r"1 ReLU application\(s\) were not converted"):
+        cap_relus(net, 0.5, example_input=x)
+    with pytest.raises(ConversionCheckError, match=r"were not converted"):
+        cap_relus(net, 0.5)  # synthesised input: the same
+    with pytest.raises(ConversionCheckError):
+        cap_relus(net, 0.5, example_input=x, inplace=True)
+    assert_same_snapshot(before, snapshot(net))
+    assert "relucap" not in "".join(net.__dict__)
+
+
+@pytest.mark.parametrize("net", [_Functional, HelperFrozen], ids=["fx", "fx-then-runtime"])
+def test_a_regenerated_or_wrapped_forward_gets_the_gradient_comparison(monkeypatch, net):
+    calls = _count_gradient_passes(monkeypatch)
+    torch.manual_seed(0)
+    net = net()
+    x = torch.randn(3, 4)
+    converted, report = cap_relus(net, math.inf, example_input=x)
+    assert report.method in ("fx", "runtime") and calls == [1]
+    assert "gradients reach the same" in report.check
+    assert grads_of(converted, x)[0] == grads_of(net, x)[0]
+
+
+def test_a_lost_no_grad_is_caught_only_by_the_gradient_comparison(monkeypatch):
+    """HelperFrozen's fx rewrite loses a ``no_grad`` block and changes nothing else: with
+    the gradient comparison skipped the check would pass it (fx kept, the frozen layer now
+    trained); as it is, the check fails the rewrite and the run-time path takes over."""
+    torch.manual_seed(0)
+    net = HelperFrozen()
+    x = torch.randn(3, 4)
+    monkeypatch.setattr(verify, "add_gradients", lambda *a, **k: None)
+    monkeypatch.setattr("relucap_plugin.surgery.convert._forwards_changed", lambda c: False)
+    converted, report = cap_relus(net, math.inf, example_input=x)
+    assert set(report.how.values()) == {"fx"}  # what the shortcut alone would return
+    assert "a.weight" in grads_of(converted, x)[0] and "a.weight" not in grads_of(net, x)[0]
+    monkeypatch.undo()
+    converted, report = cap_relus(net, math.inf, example_input=x)
+    assert set(report.how.values()) == {"runtime"}
+    assert grads_of(converted, x)[0] == grads_of(net, x)[0]
+
+
+class _Shrinks(nn.Module):
+    """Runs from input size ``least`` up: a stride-4 conv, then a ``kernel``-wide valid conv."""
+
+    def __init__(self, kernel: int, custom_failure: bool = False):
+        super().__init__()
+        self.first = nn.Conv2d(3, 4, 3, stride=4)
+        self.relu = nn.ReLU()
+        self.wide = nn.Conv2d(4, 4, kernel)
+        self.custom_failure = custom_failure
+        self.kernel = kernel
+
+    def forward(self, x):
+        h = self.relu(self.first(x))
+        if self.custom_failure and h.shape[-1] < self.kernel:
+            raise ValueError("too small for this block")
+        return self.wide(h).mean((2, 3))
+
+
+def _sizes_tried(model) -> tuple[list[int], int | None]:
+    tried = []
+
+    def probe(m, args):
+        tried.append(args[0].shape[-1])
+        return verify.probe(m, args)
+
+    args, _, _ = verify._first_that_runs(model, probe)
+    return tried, None if args is None else args[0].shape[-1]
+
+
+def test_synthesised_sizes_the_failing_layer_cannot_take_are_skipped():
+    # at 32 the wide conv gets 8x8: a 20-wide kernel needs 32 * 20 / 8 = 80, so 64 is skipped
+    assert _sizes_tried(_Shrinks(20)) == ([32, 96], 96)
+    # a 12-wide kernel needs 48: 64 is the next size, and it runs
+    assert _sizes_tried(_Shrinks(12)) == ([32, 64], 64)
+    # a failure in the model's own code says nothing about sizes: every size in order
+    assert _sizes_tried(_Shrinks(20, custom_failure=True)) == ([32, 64, 96], 96)
+    # no size up to 224 can feed a 200-wide kernel after a stride of 4: one try, no input
+    assert _sizes_tried(_Shrinks(200)) == ([32], None)
+    with pytest.warns(UserWarning, match="not self-checked"):
+        _, report = cap_relus(_Shrinks(200), 0.5)
+    assert report.check.startswith(
+        "not run: no example_input, and the synthesised inputs (1, 3, 32, 32) (RuntimeError) "
+        "do not run (sizes 64, 96, 224, 28 skipped: a conv/pooling layer needs an input of "
+        "about 800); pass example_input")
+
+
+def test_cap_relus_converts_at_the_size_found_and_checks_it():
+    torch.manual_seed(0)
+    net = _Shrinks(20).eval()
+    converted, report = cap_relus(net, 0.25)
+    assert report.check.startswith("passed") and report.count == 1
+    x = torch.randn(2, 3, 96, 96)
+    assert count_relu_applications(net, x) == 1
+    h = F.relu(net.first(x)).clamp(max=0.25)
+    assert torch.equal(run(converted, x), net.wide(h).mean((2, 3)))
+
+
+def test_the_copy_is_independent_of_the_original():
+    """Training the copy leaves the original's state bit-identical; attributes are not
+    shared; a tensor attribute viewing a buffer still views the copy's buffer."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.bn = nn.BatchNorm1d(4)
+            self.relu = nn.ReLU()
+            self.register_buffer("table", torch.arange(8.0))
+            self.window = self.table[2:6]  # a plain attribute sharing the buffer's storage
+            self.settings = {"scales": [1.0, 2.0]}
+
+        def forward(self, x):
+            return self.relu(self.bn(self.lin(x))) * self.window
+
+    torch.manual_seed(0)
+    net = Net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    new = copy_model(net)
+    assert new.window.untyped_storage().data_ptr() == new.table.untyped_storage().data_ptr()
+    assert new.table.untyped_storage().data_ptr() != net.table.untyped_storage().data_ptr()
+    new.settings["scales"].append(3.0)
+    assert net.settings == {"scales": [1.0, 2.0]}
+    optimizer = torch.optim.SGD(new.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        new(torch.randn(8, 4)).sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        new.table.add_(1)
+    assert torch.equal(new.window, torch.arange(3.0, 7.0))
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in net.parameters())
+    assert not torch.equal(new.lin.weight, net.lin.weight)
