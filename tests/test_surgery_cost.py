@@ -207,3 +207,24 @@ def test_the_copy_is_independent_of_the_original():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in net.parameters())
     assert not torch.equal(new.lin.weight, net.lin.weight)
+
+
+class _InPlaceInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x.relu_())
+
+
+def test_an_input_that_needs_no_grad_is_refused_where_gradients_are_compared():
+    net = _InPlaceInput()
+    x = torch.randn(3, 4)
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"cap_relus: the self-check's input runs through "
+                                         r"_InPlaceInput under no_grad but not with autograd "
+                                         r"\(RuntimeError: .*Pass an example_input that runs"):
+        cap_relus(net, 0.5, example_input=x, inplace=True)
+    assert_same_snapshot(before, snapshot(net))
+    assert not hasattr(net, "_relucap_records")
