@@ -13,9 +13,16 @@ own activation. See ``docs/surgery.md`` for the rules and the limits.
 """
 
 from ._codegen import _rebuild_forward  # noqa: F401  models pickled before the split name it here
-from ._records import CapReport, ConversionCheckError, ReluSite, UntraceableModelError
+from ._records import (
+    CapReport,
+    ConversionCheckError,
+    ReluSite,
+    UntraceableModelError,
+    is_converted,
+    uncap,
+)
 from .calibrate import calibrate_caps
-from .convert import cap_relus, is_converted, uncap
+from .convert import cap_relus
 from .sites import _trace, find_relus, print_sites  # noqa: F401
 
 __all__ = [

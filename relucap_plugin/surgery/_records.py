@@ -292,3 +292,28 @@ def _relative(path: str, scope: str) -> str | None:
     if not scope:
         return path
     return path[len(scope) + 1:] if path.startswith(scope + ".") else None
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` carries conversions by :func:`cap_relus` that :func:`uncap` can undo."""
+    return bool(getattr(model, "__dict__", {}).get(_RECORDS))
+
+
+def uncap(model: nn.Module) -> nn.Module:
+    """Undo every conversion :func:`cap_relus` made to ``model`` (latest first), in place.
+
+    The original ReLU modules and forwards come back, so outputs are bit-identical to the
+    model before capping. Learned cap parameters are dropped with their modules.
+    """
+    _check_model(model, "uncap")
+    records = model.__dict__.get(_RECORDS)
+    if not records:
+        raise ValueError(
+            f"uncap: this {type(model).__name__} carries no conversion by cap_relus (the record "
+            "lives on the converted model object). For a model rebuilt from a state_dict, "
+            "build the uncapped architecture and load the state_dict into it instead"
+        )
+    while records:
+        records.pop().undo()
+    model.__dict__.pop(_RECORDS, None)
+    return model

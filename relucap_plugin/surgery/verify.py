@@ -1,11 +1,13 @@
 """The self-check every conversion runs before it returns (our own design).
 
-The original and the converted model each run one forward and backward pass on the same input,
-the converted one at ``cap=inf`` semantics (every installed activation temporarily applies the
-site's own ReLU/ReLU6). Outputs must be bit-identical with the same dtypes, gradients must reach
-the same parameters, and a torch function mode counts every ReLU application and who made it: an
-installed activation, or code that still applies a plain ReLU. Buffers, gradients, train/eval
-modes and the RNG are restored afterwards, so the check leaves no trace on either model.
+The original and the converted model each run one forward pass on the same input, the
+converted one at ``cap=inf`` semantics (every installed activation temporarily applies the
+site's own ReLU/ReLU6). Outputs must be bit-identical with the same dtypes, and a torch function
+mode counts every ReLU application and who made it: an installed activation, or code that still
+applies a plain ReLU. Where a forward was regenerated or wrapped, both passes run with autograd
+and gradients must reach the same parameters; where every site is a module swap (the user's
+forwards run unchanged) both run under ``no_grad``. Buffers, gradients, train/eval modes and
+the RNG are restored afterwards, so the check leaves no trace on either model.
 """
 
 from __future__ import annotations
