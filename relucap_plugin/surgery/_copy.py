@@ -79,18 +79,20 @@ def _copy(obj: Any, memo: dict[int, Any]) -> Any:
     if isinstance(obj, nn.Module) and _plain(cls):
         new = cls.__new__(cls)
         memo[id(obj)] = new
-        state = {}
-        for k, v in obj.__dict__.items():
+        state = obj.__dict__.copy()  # atomic values stay; the others are replaced below
+        state.pop("_compiled_call_impl", None)
+        for k, v in state.items():
             kind = type(v)
-            if k == "_compiled_call_impl":
-                continue
             if kind in _ATOMIC:
-                state[k] = v
-            elif kind in _CONTAINERS and not v and id(v) not in memo:  # most hook dicts
+                continue
+            if kind in _CONTAINERS and not v and id(v) not in memo:  # most hook dicts
                 state[k] = memo[id(v)] = kind()
             else:
                 state[k] = _copy(v, memo)
-        new.__setstate__(state)
+        if cls.__setstate__ is nn.Module.__setstate__ and state.keys() >= _MODULE_STATE:
+            new.__dict__.update(state)  # what nn.Module.__setstate__ does when nothing is missing
+        else:
+            new.__setstate__(state)
         return new
     return copy.deepcopy(obj, memo)
 
