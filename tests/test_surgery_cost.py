@@ -228,3 +228,23 @@ def test_an_input_that_needs_no_grad_is_refused_where_gradients_are_compared():
         cap_relus(net, 0.5, example_input=x, inplace=True)
     assert_same_snapshot(before, snapshot(net))
     assert not hasattr(net, "_relucap_records")
+
+
+class _RareGate(nn.Module):
+    """Applies its ReLU only on inputs no synthesised input reaches."""
+
+    def forward(self, x):
+        return F.relu(x) if x.sum() > 1e6 else -x
+
+
+@pytest.mark.parametrize("fn", ["find_relus", "cap_relus"])
+def test_a_module_branching_on_a_value_is_traced_even_if_the_run_applied_no_relu(fn):
+    """Discovery by running keeps modules in which the run applied no ReLU whole; one that
+    read a tensor value may apply one on another input, so fx must look inside it (and
+    refuse, loudly, instead of a conversion that misses the gate's ReLU)."""
+    from relucap_plugin.surgery import UntraceableModelError, find_relus
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _RareGate())
+    call = (lambda: find_relus(net)) if fn == "find_relus" else (lambda: cap_relus(net, 0.5))
+    with pytest.raises(UntraceableModelError, match="_RareGate"):
+        call()

@@ -117,17 +117,18 @@ def probe_discovery(model: nn.Module, run: Any, shapes: bool,
     return _number(model, raw, probed=True)
 
 
-def probe_leaves(model: nn.Module, calls: list) -> frozenset[int] | None:
-    """Ids of the modules in whose subtree the run applied no ReLU: fx keeps them whole (the
-    trace is only as deep as the ReLUs). None if an application has no registered module."""
+def probe_leaves(model: nn.Module, calls: list, reads: list = ()) -> frozenset[int] | None:
+    """Ids of the modules in whose subtree the run applied no ReLU and read no tensor value
+    into Python: fx keeps them whole (the trace is only as deep as the ReLUs). A module whose
+    forward branches on a value may apply a ReLU on another input, so fx must see it. None if
+    an application or a read has no registered module."""
     names = _first_paths(model)
     busy: set[str] = set()
-    for call in calls:
-        if not _is_site_call(call):
-            continue
-        if call.module is None or call.module not in names:
+    modules = [call.module for call in calls if _is_site_call(call)]
+    for module in modules + [module for _, module in reads]:
+        if module is None or module not in names:
             return None
-        path = names[call.module]
+        path = names[module]
         while path:
             busy.add(path)
             path = path.rpartition(".")[0]

@@ -348,7 +348,7 @@ def _discover(model: nn.Module, example_input: Any, mode: str, fn: str,
         disc = None if calls is None or trace else probe_discovery(
             model, run, example_input is not None, _SiteTracer().is_leaf_module)
         if disc is None:
-            leaves = None if calls is None else probe_leaves(model, calls)
+            leaves = None if calls is None else probe_leaves(model, calls, run.reads)
             try:
                 disc = _discover_fx(model, leaves or frozenset())
             except UntraceableModelError as exc:

@@ -106,13 +106,15 @@ class ReluRecorder(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.calls: list[_Application] = []
-        self.reads: list[str] = []  # tensor values read into Python: where and how
+        # tensor values read into Python: (how and where, the innermost module reading it)
+        self.reads: list[tuple[str, nn.Module | None]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func in _VALUE_READS:
-            self.reads.append(f"{getattr(func, '__name__', func)} at {_calling_module()[1]}")
+            module, where, _ = _calling_module()
+            self.reads.append((f"{getattr(func, '__name__', func)} at {where}", module))
         if func in _RELU_CALLS or func in _HARDTANH:
             module, where, frame = _calling_module()
             if _is_relu_call(func, module):
@@ -137,7 +139,7 @@ class _Run:
     grads: set[str] | None
     calls: list[_Application] = field(default_factory=list)
     error: BaseException | None = None
-    reads: list[str] = field(default_factory=list)
+    reads: list[tuple[str, nn.Module | None]] = field(default_factory=list)
 
 
 @contextmanager
