@@ -127,6 +127,8 @@ class PGD(Attack):
     family = "PGD"
     native_name = "PGD"
     losses = LOSSES
+    #: the loop it runs, called with :meth:`_kwargs`
+    function = staticmethod(pgd)
 
     def _accepted_overrides(self) -> list[str]:
         return []
@@ -141,10 +143,10 @@ class PGD(Attack):
     def _run(self, model, x, y, eps, target, ctx):
         kwargs = self._kwargs(eps)
         generators = ctx.generators(len(x)) if kwargs["random_start"] else None
-        return pgd(model, x, y, eps, target=target, generator=generators, **kwargs)
+        return self.function(model, x, y, eps, target=target, generator=generators, **kwargs)
 
     def _native(self, model, eps, *, input_shape, num_classes):
-        return Native(model, functools.partial(pgd, **self._kwargs(eps)), {"eps": eps})
+        return Native(model, functools.partial(self.function, **self._kwargs(eps)), {"eps": eps})
 
 
 class FGSM(PGD):
@@ -272,19 +274,12 @@ class APGD(PGD):
 
     family = "APGD"
     native_name = "APGD"
+    function = staticmethod(apgd)
 
     def _kwargs(self, eps: float) -> dict:
         tm = self.threat_model
         return dict(norm=tm.norm, steps=tm.steps, random_start=tm.random_start, loss=tm.loss,
                     bounds=tm.bounds)
-
-    def _run(self, model, x, y, eps, target, ctx):
-        kwargs = self._kwargs(eps)
-        generators = ctx.generators(len(x)) if kwargs["random_start"] else None
-        return apgd(model, x, y, eps, target=target, generator=generators, **kwargs)
-
-    def _native(self, model, eps, *, input_shape, num_classes):
-        return Native(model, functools.partial(apgd, **self._kwargs(eps)), {"eps": eps})
 
 
 class APGDT(APGD):
