@@ -9,7 +9,7 @@ from torch import nn
 
 from relucap_plugin import ThreatModel, get_attack
 from relucap_plugin.adapters.plain_torch import apgd, top_targets
-from relucap_plugin.adaptive import SurrogateAttack, TransferAttack, attack_kind, get_suite
+from relucap_plugin.adaptive import attack_kind, get_suite
 from relucap_plugin.attacks import perturbation_norm
 from relucap_plugin.cascade import cascade_order
 
@@ -93,17 +93,16 @@ def test_targets_override_and_class_count_are_checked():
     assert get_attack("torch:APGD-T-margin", LINF)(three, torch.rand(4, 1, 4, 4)).shape == (4, 1, 4, 4)
 
 
-def test_suite_holds_apgd_t_and_the_cascade_runs_it_after_bpda_before_transfer(capped_mlp, data):
+def test_suite_holds_apgd_t_and_the_cascade_runs_it_after_white_box_pgd(capped_mlp, data):
     suite = get_suite("standard", LINF, capped_mlp, data[0][:8], square_queries=10)
     specs = [a.spec for a in suite]
     assert "torch:APGD-T(loss='margin')" in specs and "torch:APGD-T(loss='margin')+bpda(ste)" in specs
-    order = cascade_order(suite, lambda a: attack_kind(a.spec, a.family))
-    names = [a.spec for a in order]
-    first_t = min(i for i, a in enumerate(order) if a.family.startswith("APGD-T"))
-    assert names[0] == "torch:PGD"
-    assert all(isinstance(a, SurrogateAttack) for a in order[2:first_t])
-    assert isinstance(order[first_t + 2], TransferAttack) and "Square" in names[-1]
-    assert attack_kind(names[first_t]) == "white-box"  # the audit still counts it as white-box
+    reordered = [suite[4], *suite[:4], *suite[5:]]  # APGD-T given first still runs after PGD
+    order = [a.spec for a in cascade_order(reordered, lambda a: attack_kind(a.spec, a.family))]
+    assert order[:3] == ["torch:PGD", "torch:PGD(loss='margin')", "torch:APGD-T(loss='margin')"]
+    assert [attack_kind(s) for s in order[3:]] == ["surrogate"] * 3 + ["transfer", "black-box"]
+    assert order[5] == "torch:APGD-T(loss='margin')+bpda(ste)"
+    assert attack_kind(order[2]) == "white-box"  # the audit counts it as white-box
     relu_suite = get_suite("standard", LINF, nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), data[0][:8],
                            square_queries=10)
     assert [a.spec for a in relu_suite if a.family.startswith("APGD-T")] == ["torch:APGD-T(loss='margin')"]
