@@ -181,13 +181,13 @@ def apgd(
     one did, else the iterate of highest loss.
 
     As in their paper and their code: first step size ``2 * eps``; each step a (sign or
-    L2-normalised) gradient step then a momentum step (weight ``momentum``, 0.75) between
-    projections; checkpoints after 22% of ``steps``, then periods shrinking by 3% of ``steps``
+    L2-normalised) gradient step, then a momentum step that weighs it by ``momentum`` (their
+    alpha, 0.75) and the previous step by the rest, both projected; checkpoints after 22% of ``steps``, then periods shrinking by 3% of ``steps``
     down to 6%; at a checkpoint a sample whose loss rose in at most ``rho`` (0.75) of the
     period's steps, or whose step size was not halved at the last checkpoint and whose best loss
     did not improve since, halves its step size and restarts from its best point. Our design:
     the random start is :func:`pgd`'s (uniform in the ball, from ``generator``: one per sample
-    keeps a sample's example independent of the batch), and every decision is per sample.
+    keeps a sample's example independent of the batch).
     """
     x = x.detach()
     shape = (-1, *([1] * (x.dim() - 1)))
