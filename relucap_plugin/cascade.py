@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .attacks import Attack
     from ._runner import Batch, Runner
 
-__all__ = ["COST_RANK", "NOT_NEEDED", "SCHEDULES", "cascade_order", "check_schedule",
+__all__ = ["COST_RANK", "MULTI_TARGET_FAMILIES", "NOT_NEEDED", "SCHEDULES", "cascade_order", "check_schedule",
            "check_unconditional", "gates"]
 
 #: The evaluation schedules: every attack on every sample; the cascade (this module); the
@@ -47,7 +47,13 @@ NOT_NEEDED = "not_needed"
 #: one gradient step, iterative white-box, white-box through surrogate gradients (BPDA: the same
 #: steps plus the surrogate's overhead), transfer (crafted on another model, then judged), and
 #: black-box last (thousands of queries per sample). Our own ranking, by measured cost per sample.
-COST_RANK = {"single-step": 0, "white-box": 1, "surrogate": 2, "transfer": 3, "black-box": 4}
+#: ``"multi-target"`` (:data:`MULTI_TARGET_FAMILIES`: one white-box run per target class) comes
+#: after the other white-box attacks and before BPDA, so that under ``schedule="audit"`` every
+#: white-box attack has run before the evidence kinds (BPDA of APGD-T is ``"surrogate"``).
+COST_RANK = {"single-step": 0, "white-box": 1, "multi-target": 2, "surrogate": 3, "transfer": 4,
+             "black-box": 5}
+#: White-box families ranked as ``"multi-target"``: APGD-T (``torch:APGD-T`` and the libraries').
+MULTI_TARGET_FAMILIES = ("APGD-T",)
 
 
 def check_schedule(schedule: Any) -> str:
@@ -66,13 +72,18 @@ def check_schedule(schedule: Any) -> str:
 def cascade_order(attacks: Sequence[Attack], kind: Callable[[Attack], str],
                   unconditional: Sequence[str] = ()) -> list[Attack]:
     """``attacks`` in the order the cascade runs them: the first white-box iterative attack (as
-    given) first, then the ``unconditional`` ones (specs), then the rest by :data:`COST_RANK` of
-    their ``kind`` (e.g. from :func:`~relucap_plugin.adaptive.attack_kind`), ties in the given
-    order. Without a white-box attack the cheapest one goes first; the first attack is
-    unconditional."""
-    ranked = sorted(range(len(attacks)), key=lambda i: (
-        attacks[i].spec not in unconditional, COST_RANK.get(kind(attacks[i]), 1), i))
-    white = [i for i in range(len(attacks)) if kind(attacks[i]) == "white-box"]
+    given; a multi-target one only if there is no other) first, then the ``unconditional`` ones
+    (specs), then the rest by :data:`COST_RANK` of their ``kind`` (e.g. from
+    :func:`~relucap_plugin.adaptive.attack_kind`), ties in the given order
+    (:data:`MULTI_TARGET_FAMILIES` ranked as ``"multi-target"``). Without a white-box attack
+    the cheapest one goes first; the first attack is unconditional."""
+    def rank(a: Attack) -> int:
+        return COST_RANK.get("multi-target" if a.family in MULTI_TARGET_FAMILIES else kind(a), 1)
+
+    ranked = sorted(range(len(attacks)), key=lambda i: (attacks[i].spec not in unconditional,
+                                                         rank(attacks[i]), i))
+    white = sorted((i for i in range(len(attacks)) if kind(attacks[i]) == "white-box"),
+                   key=lambda i: (rank(attacks[i]), i))
     first = white[0] if white else ranked[0]
     return [attacks[first], *(attacks[i] for i in ranked if i != first)]
 

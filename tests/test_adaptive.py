@@ -217,8 +217,10 @@ def test_wrappers_follow_the_threat_model_and_transfer_uses_the_surrogate(capped
 def test_standard_suite_composition():
     suite = get_suite("standard", TM, square_queries=100)
     kinds = [attack_kind(a.spec, a.family) for a in suite]
-    assert kinds == ["white-box", "white-box", "surrogate", "surrogate", "black-box", "transfer"]
-    assert suite[1].threat_model.loss == "margin" and suite[4].threat_model.steps == 100
+    assert kinds == ["white-box", "white-box", "surrogate", "surrogate", "white-box", "surrogate", "black-box",
+                     "transfer"]
+    assert suite[1].threat_model.loss == "margin" and suite[6].threat_model.steps == 100
+    assert suite[4].family == "APGD-T" and suite[4].threat_model.loss == "margin"
     assert len({a.spec for a in suite}) == len(suite)
     with pytest.raises(ValueError, match="unknown attack suite"):
         get_suite("strong", TM)
@@ -229,14 +231,14 @@ def test_suite_for_a_model_without_caps_leaves_out_what_only_repeats_white_box_p
     relu_net = uncapped_twin(capped_mlp)
     assert [a.spec for a in get_suite("standard", TM, capped_mlp)] == [a.spec for a in get_suite("standard", TM)]
     kept = get_suite("standard", TM, relu_net, x)
-    assert [attack_kind(a.spec, a.family) for a in kept] == ["white-box", "white-box", "black-box"]
+    assert [attack_kind(a.spec, a.family) for a in kept] == ["white-box", "white-box", "white-box", "black-box"]
     own_source = get_suite("standard", TM, relu_net, x, surrogate=copy.deepcopy(relu_net))
     assert attack_kind(own_source[-1].spec, own_source[-1].family) == "transfer"  # a chosen source stays
     # without an example input a model without cap modules may cap with ops: every member stays
-    assert len(get_suite("standard", TM, relu_net)) == 6
+    assert len(get_suite("standard", TM, relu_net)) == 8
     clamp_net = copy.deepcopy(relu_net)
     clamp_net[4] = nn.Hardtanh(0.0, 0.1)
-    assert len(get_suite("standard", TM, clamp_net, x)) == 6
+    assert len(get_suite("standard", TM, clamp_net, x)) == 8
 
 
 @pytest.mark.slow
@@ -247,7 +249,7 @@ def test_standard_suite_finds_what_pgd_misses_on_the_capped_model(capped_mlp, te
     worst = results.worst_case(0.3)
     assert pgd > 0.20, pgd
     assert worst < 0.05, worst
-    assert len(results.attacks) == 6
+    assert len(results.attacks) == 8
     assert all(results.robust_accuracy(a, 0.3) is not None for a in results.attacks)
     assert not results.violations() and not results.failed()
 
@@ -275,6 +277,6 @@ def test_cli_evaluate_with_the_standard_suite(tmp_path, capsys):
     lines = (out / "results.jsonl").read_text().splitlines()
     attacks = {json.loads(line)["attack"] for line in lines[1:]}
     expected = {a.spec for a in get_suite("standard", ThreatModel("Linf", 0.3, steps=3), square_queries=20)}
-    assert attacks == expected | {"torch:FGSM"} and len(expected) == 6
+    assert attacks == expected | {"torch:FGSM"} and len(expected) == 8
     assert any("+bpda(ste)" in a for a in attacks) and any("transfer" in a for a in attacks)
-    assert "worst case (7 attacks)" in capsys.readouterr().out
+    assert "worst case (9 attacks)" in capsys.readouterr().out

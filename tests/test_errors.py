@@ -104,7 +104,7 @@ def test_evaluate_refuses_bad_data(mutate, error, problem, fix, model, data):
         ({"config": {"batchsize": 4}}, ValueError, r"unknown EvalConfig field\(s\) \['batchsize'\]"),
         ({"threat_model": {"norm": "Linf", "eps": 0.1, "epsilon": 1}}, ValueError, "unknown ThreatModel field"),
         ({"resume": "yes"}, TypeError, "resume must be True or False"),
-        ({"attacks": "torch:NoSuch"}, ValueError, "unknown torch attack 'NoSuch'; valid: FGSM, PGD"),
+        ({"attacks": "torch:NoSuch"}, ValueError, "unknown torch attack 'NoSuch'; valid: APGD, APGD-T, FGSM, PGD"),
         ({"attacks": "cleverhans:PGD"}, ValueError, "unknown attack library 'cleverhans'; valid: torch, "),
     ],
     ids=["not-a-module", "no-attacks", "attack-type", "config-type", "config-field", "tm-field",
@@ -233,7 +233,7 @@ def test_cli_arguments_that_do_not_parse_exit_2(argv, words, capsys):
     [
         (["mlp:a,b"], "widths must be integers like mlp:256,32,256"),
         (["no_such_net"], "unknown model 'no_such_net'.*torchvision.models.list_models"),
-        (["mlp:16", "--attack", "torch:Nope"], "unknown torch attack 'Nope'; valid: FGSM, PGD"),
+        (["mlp:16", "--attack", "torch:Nope"], "unknown torch attack 'Nope'; valid: APGD, APGD-T, FGSM, PGD"),
         (["mlp:16", "--eps", "2"], "exceeds the input range 1.0.*Use eps <= 1.0"),
         (["mlp:16", "--data", "missing.npz"], "no such file or folder; use mnist5k"),
         (["mlp:16", "--norm", "L1"], "norm must be one of Linf, L2"),

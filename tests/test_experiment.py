@@ -50,7 +50,7 @@ def test_tiny_demo_trains_the_grid_then_fgsm_on_relu_and_the_best_cap(tiny):
         assert set(m.pgd) == set(LIBRARY_PGD)
         # library PGDs, the standard suite (without its BPDA and transfer members on a model with
         # no cap: there they only repeat white-box PGD), FGSM
-        suite = 6 if m.capped_sites else 3
+        suite = 8 if m.capped_sites else 4
         assert len(m.attacks) == 3 + suite + 1, (m.name, sorted(m.attacks))
         assert any("+bpda(ste)" in a for a in m.attacks) == bool(m.capped_sites)
 

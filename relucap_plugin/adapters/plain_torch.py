@@ -5,13 +5,16 @@ surrogate gradients through a capped ReLU).
 ``torch:PGD`` is Madry et al.'s PGD: optional uniform random start in the eps-ball, ``steps``
 steps of ``step_size`` (sign of the gradient for Linf, the L2-normalised gradient for L2), each
 followed by projection onto the ball and the bounds; the last iterate is returned. ``torch:FGSM``
-is one step of size ``eps`` from the clean input.
+is one step of size ``eps`` from the clean input. ``torch:APGD`` is Croce and Hein's APGD
+(:func:`apgd`) and ``torch:APGD-T`` their APGD-T, one targeted APGD per target class against
+the top ``targets`` other classes by clean logit (:class:`APGDT`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,7 @@ from ..attacks import Attack, Native, project
 from ..threat import LOSSES
 from . import build_attack
 
-__all__ = ["ATTACKS", "ALIASES", "LIBRARY", "attack_loss", "build", "pgd"]
+__all__ = ["ATTACKS", "ALIASES", "LIBRARY", "apgd", "apgd_targets", "attack_loss", "build", "pgd", "top_targets"]
 
 LIBRARY = "torch"
 
@@ -124,6 +127,8 @@ class PGD(Attack):
     family = "PGD"
     native_name = "PGD"
     losses = LOSSES
+    #: the loop it runs, called with :meth:`_kwargs`
+    function = staticmethod(pgd)
 
     def _accepted_overrides(self) -> list[str]:
         return []
@@ -138,10 +143,10 @@ class PGD(Attack):
     def _run(self, model, x, y, eps, target, ctx):
         kwargs = self._kwargs(eps)
         generators = ctx.generators(len(x)) if kwargs["random_start"] else None
-        return pgd(model, x, y, eps, target=target, generator=generators, **kwargs)
+        return self.function(model, x, y, eps, target=target, generator=generators, **kwargs)
 
     def _native(self, model, eps, *, input_shape, num_classes):
-        return Native(model, functools.partial(pgd, **self._kwargs(eps)), {"eps": eps})
+        return Native(model, functools.partial(self.function, **self._kwargs(eps)), {"eps": eps})
 
 
 class FGSM(PGD):
@@ -155,12 +160,195 @@ class FGSM(PGD):
         return dict(norm=tm.norm, steps=1, step_size=eps, random_start=False, loss=tm.loss, bounds=tm.bounds)
 
 
-ATTACKS = {"PGD": PGD, "FGSM": FGSM}
+def apgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    norm: str = "Linf",
+    steps: int = 100,
+    loss: str = "dlr",
+    bounds: tuple[float, float] = (0.0, 1.0),
+    target: torch.Tensor | None = None,
+    random_start: bool = True,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+) -> torch.Tensor:
+    """Croce and Hein's APGD (2020, Algorithm 1) on ``attack_loss``: returns, per sample (N, ...),
+    an iterate that fooled the model (prediction other than ``y``; targeted: ``target``) if
+    one did, else the iterate of highest loss.
+
+    As in their paper and their code: first step size ``2 * eps``; each step a (sign or
+    L2-normalised) gradient step, then a momentum step that weighs it by ``momentum`` (their
+    alpha, 0.75) and the previous step by the rest, both projected; checkpoints after 22% of ``steps``, then periods shrinking by 3% of ``steps``
+    down to 6%; at a checkpoint a sample whose loss rose in at most ``rho`` (0.75) of the
+    period's steps, or whose step size was not halved at the last checkpoint and whose best loss
+    did not improve since, halves its step size and restarts from its best point. Our design:
+    the random start is :func:`pgd`'s (uniform in the ball, from ``generator``: one per sample
+    keeps a sample's example independent of the batch).
+    """
+    x = x.detach()
+    shape = (-1, *([1] * (x.dim() - 1)))
+    x_adv = project(x, _random_start(x, eps, norm, generator), eps, norm, bounds) if random_start else x.clone()
+
+    def ascent(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            logits = model(z)
+            value = attack_loss(logits, y, loss, target)
+            (grad,) = torch.autograd.grad(value.sum(), z)
+        hit = logits.argmax(1) != y if target is None else logits.argmax(1) == target
+        return grad, value.detach(), hit
+
+    grad, value, hit = ascent(x_adv)
+    step = torch.full((len(x),), 2.0 * eps, dtype=x.dtype, device=x.device)
+    best, x_best, grad_best = value.clone(), x_adv.clone(), grad.clone()
+    found, x_found = hit.clone(), x_adv.clone()
+    x_prev, last = x_adv, value
+    period, shrink, shortest = max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    rises, since = torch.zeros_like(value), 0
+    best_at_check, halved_at_check = best.clone(), torch.ones_like(found)
+    for i in range(steps):
+        a = momentum if i else 1.0
+        z = project(x, x_adv + step.view(shape) * _step(grad, 1.0, norm), eps, norm, bounds)
+        x_prev, x_adv = x_adv, project(x, x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), eps, norm, bounds)
+        grad, value, hit = ascent(x_adv)
+        x_found[hit] = x_adv[hit]
+        found |= hit
+        rises += value > last
+        last = value
+        better = value > best
+        best[better], x_best[better], grad_best[better] = value[better], x_adv[better], grad[better]
+        since += 1
+        if since == period:
+            halve = (rises <= rho * period) | (~halved_at_check & (best_at_check >= best))
+            step[halve] /= 2
+            x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
+            halved_at_check, best_at_check = halve, best.clone()
+            rises.zero_()
+            since, period = 0, max(period - shrink, shortest)
+    return torch.where(found.view(shape), x_found, x_best).detach()
+
+
+def top_targets(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` classes other than ``y`` with the largest ``logits`` (N, C), best first: (N, k)."""
+    return logits.scatter(1, y[:, None], -torch.inf).topk(k, dim=1).indices
+
+
+def apgd_targets(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    targets: int = 9,
+    generators: Callable[[torch.Tensor, int], Sequence[torch.Generator]] | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """:func:`apgd` once per target class, the top ``targets`` other classes of ``y`` by clean
+    logit (best first, at most all the others), each run only on the samples (N, ...) that no
+    earlier target has made the model misclassify; a sample keeps its first success, else the
+    last target's result. ``generators(positions, j)``: the random-start generators (one per
+    sample at ``positions``) of target ``j``; ``None`` draws from the global RNG. ``kwargs``
+    are :func:`apgd`'s (its ``loss`` is used in its targeted form)."""
+    with torch.no_grad():
+        logits = model(x)
+    order = top_targets(logits, y, min(targets, logits.shape[1] - 1))
+    x_adv = x.detach().clone()
+    todo = torch.arange(len(x), device=x.device)
+    for j in range(order.shape[1]):
+        if not len(todo):
+            break
+        gens = None if generators is None else generators(todo, j)
+        x_adv[todo] = apgd(model, x[todo], y[todo], eps, target=order[todo, j], generator=gens, **kwargs)
+        with torch.no_grad():
+            todo = todo[model(x_adv[todo]).argmax(1) == y[todo]]
+    return x_adv
+
+
+class APGD(PGD):
+    """``torch:APGD``: :func:`apgd` (Croce and Hein) with the threat model's norm, steps, loss,
+    bounds, random start and restarts (``step_size`` is not used: APGD adapts its own)."""
+
+    family = "APGD"
+    native_name = "APGD"
+    function = staticmethod(apgd)
+
+    def _kwargs(self, eps: float) -> dict:
+        tm = self.threat_model
+        return dict(norm=tm.norm, steps=tm.steps, random_start=tm.random_start, loss=tm.loss,
+                    bounds=tm.bounds)
+
+
+class APGDT(APGD):
+    """``torch:APGD-T``: :func:`apgd_targets`, every parameter but ``targets`` from the threat
+    model.
+
+    Follows Croce and Hein's APGD-T (AutoAttack): the top-k other classes by clean logit, one
+    targeted APGD run per target, each only on the samples still robust, a sample's first
+    success kept (any class other than the label); their loss is DLR-T (``loss="dlr"``,
+    ``torch:APGD-T-DLR``), the threat model's loss is used in its targeted form. Our design:
+    target ``j`` draws each sample's random start from its own generator for (call seed, sample
+    id, ``restart * k + j``), so a sample's example does not depend on the other samples in the
+    call. ``targets`` (override, default 9 as in their standard version, at most the classes
+    but one) is k; a sample costs k APGD runs only if no target breaks it. Under a targeted
+    threat model it is ``torch:APGD`` on the given targets.
+    """
+
+    family = "APGD-T"
+    native_name = "APGD-T"
+
+    def _accepted_overrides(self) -> list[str]:
+        return ["targets"]
+
+    def _check_overrides(self) -> None:
+        super()._check_overrides()
+        k = self.targets
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"{self.name}: targets must be an int >= 1 (how many other classes "
+                             f"to attack, best first by clean logit), got targets={k!r}")
+
+    def required_classes(self, tm) -> int:
+        """Its losses are targeted ones: DLR-T needs 4 classes, the others 2."""
+        return 4 if tm.loss == "dlr" else 2
+
+    @property
+    def targets(self) -> int:
+        """k: how many other classes are attacked, best first by clean logit."""
+        return self.overrides.get("targets", 9)
+
+    def _run(self, model, x, y, eps, target, ctx):
+        if target is not None:
+            return super()._run(model, x, y, eps, target, ctx)
+        kwargs = self._kwargs(eps)
+        k = min(self.targets, ctx.num_classes - 1)
+        ids = ctx.sample_ids if ctx.sample_ids is not None else torch.arange(len(x))
+        if ctx.seed is None:
+            ctx.seed = int(torch.randint(2**62, ()))
+
+        def generators(todo: torch.Tensor, j: int) -> list[torch.Generator]:
+            return replace(ctx, sample_ids=ids[todo.cpu()], restart=ctx.restart * k + j).generators(len(todo))
+
+        return apgd_targets(model, x, y, eps, targets=k,
+                            generators=generators if kwargs["random_start"] else None, **kwargs)
+
+    def _native(self, model, eps, *, input_shape, num_classes):
+        return Native(model, functools.partial(apgd_targets, targets=self.targets, **self._kwargs(eps)),
+                      {"eps": eps})
+
+
+ATTACKS = {"PGD": PGD, "FGSM": FGSM, "APGD": APGD, "APGD-T": APGDT}
 ALIASES: dict = {
     "FGM": ("FGSM", {}),
     "PGD-CE": ("PGD", {"loss": "ce"}),
     "PGD-DLR": ("PGD", {"loss": "dlr"}),
     "PGD-margin": ("PGD", {"loss": "margin"}),
+    "APGD-CE": ("APGD", {"loss": "ce"}),
+    "APGD-DLR": ("APGD", {"loss": "dlr"}),
+    "APGD-T-DLR": ("APGD-T", {"loss": "dlr"}),
+    "APGD-T-margin": ("APGD-T", {"loss": "margin"}),
 }
 
 

@@ -264,7 +264,8 @@ def standard_suite(threat_model: ThreatModel, *, square_queries: int = 5000,
 
     White-box ``torch:PGD`` with the cross-entropy and with the margin loss (``threat_model``'s
     steps, step size, restarts), both again through the straight-through surrogate gradient
-    (BPDA) through every cap however it is written, Square (black-box, ``square_queries``
+    (BPDA) through every cap however it is written, ``torch:PGD-T-margin`` (targeted PGD against
+    each of the top 9 other classes, as AutoAttack's APGD-T; plain and through BPDA), Square (black-box, ``square_queries``
     queries; torchattacks, else ART; on ``input_shape`` if given) and PGD-CE transferred from
     ``surrogate`` (default: the uncapped twin). Report the per-sample worst case over all of
     them (:meth:`Results.worst_case`).
@@ -274,12 +275,15 @@ def standard_suite(threat_model: ThreatModel, *, square_queries: int = 5000,
     tm = threat_model.replace(targeted=False, loss="ce")
     pgd_ce = get_attack("torch:PGD", tm)
     pgd_margin = get_attack("torch:PGD-margin", tm)
+    apgd_targeted = get_attack("torch:APGD-T-margin", tm)
     square = _square(tm, square_queries)
     return [
         pgd_ce,
         pgd_margin,
         SurrogateAttack(pgd_ce, "ste"),
         SurrogateAttack(pgd_margin, "ste"),
+        apgd_targeted,
+        SurrogateAttack(apgd_targeted, "ste"),
         square if input_shape is None else LayoutAttack(square, input_shape),
         TransferAttack(pgd_ce, surrogate),
     ]
