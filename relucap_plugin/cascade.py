@@ -49,7 +49,10 @@ NOT_NEEDED = "not_needed"
 #: black-box last (thousands of queries per sample). Our own ranking, by measured cost per sample.
 #: ``"multi-target"`` (:data:`MULTI_TARGET_FAMILIES`: one white-box run per target class) comes
 #: after the other white-box attacks and before BPDA, so that under ``schedule="audit"`` every
-#: white-box attack has run before the evidence kinds (BPDA of APGD-T is ``"surrogate"``).
+#: white-box attack has run before the evidence kinds (BPDA of APGD-T is ``"surrogate"``). Under
+#: ``schedule="cascade"`` the multi-target attacks (and their BPDA twins) run later, after
+#: transfer and before black-box: one run per target class costs more than a BPDA or transfer
+#: run, so they get only what those leave (see :func:`cascade_order`).
 COST_RANK = {"single-step": 0, "white-box": 1, "multi-target": 2, "surrogate": 3, "transfer": 4,
              "black-box": 5}
 #: White-box families ranked as ``"multi-target"``: APGD-T (``torch:APGD-T`` and the libraries').
@@ -70,15 +73,24 @@ def check_schedule(schedule: Any) -> str:
 
 
 def cascade_order(attacks: Sequence[Attack], kind: Callable[[Attack], str],
-                  unconditional: Sequence[str] = ()) -> list[Attack]:
+                  unconditional: Sequence[str] = (), schedule: str = "cascade") -> list[Attack]:
     """``attacks`` in the order the cascade runs them: the first white-box iterative attack (as
     given; a multi-target one only if there is no other) first, then the ``unconditional`` ones
     (specs), then the rest by :data:`COST_RANK` of their ``kind`` (e.g. from
     :func:`~relucap_plugin.adaptive.attack_kind`), ties in the given order
-    (:data:`MULTI_TARGET_FAMILIES` ranked as ``"multi-target"``). Without a white-box attack
-    the cheapest one goes first; the first attack is unconditional."""
-    def rank(a: Attack) -> int:
-        return COST_RANK.get("multi-target" if a.family in MULTI_TARGET_FAMILIES else kind(a), 1)
+    (:data:`MULTI_TARGET_FAMILIES` ranked as ``"multi-target"``). Under ``schedule="cascade"``
+    the multi-target attacks, plain and through BPDA, go after every other attack but the
+    black-box ones (our own order: they cost one run per target class, so they run on what the
+    cheaper kinds leave); under ``"audit"`` they stay with the white-box attacks, before the
+    evidence kinds. Without a white-box attack the cheapest one goes first; the first attack
+    is unconditional."""
+    def multi_target(a: Attack) -> bool:
+        return a.family.split("+", 1)[0] in MULTI_TARGET_FAMILIES
+
+    def rank(a: Attack) -> tuple[int, int]:
+        if schedule == "cascade" and multi_target(a) and kind(a) != "black-box":
+            return (COST_RANK["transfer"], 1 + COST_RANK.get(kind(a), 1))
+        return (COST_RANK.get("multi-target" if a.family in MULTI_TARGET_FAMILIES else kind(a), 1), 0)
 
     ranked = sorted(range(len(attacks)), key=lambda i: (attacks[i].spec not in unconditional,
                                                          rank(attacks[i]), i))

@@ -297,7 +297,7 @@ def evaluate(
 
     unconditional = check_unconditional(unconditional, [a.spec for a in attack_list], schedule)
     if cascade:
-        attack_list = cascade_order(attack_list, kind, unconditional)
+        attack_list = cascade_order(attack_list, kind, unconditional, schedule)
     for attack in attack_list:
         attack.check_dtype(float_dtype(net, torch.float32))
     check_complete_loader(data, "evaluate")

@@ -98,11 +98,18 @@ def test_suite_holds_apgd_t_and_the_cascade_runs_it_after_white_box_pgd(capped_m
     specs = [a.spec for a in suite]
     assert "torch:APGD-T(loss='margin')" in specs and "torch:APGD-T(loss='margin')+bpda(ste)" in specs
     reordered = [suite[4], *suite[:4], *suite[5:]]  # APGD-T given first still runs after PGD
-    order = [a.spec for a in cascade_order(reordered, lambda a: attack_kind(a.spec, a.family))]
-    assert order[:3] == ["torch:PGD", "torch:PGD(loss='margin')", "torch:APGD-T(loss='margin')"]
-    assert [attack_kind(s) for s in order[3:]] == ["surrogate"] * 3 + ["transfer", "black-box"]
-    assert order[5] == "torch:APGD-T(loss='margin')+bpda(ste)"
-    assert attack_kind(order[2]) == "white-box"  # the audit counts it as white-box
+    def order(schedule):
+        return [a.spec for a in cascade_order(reordered, lambda a: attack_kind(a.spec, a.family), (), schedule)]
+
+    audit = order("audit")
+    assert audit[:3] == ["torch:PGD", "torch:PGD(loss='margin')", "torch:APGD-T(loss='margin')"]
+    assert [attack_kind(s) for s in audit[3:]] == ["surrogate"] * 3 + ["transfer", "black-box"]
+    assert audit[5] == "torch:APGD-T(loss='margin')+bpda(ste)"
+    assert attack_kind(audit[2]) == "white-box"  # the audit counts it as white-box
+    cascade = order("cascade")  # the one-run-per-target attacks get what the cheaper kinds leave
+    assert cascade[:2] == audit[:2] and cascade[-1] == audit[-1]
+    assert [attack_kind(s) for s in cascade[2:5]] == ["surrogate", "surrogate", "transfer"]
+    assert cascade[5:7] == ["torch:APGD-T(loss='margin')", "torch:APGD-T(loss='margin')+bpda(ste)"]
     relu_suite = get_suite("standard", LINF, nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), data[0][:8],
                            square_queries=10)
     assert [a.spec for a in relu_suite if a.family.startswith("APGD-T")] == ["torch:APGD-T(loss='margin')"]
