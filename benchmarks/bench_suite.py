@@ -16,11 +16,15 @@ is evaluated on the first ``--n`` test samples at L-inf eps 0.1, 0.2 and 0.3 by
 interleaved in one process (``--reps`` rounds of cascade, full, AutoAttack per model), with the
 suite's PGD at ``--steps`` steps. Printed: the per-sample check (cascade worst case <= full worst
 case on every sample), robust accuracy of each at every eps, and the time ratios over the three
-eps together (median over rounds). Targets (issue 15): cascade <= 0.25x full, <= 0.5x
+eps together (median over rounds). Before that, per model: ``torch:Square`` (the suite's) and
+torchattacks' Square side by side on the same samples at eps 0.1 (the samples that survive the
+suite's PGD, which is about what the cascade gives Square, and with ``--square-compare`` all
+``--n`` samples at the listed query budgets): robust accuracy, time, time per query.
+Targets (issue 15): cascade <= 0.25x full, <= 0.5x
 AutoAttack, robust accuracy <= AutoAttack's at every eps.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_suite.py [--n 200] [--reps 1] \
-        [--models mlp-capped,mlp,cnn]
+        [--models mlp-capped,mlp,cnn] [--square-compare 1000,5000] [--square-only]
 """
 
 from __future__ import annotations
@@ -75,6 +79,41 @@ def autoattack(model, x, y, eps: float, steps: int, queries: int) -> tuple[list[
     return robust, time.perf_counter() - start
 
 
+def square_side_by_side(model, x, y, eps: float, queries: int, reps: int) -> list[tuple]:
+    """``torch:Square`` and ``torchattacks:Square`` at ``queries`` queries on the same samples at
+    ``eps``, interleaved (``reps`` rounds, seed 0): robust accuracy, median wall time and that time
+    per query (the per-query cost of the Python loop plus the model's forward)."""
+    from relucap_plugin import get_attack
+
+    tm = ThreatModel("Linf", eps=eps, steps=queries)
+    specs = ("torch:Square", "torchattacks:Square")
+    times: dict[str, list[float]] = {spec: [] for spec in specs}
+    robust: dict[str, float] = {}
+    for spec in specs:  # warm-up: imports and first-call costs stay out of the timing
+        get_attack(spec, tm.replace(steps=2))(model, x[:2], y[:2], seed=0)
+    for _ in range(reps):
+        for spec in specs:
+            start = time.perf_counter()
+            x_adv = get_attack(spec, tm)(model, x, y, seed=0)
+            times[spec].append(time.perf_counter() - start)
+            with torch.no_grad():
+                robust[spec] = float((model(x_adv).argmax(1) == y).float().mean())
+    med = {spec: statistics.median(v) for spec, v in times.items()}
+    return [(spec, f"{100 * robust[spec]:.1f}%", f"{med[spec]:.2f}", f"{1000 * med[spec] / queries:.3f}",
+             f"{med[specs[1]] / med[spec]:.2f}") for spec in specs]
+
+
+def pgd_survivors(model, x, y, tm: ThreatModel, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples still classified correctly after the suite's ``torch:PGD`` at ``eps``: what the
+    cascade hands to Square (at most; BPDA and transfer may break some more first)."""
+    from relucap_plugin import get_attack
+
+    x_adv = get_attack("torch:PGD", tm)(model, x, y, eps, seed=0)
+    with torch.no_grad():
+        keep = model(x_adv).argmax(1) == y
+    return x[keep], y[keep]
+
+
 def per_attack_time(results) -> dict[str, float]:
     return {a: sum(r["time"] for r in results if r["attack"] == a) for a in results.attacks}
 
@@ -88,6 +127,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="interleaved rounds per model")
     parser.add_argument("--models", default=",".join(MODELS), help=f"from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--square-compare", default="",
+                        help="query budgets (e.g. 1000,5000) at which to compare torch:Square with "
+                             "torchattacks:Square on all --n samples at eps 0.1 (strength and time)")
+    parser.add_argument("--square-only", action="store_true",
+                        help="only the Square comparisons (no cascade/full/AutoAttack runs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,6 +144,18 @@ def main() -> None:
     for name in args.models.split(","):
         label = MODELS[name]
         model = build(name, train_set)
+        square_rows = []
+        for queries in [int(q) for q in args.square_compare.split(",") if q]:
+            square_rows += [(label, f"all {len(x)}", queries, *row)
+                            for row in square_side_by_side(model, x, y, 0.1, queries, args.reps)]
+        xs, ys = pgd_survivors(model, x, y, tm, 0.1)
+        square_rows += [(label, f"{len(xs)} PGD survivors", args.square_queries, *row)
+                        for row in square_side_by_side(model, xs, ys, 0.1, args.square_queries, args.reps)]
+        print_table(("model", "samples", "queries", "attack", "robust at eps 0.1", "time (s)",
+                     "ms per query", "torchattacks time / this"), square_rows,
+                    title=f"Square side by side (eps 0.1, median of {args.reps} round(s))")
+        if args.square_only:
+            continue
         suite = get_suite("standard", tm, model, x[:8], square_queries=args.square_queries)
         times: dict[str, list[float]] = {"cascade": [], "full": [], "AutoAttack": []}
         for _ in range(args.reps):

@@ -5,7 +5,8 @@ surrogate gradients through a capped ReLU).
 ``torch:PGD`` is Madry et al.'s PGD: optional uniform random start in the eps-ball, ``steps``
 steps of ``step_size`` (sign of the gradient for Linf, the L2-normalised gradient for L2), each
 followed by projection onto the ball and the bounds; the last iterate is returned. ``torch:FGSM``
-is one step of size ``eps`` from the clean input.
+is one step of size ``eps`` from the clean input. ``torch:Square`` (L-inf, score-based) lives in
+:mod:`~relucap_plugin.adapters.square`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from ..attacks import Attack, Native, project
 from ..threat import LOSSES
 from . import build_attack
+from .square import Square
 
 __all__ = ["ATTACKS", "ALIASES", "LIBRARY", "attack_loss", "build", "pgd"]
 
@@ -155,7 +157,7 @@ class FGSM(PGD):
         return dict(norm=tm.norm, steps=1, step_size=eps, random_start=False, loss=tm.loss, bounds=tm.bounds)
 
 
-ATTACKS = {"PGD": PGD, "FGSM": FGSM}
+ATTACKS = {"PGD": PGD, "FGSM": FGSM, "Square": Square}
 ALIASES: dict = {
     "FGM": ("FGSM", {}),
     "PGD-CE": ("PGD", {"loss": "ce"}),
