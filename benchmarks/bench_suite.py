@@ -17,9 +17,10 @@ interleaved in one process (``--reps`` rounds of cascade, full, AutoAttack per m
 suite's PGD at ``--steps`` steps. Printed: the per-sample check (cascade worst case <= full worst
 case on every sample), robust accuracy of each at every eps, and the time ratios over the three
 eps together (median over rounds). Before that, per model: ``torch:Square`` (the suite's) and
-torchattacks' Square side by side on the same samples at eps 0.1 (the samples that survive the
-suite's PGD, which is about what the cascade gives Square, and with ``--square-compare`` all
-``--n`` samples at the listed query budgets): robust accuracy, time, time per query.
+torchattacks' Square side by side on the same samples at eps 0.1: the samples the cascade gives
+Square (those its cheaper attacks left robust, from an untimed cascade run), and with
+``--square-compare`` all ``--n`` samples at the listed query budgets; printed: robust accuracy,
+time, time per query.
 Targets (issue 15): cascade <= 0.25x full, <= 0.5x
 AutoAttack, robust accuracy <= AutoAttack's at every eps.
 
@@ -103,15 +104,10 @@ def square_side_by_side(model, x, y, eps: float, queries: int, reps: int) -> lis
              f"{med[specs[1]] / med[spec]:.2f}") for spec in specs]
 
 
-def pgd_survivors(model, x, y, tm: ThreatModel, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples still classified correctly after the suite's ``torch:PGD`` at ``eps``: what the
-    cascade hands to Square (at most; BPDA and transfer may break some more first)."""
-    from relucap_plugin import get_attack
-
-    x_adv = get_attack("torch:PGD", tm)(model, x, y, eps, seed=0)
-    with torch.no_grad():
-        keep = model(x_adv).argmax(1) == y
-    return x[keep], y[keep]
+def square_inputs(cascade, eps: float) -> list[int]:
+    """The samples the cascade ran Square on at ``eps`` (those no cheaper attack had broken)."""
+    return sorted(r["sample"] for r in cascade if r["eps"] == eps and "Square" in r["attack"]
+                  and r["status"] != "not_needed")
 
 
 def per_attack_time(results) -> dict[str, float]:
@@ -148,15 +144,19 @@ def main() -> None:
         for queries in [int(q) for q in args.square_compare.split(",") if q]:
             square_rows += [(label, f"all {len(x)}", queries, *row)
                             for row in square_side_by_side(model, x, y, 0.1, queries, args.reps)]
-        xs, ys = pgd_survivors(model, x, y, tm, 0.1)
-        square_rows += [(label, f"{len(xs)} PGD survivors", args.square_queries, *row)
-                        for row in square_side_by_side(model, xs, ys, 0.1, args.square_queries, args.reps)]
+        suite = get_suite("standard", tm, model, x[:8], square_queries=args.square_queries)
+        if not args.square_only:
+            cascade = evaluate(model, (x, y), suite, tm, cfg, progress=False, schedule="cascade")
+            survivors = square_inputs(cascade, 0.1)
+            if survivors:
+                square_rows += [(label, f"{len(survivors)} cascade survivors", args.square_queries, *row)
+                                for row in square_side_by_side(model, x[survivors], y[survivors], 0.1,
+                                                               args.square_queries, args.reps)]
         print_table(("model", "samples", "queries", "attack", "robust at eps 0.1", "time (s)",
                      "ms per query", "torchattacks time / this"), square_rows,
                     title=f"Square side by side (eps 0.1, median of {args.reps} round(s))")
         if args.square_only:
             continue
-        suite = get_suite("standard", tm, model, x[:8], square_queries=args.square_queries)
         times: dict[str, list[float]] = {"cascade": [], "full": [], "AutoAttack": []}
         for _ in range(args.reps):
             start = time.perf_counter()

@@ -255,8 +255,8 @@ def _square(threat_model: ThreatModel, queries: int) -> Attack:
     for spec in ("torchattacks:Square", "art:Square"):
         if LIBRARIES[spec.split(":")[0]].installed():
             return get_attack(spec, threat_model, steps=queries)
-    raise ImportError(f'the standard suite needs a {threat_model.norm} Square attack from torchattacks or '
-                      'ART (torch:Square is L-inf only): pip install "relucap-plugin[torchattacks]" '
+    raise ImportError(f'the standard suite needs a Square attack for {threat_model.norm} from '
+                      'torchattacks or ART (torch:Square is L-inf only): pip install "relucap-plugin[torchattacks]" '
                       '(or "relucap-plugin[art]")')
 
 
