@@ -10,16 +10,18 @@ paper's code); the new point is kept if its margin is lower; a sample stops at i
 misclassification. The side of the square follows the paper's schedule of ``p`` (the fraction
 of pixels it covers: ``p_init`` halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of
 10000 iterations, rescaled to the query budget) with AutoAttack's ``p_init=0.8``. The start is
-the first query; a sample spends at most ``queries`` forward passes.
+the first query; a sample spends at most ``queries`` forward passes after one on the clean input
+(an already misclassified sample is returned as it is, as in AutoAttack).
 
 Our own design: every sample draws from its own generator (:meth:`CallContext.generators`), in
 blocks of a fixed number of queries, so its trajectory does not depend on which other samples
 share the call (torchattacks draws one square per query for all the call's samples); the redraw
 of an unchanged square flips every channel's sign instead of drawing again (the same
 distribution for one channel); squares may sit at every position, including the last row and
-column; the batch is kept in fixed tensors that shrink only when a sample is broken, and a query
-costs about 15 small tensor operations besides the model's forward (no cross-entropy, no row
-gathers). Inputs that are not ``(N, C, H, W)`` are searched as ``(N, 1, H, W)`` or
+column; the batch is kept in fixed tensors that shrink only when a sample is broken, the
+squares and their candidate values are computed ahead for blocks of queries, and a query costs
+about 15-20 small tensor operations besides the model's forward (no cross-entropy, no row
+gathers, float 0/1 selections instead of the slower ``torch.where`` with bool masks). Inputs that are not ``(N, C, H, W)`` are searched as ``(N, 1, H, W)`` or
 ``(N, 1, 1, D)`` (as torchattacks does), with windows of the same area clipped to that layout.
 L2 is not implemented: the standard suite keeps the library Square for L2.
 """
