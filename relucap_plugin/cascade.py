@@ -15,7 +15,7 @@ The per-sample worst case over attacks is exact under both schedules (a sample c
 only if every attack that ran on it failed); compared with the full schedule it is the same or
 lower on every sample for our own attacks, whose random draws are per sample (seeded by the
 call's seed, the same under both schedules, and the sample's index), and up to their draws for
-library attacks that draw for the whole call (Square). A per-attack accuracy under the cascade is conditional on the sample having
+library attacks that draw for the whole call (torchattacks' Square). A per-attack accuracy under the cascade is conditional on the sample having
 survived the attacks before it. AutoAttack (Croce and Hein 2020)
 runs its members on the points still robust in the same way; the nesting of budgets, the
 unconditional first attack and the rows that say why an attack did not run are our own design.

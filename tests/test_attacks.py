@@ -96,7 +96,7 @@ def test_torch_backend_has_no_library_overrides():
 
 def test_list_attacks_and_status():
     listed = list_attacks()
-    assert listed["torch"] == ["APGD", "APGD-T", "FGSM", "PGD"]
+    assert listed["torch"] == ["APGD", "APGD-T", "FGSM", "PGD", "Square"]
     for library in ("torchattacks", "foolbox", "art"):
         assert listed[library] == sorted(load_adapter(library).ATTACKS, key=str.lower)
     assert {"PGD", "APGD", "AutoAttack", "Square", "CW", "DeepFool", "FGSM"} <= set(listed["torchattacks"])

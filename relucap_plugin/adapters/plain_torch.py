@@ -8,6 +8,7 @@ followed by projection onto the ball and the bounds; the last iterate is returne
 is one step of size ``eps`` from the clean input. ``torch:APGD`` is Croce and Hein's APGD
 (:func:`apgd`) and ``torch:APGD-T`` their APGD-T, one targeted APGD per target class against
 the top ``targets`` other classes by clean logit (:class:`APGDT`).
+``torch:Square`` (L-inf, score-based) lives in :mod:`~relucap_plugin.adapters.square`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from ..attacks import Attack, Native, project
 from ..threat import LOSSES
 from . import build_attack
+from .square import Square
 
 __all__ = ["ATTACKS", "ALIASES", "LIBRARY", "apgd", "apgd_targets", "attack_loss", "build", "pgd", "top_targets"]
 
@@ -339,7 +341,7 @@ class APGDT(APGD):
                       {"eps": eps})
 
 
-ATTACKS = {"PGD": PGD, "FGSM": FGSM, "APGD": APGD, "APGD-T": APGDT}
+ATTACKS = {"PGD": PGD, "FGSM": FGSM, "APGD": APGD, "APGD-T": APGDT, "Square": Square}
 ALIASES: dict = {
     "FGM": ("FGSM", {}),
     "PGD-CE": ("PGD", {"loss": "ce"}),

@@ -250,11 +250,14 @@ def _square(threat_model: ThreatModel, queries: int) -> Attack:
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
         raise ValueError(f"square_queries must be an int >= 1 (the Square attack's query budget), got {queries!r}")
     check_budget("square_queries", queries)
+    if threat_model.norm == "Linf":
+        return get_attack("torch:Square", threat_model, steps=queries)
     for spec in ("torchattacks:Square", "art:Square"):
         if LIBRARIES[spec.split(":")[0]].installed():
             return get_attack(spec, threat_model, steps=queries)
-    raise ImportError('the standard suite needs a Square attack from torchattacks or ART: '
-                      'pip install "relucap-plugin[torchattacks]" (or "relucap-plugin[art]")')
+    raise ImportError(f'the standard suite needs a Square attack for {threat_model.norm} from '
+                      'torchattacks or ART (torch:Square is L-inf only): pip install "relucap-plugin[torchattacks]" '
+                      '(or "relucap-plugin[art]")')
 
 
 def standard_suite(threat_model: ThreatModel, *, square_queries: int = 5000,
@@ -264,9 +267,10 @@ def standard_suite(threat_model: ThreatModel, *, square_queries: int = 5000,
 
     White-box ``torch:PGD`` with the cross-entropy and with the margin loss (``threat_model``'s
     steps, step size, restarts), both again through the straight-through surrogate gradient
-    (BPDA) through every cap however it is written, ``torch:PGD-T-margin`` (targeted PGD against
-    each of the top 9 other classes, as AutoAttack's APGD-T; plain and through BPDA), Square (black-box, ``square_queries``
-    queries; torchattacks, else ART; on ``input_shape`` if given) and PGD-CE transferred from
+    (BPDA) through every cap however it is written, ``torch:APGD-T(loss='margin')`` (targeted APGD
+    against each of the top 9 other classes, as AutoAttack's APGD-T; plain and through BPDA),
+    Square (black-box, ``square_queries`` queries; L-inf: ``torch:Square``, per-sample draws;
+    L2: torchattacks, else ART; on ``input_shape`` if given) and PGD-CE transferred from
     ``surrogate`` (default: the uncapped twin). Report the per-sample worst case over all of
     them (:meth:`Results.worst_case`).
     """
