@@ -95,6 +95,20 @@ def test_a_regenerated_or_wrapped_forward_gets_the_gradient_comparison(monkeypat
     assert grads_of(converted, x)[0] == grads_of(net, x)[0]
 
 
+def test_a_gradient_check_without_a_reference_with_gradients_is_refused():
+    """``check`` asked to compare gradients against a reference pass made without autograd
+    refuses loudly (the decision to add gradients is made before converting)."""
+    net = _Modules()
+    x = torch.randn(3, 4)
+    ref = verify.probe(net, (x,))
+    assert ref.grads is None
+    with pytest.raises(ConversionCheckError, match="ran without autograd, so gradients cannot be compared"):
+        verify.check(net, ref, (x,), {}, False, "cap_relus", True)
+    verify.add_gradients(net, ref, (x,), "cap_relus")
+    summary, _ = verify.check(net, ref, (x,), {}, False, "cap_relus", True)
+    assert "gradients reach the same 4 parameters" in summary
+
+
 def test_a_lost_no_grad_is_caught_only_by_the_gradient_comparison(monkeypatch):
     """HelperFrozen's fx rewrite loses a ``no_grad`` block and changes nothing else: with
     the gradient comparison skipped the check would pass it (fx kept, the frozen layer now

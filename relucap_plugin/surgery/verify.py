@@ -443,6 +443,11 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
     have them, :func:`add_gradients`); both passes run with autograd then, else under
     ``no_grad``. Returns a one-line summary and the notes.
     """
+    if grads and ref.grads is None:  # the caller decided before converting; say so if it differs
+        raise ConversionCheckError(
+            f"{fn}: a forward was regenerated or wrapped, but the original's reference pass ran "
+            "without autograd, so gradients cannot be compared. Nothing was returned; report this "
+            "with the model, or pass mode='modules'")
     ops = {m: _plain_op(upper, inplace, m, site) for m, (site, upper, inplace) in installed.items()}
     with _plain_caps(converted, ops):
         got = _run(converted, args, grads)
