@@ -317,3 +317,124 @@ def test_failure_1_self_check_catches_a_lost_autocast_and_falls_back():
     assert all("fx rewrite failed the self-check" in r for r in report.reasons.values())
     out = run(converted, x)
     assert out.dtype == torch.bfloat16 and torch.equal(out, reference)
+
+
+class _SharedAct(nn.Module):
+    """One ReLU instance called twice; its calls can get different caps (fx route)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x))) + self.act(x)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_hooks_on_a_swapped_relu_keep_firing_and_their_handles_keep_working(inplace):
+    """A forward hook recording a ReLU's output (as users do to calibrate caps) fires on the
+    new activation after the swap, sees the capped output, and its handle still removes it;
+    undo puts the ReLU back with exactly its own hooks. Before, the hook was dropped without a
+    word and the self-check passed."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen = []
+    handle = net[1].register_forward_hook(lambda m, i, o: seen.append((type(m), float(o.detach().max()))))
+    converted, report = cap_relus(net, 0.1, inplace=inplace)
+    seen.clear()
+    converted(torch.randn(16, 4) * 10)
+    assert len(seen) == 1 and seen[0][0] is not nn.ReLU and seen[0][1] == pytest.approx(0.1)
+    if inplace:
+        handle.remove()
+        seen.clear()
+        converted(torch.randn(2, 4))
+        assert seen == []
+        report.undo()
+        assert type(net[1]) is nn.ReLU and len(net[1]._forward_hooks) == 0
+    else:
+        assert type(net[1]) is nn.ReLU and len(net[1]._forward_hooks) == 1
+
+
+def test_an_output_changing_hook_on_a_swapped_relu_is_kept_exactly():
+    """A hook that returns a new output (scales the activation) stays part of the model: the
+    converted model computes hook(capped ReLU). Before, the check refused the model, blaming a
+    regenerated forward that did not exist."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    net[1].register_forward_hook(lambda m, i, o: 2 * o)
+    pre = []
+    net[1].register_forward_pre_hook(lambda m, args: pre.append(args[0].shape))
+    net[1].register_full_backward_hook(lambda m, gi, go: pre.append("backward"))
+    converted, report = cap_relus(net, 0.1)
+    assert report.check.startswith("passed")
+    x = torch.randn(5, 4, requires_grad=True) * 10
+    pre.clear()
+    out = converted(x)
+    assert torch.equal(out, converted[2](2 * net[0](x).clamp(0, 0.1)))
+    out.sum().backward()
+    assert pre == [torch.Size([5, 8]), "backward"]
+
+
+def test_hooks_of_a_shared_relu_fire_once_per_call_when_its_calls_get_different_caps():
+    net = _SharedAct()
+    calls = []
+    net.act.register_forward_hook(lambda m, i, o: calls.append(float(o.detach().max())))
+    converted, report = cap_relus(net, {"act#0": 0.1, "act#1": 0.5})
+    assert set(report.how.values()) == {"fx"}
+    calls.clear()
+    converted(torch.randn(8, 4) * 10)
+    assert len(calls) == 2 and sorted(calls) == pytest.approx([0.1, 0.5])
+
+
+def test_a_keyword_call_of_a_relu_with_a_pre_hook_still_runs_and_leaves_the_original_alone():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(input=self.lin(x))
+
+    net = Keyword()
+    got = []
+    net.act.register_forward_pre_hook(lambda m, args: got.append(len(args)))
+    converted, report = cap_relus(net, 0.1)
+    got.clear()
+    out = converted(torch.randn(3, 4) * 10)
+    assert bool(out.max() <= torch.tensor(0.1)) and got == [1]
+    assert len(net.act._forward_pre_hooks) == 1 and type(net.act) is nn.ReLU
+    got.clear()
+    net(torch.randn(3, 4))
+    assert got == [0]
+
+
+def test_a_module_swap_that_changes_outputs_is_blamed_on_the_swap_not_on_a_rewrite():
+    """Code that inspects its activation module (its type) computes something else once the
+    ReLU is swapped: the check refuses, and says so (no forward was regenerated)."""
+
+    class Inspects(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            y = self.act(self.lin(x))
+            return y if type(self.act) is nn.ReLU else 2 * y
+
+    with pytest.raises(ConversionCheckError, match=r"every site was a module swap, so the "
+                                                   r"model's code depends on the activation"):
+        cap_relus(Inspects(), 0.1)
+
+
+def test_a_hook_added_to_the_new_activation_is_a_whole_hook_on_the_relu_after_undo():
+    """Hooks registered on the capped activation later (with kwargs, always called) land on
+    the ReLU whole when the conversion is undone: the hook dicts move as a group."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    net[1].register_forward_hook(lambda m, i, o: None)
+    _, report = cap_relus(net, 0.1, inplace=True)
+    got = []
+    net[1].register_forward_hook(lambda m, args, kwargs, o: got.append(len(kwargs)),
+                                 with_kwargs=True, always_call=True)
+    report.undo()
+    assert type(net[1]) is nn.ReLU
+    net(torch.randn(2, 4))
+    assert got == [0]

@@ -85,8 +85,13 @@ def _copy(obj: Any, memo: dict[int, Any]) -> Any:
             kind = type(v)
             if kind in _ATOMIC:
                 continue
-            if kind in _CONTAINERS and not v and id(v) not in memo:  # most hook dicts
-                state[k] = memo[id(v)] = kind()
+            if kind in _CONTAINERS and not v:
+                if k in _MODULE_STATE:  # nn.Module's own hook dicts: nothing else holds them
+                    state[k] = kind()
+                elif id(v) not in memo:
+                    state[k] = memo[id(v)] = kind()
+                else:
+                    state[k] = memo[id(v)]
             else:
                 state[k] = _copy(v, memo)
         if cls.__setstate__ is nn.Module.__setstate__ and state.keys() >= _MODULE_STATE:

@@ -116,6 +116,35 @@ class _Record:
             parent._modules[name] = old
 
 
+#: The hook dicts of an nn.Module that run when it is called (forward and backward).
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The new activation runs the hooks registered on the ReLU module it replaces.
+
+    A user's forward hook on a ReLU (recording activations, as cap calibration does) would
+    otherwise stop firing without a word when the ReLU is swapped. ``new`` shares ``old``'s
+    hook dicts (where it has none of its own), so a handle the user holds removes the hook from
+    both, and a hook added to the new activation stays on the ReLU that :meth:`CapReport.undo`
+    puts back. Every call of ``old`` that now calls a new activation runs them once, as before.
+    Our own design."""
+    if not any(getattr(old, name, None) for name in _HOOK_DICTS):
+        return
+    for name in _HOOK_DICTS:  # all of them, also the empty ones: a hook added later spans several
+        theirs, mine = getattr(old, name, None), getattr(new, name, None)
+        if theirs is None or mine is None:
+            continue
+        if mine:
+            mine.update(theirs)  # the activation's own hooks run first, in a dict of its own
+        else:
+            new.__dict__[name] = theirs
+    if old._backward_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 @dataclass
 class CapReport:
     """What :func:`cap_relus` did to ``model``.

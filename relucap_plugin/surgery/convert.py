@@ -37,6 +37,7 @@ from ._records import (
     _relative,
     _site_input,
     _site_op,
+    carry_hooks,
 )
 from . import verify
 from ._copy import copy_model
@@ -91,6 +92,8 @@ class _Converter:
             like = (self.disc.instances[i] if site.kind == "module"
                     else self.named.get(site.owner, self.model))
             module.train(like.training)
+            if site.kind == "module":
+                carry_hooks(like, module)
             module.__dict__[_MARK] = site.name
             self.built[i] = module
         return module
@@ -153,8 +156,11 @@ class _Converter:
             chosen = [i for i in group if i in self.plan]
             new = self._module(chosen[0])
             nodes = [self.disc.nodes[i] for i in group]
-            if any(n is None or n.kwargs for n in nodes) and not new._forward_pre_hooks:
-                new.register_forward_pre_hook(_positional_input, with_kwargs=True)
+            if any(n is None or n.kwargs for n in nodes) and not any(
+                    h is _positional_input for h in new._forward_pre_hooks.values()):
+                for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+                    new.__dict__[name] = type(getattr(new, name))(getattr(new, name))  # its own
+                new.register_forward_pre_hook(_positional_input, with_kwargs=True, prepend=True)
             for parent, name in locations[id(inst)]:
                 parent._modules[name] = new
                 self.record.replaced.append((parent, name, inst))

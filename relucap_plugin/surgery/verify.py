@@ -480,7 +480,7 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
             f"{len(ref.calls)}; not converted: {_where(leftover, converted) or 'none'}. Report this "
             "with the model; convert fewer sites meanwhile"
         )
-    _compare_outputs(ref, got, fn)
+    _compare_outputs(ref, got, fn, grads)
     if grads and ref.grads != got.grads:
         gained = sorted(got.grads - ref.grads)
         lost = sorted(ref.grads - got.grads)
@@ -518,7 +518,9 @@ def _label(path: str) -> str:
     return repr(path) if path else "the model itself"
 
 
-def _compare_outputs(ref: _Run, got: _Run, fn: str) -> None:
+def _compare_outputs(ref: _Run, got: _Run, fn: str, regenerated: bool) -> None:
+    """``regenerated``: a forward was regenerated or wrapped (else every site was a module
+    swap, and the user's forwards ran unchanged)."""
     if ref.spec != got.spec or len(ref.outputs) != len(got.outputs):
         raise ConversionCheckError(
             f"{fn}: at cap=inf the converted model returns another structure than the "
@@ -532,7 +534,12 @@ def _compare_outputs(ref: _Run, got: _Run, fn: str) -> None:
                 f"original's is {a.dtype}: a regenerated forward lost a `with torch.autocast` "
                 "block (or another dtype context). Report this with the model")
         if a.shape != b.shape or (a.device.type != "meta" and not torch.equal(a, b)):
+            why = ("a regenerated forward changed what the model computes); report this with "
+                   "the model, and convert the sites of other owners meanwhile" if regenerated else
+                   "every site was a module swap, so the model's code depends on the activation "
+                   "module itself: its type, its attributes, or state it keeps); convert the "
+                   "sites of the modules that inspect their activation by path, or report this "
+                   "with the model")
             raise ConversionCheckError(
                 f"{fn}: at cap=inf output {k} of the converted model differs from the "
-                "original's (a regenerated forward changed what the model computes); report "
-                "this with the model, and convert the sites of other owners meanwhile")
+                f"original's ({why}")
