@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ._fingerprint import parameters_digest
-from ._torch import check_inputs, check_logits, clean_logits, float_dtype, is_out_of_memory
+from ._torch import (PROBABILITIES, check_inputs, check_logits, clean_logits, float_dtype,
+                     is_out_of_memory, looks_like_probabilities)
 from .adversarial import AdversarialStore
 from .attacks import Attack
 from .data import check_labels
@@ -107,6 +108,9 @@ class Runner:
         yd = y.to(device=self.device, dtype=torch.long)
         logits = clean_logits(self._logits, xd, where)
         check_labels(y, logits.shape[1], where)
+        if "probabilities" not in self.warned and looks_like_probabilities(logits):
+            self.warned.add("probabilities")
+            warnings.warn(PROBABILITIES.format(where=where), UserWarning, stacklevel=4)
         labels = yd.tolist()
         if self.store is not None:
             self.store.clean(start, xd, self.tm.eps)

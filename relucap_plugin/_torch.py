@@ -169,6 +169,26 @@ def clean_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     return logits
 
 
+#: The warning for a model whose outputs are probabilities (``where``: the data it saw).
+PROBABILITIES = (
+    "{where}: the model returns probabilities (every output row lies in [0, 1] and sums to 1): "
+    "it ends with a softmax. Losses on probabilities saturate, so gradient attacks find fewer "
+    "adversarial examples and robust accuracy is over-reported. Evaluate the logits: drop the "
+    "final softmax (or return log-probabilities)")
+
+
+def looks_like_probabilities(logits: torch.Tensor, tol: float = 1e-4) -> bool:
+    """True when every row of ``logits`` (N, classes >= 2) lies in [0, 1] and sums to 1 (within
+    ``tol`` per class): the model ends with a softmax. Losses on probabilities saturate (a
+    confident sample's gradient all but vanishes), so gradient attacks over-report robustness;
+    log-probabilities are fine (a softmax of them is the model's own)."""
+    if logits.dim() != 2 or logits.shape[1] < 2 or not logits.is_floating_point():
+        return False
+    z = logits.detach().float()
+    return bool((z >= 0).all() and (z <= 1).all()
+                and ((z.sum(1) - 1).abs() <= tol * z.shape[1]).all())
+
+
 def check_module(model: object, where: str) -> None:
     """Refuse a ``model`` argument of ``where`` (a public function's name) that is not an ``nn.Module``."""
     if not isinstance(model, nn.Module):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ._console import format_table, print_table
 from ._format import markdown_table, short_repr
 from .adaptive import attack_kind, audit_inputs, cap_statistics, evaluate_suite, find_caps
-from ._torch import caller_state, model_device
+from ._torch import caller_state, looks_like_probabilities, model_device
 from .attacks import get_attack
 from .results import Results
 from .significance import ALPHA, clopper_pearson, mcnemar_exact
@@ -56,6 +56,7 @@ __all__ = [
     "other_attacks_check",
     "over_report",
     "perturbation_growth",
+    "probability_check",
     "saturation_check",
     "steps_restarts_check",
     "unbounded_check",
@@ -105,6 +106,8 @@ CHECKS: dict[str, Check] = {
         "more steps or restarts break samples the base attack did not, beyond sampling noise: the attack has not converged"),
     "nondeterministic_logits": Check("random logits", "risk",
         "repeated forward passes give different logits: randomness can hide gradients (use EOT attacks)"),
+    "probability_outputs": Check("softmax out", "risk",
+        "the model returns probabilities (a softmax at its end): losses on them saturate, so gradient attacks weaken"),
 }
 
 #: Checks that measure an attack gap on paired per-sample outcomes (fire only when significant).
@@ -248,6 +251,17 @@ def determinism_check(model: nn.Module, x: Tensor, *, repeats: int = 3, rtol: fl
     scale = outs[0].abs().max().item()
     return _flag("nondeterministic_logits", diff > rtol * max(scale, 1.0), max_abs_difference=diff,
                  max_abs_logit=scale, repeats=len(outs))
+
+
+def probability_check(model: nn.Module, x: Tensor) -> Flag:
+    """``probability_outputs``: the model's outputs on ``x`` are probabilities (every row in
+    [0, 1], summing to 1), not logits."""
+    with torch.no_grad(), caller_state(model):
+        out = model(x.to(model_device(model, x.device)))
+    row_sums = out.float().sum(1)
+    return _flag("probability_outputs", looks_like_probabilities(out),
+                 min_output=out.min().item(), max_output=out.max().item(),
+                 max_row_sum_error=(row_sums - 1).abs().max().item())
 
 
 def _robust(model: nn.Module, attack: Any, x: Tensor, y: Tensor, eps: float, seed: int) -> Tensor:
@@ -552,6 +566,7 @@ def audit(
         *other_attacks_check(results),
         steps_restarts_check(model, x, y, threat_model, seed=config.seed),
         determinism_check(model, x),
+        probability_check(model, x),
     ]
     order = list(CHECKS)
     flags.sort(key=lambda f: order.index(f.name))

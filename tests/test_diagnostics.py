@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from relucap_plugin.diagnostics import (
     Flag,
     audit,
     determinism_check,
+    probability_check,
     eps_check,
     gradient_check,
     other_attacks_check,
@@ -157,6 +160,32 @@ class _Noisy(nn.Module):
 
     def forward(self, x):
         return self.lin(x) + 0.1 * torch.randn(x.shape[0], 3)
+
+
+def test_probability_outputs_are_flagged_and_warned_about_in_evaluate():
+    """A model ending with a softmax: the audit's risk flag fires (not for its logits, nor for
+    log-probabilities), and evaluate warns once, naming the fix; not for the logits model."""
+    from relucap_plugin import evaluate
+
+    torch.manual_seed(0)
+    logits = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.rand(32, 4), torch.randint(0, 3, (32,))
+    with torch.no_grad():
+        logits[2].weight.mul_(20)  # confident: a softmax saturates
+    probs = nn.Sequential(logits, nn.Softmax(dim=1))
+    assert probability_check(probs, x).fired
+    assert not probability_check(logits, x).fired
+    assert not probability_check(nn.Sequential(logits, nn.LogSoftmax(dim=1)), x).fired
+    assert probability_check(probs, x).evidence["max_row_sum_error"] < 1e-4
+    y = logits(x).argmax(1)
+    tm, cfg = ThreatModel("Linf", eps=(0.05,), steps=10), EvalConfig(device="cpu")
+    with pytest.warns(UserWarning, match=r"the model returns probabilities .* it ends with a "
+                                         r"softmax.*drop the final softmax") as record:
+        evaluate(probs, (x, y), ["torch:PGD"], tm, cfg, progress=False)
+    assert sum("probabilities" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(logits, (x, y), ["torch:PGD"], tm, cfg, progress=False)
 
 
 def test_determinism_and_gradient_checks_on_small_models():

@@ -8,6 +8,7 @@ it) and checks the fix. ReLU applications are counted independently of relucap_p
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import threading
@@ -438,3 +439,53 @@ def test_a_hook_added_to_the_new_activation_is_a_whole_hook_on_the_relu_after_un
     assert type(net[1]) is nn.ReLU
     net(torch.randn(2, 4))
     assert got == [0]
+
+
+class _Bypass(nn.Module):
+    """Calls its registered ReLU ``act`` through another reference: a list, a partial, a
+    closure. A swap replaces the registered attribute only."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.lin, self.act, self.out = nn.Linear(4, 4), nn.ReLU(), nn.ReLU()
+        act = self.act
+        self.call = {"list": [act], "partial": functools.partial(act),
+                     "closure": lambda x: act(x)}[how]
+
+    def forward(self, x):
+        call = self.call[0] if isinstance(self.call, list) else self.call
+        return self.out(call(self.lin(x)))
+
+
+@pytest.mark.parametrize("how", ["list", "partial"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_site_applied_through_a_reference_the_swap_cannot_reach_is_refused(how, inplace):
+    """Converting only ``act``: the model still applies the old ReLU through the other
+    reference. Before, the check passed ("0 through new activations") and the site stayed
+    uncapped; now the conversion is refused and the model is left as it was."""
+    net = _Bypass(how)
+    before = snapshot(net)
+    with pytest.raises(ConversionCheckError, match=r"1 ReLU application\(s\) of the converted "
+                                                   r"sites should run through their new "
+                                                   r"activations at cap=inf, 0 did; the model "
+                                                   r"applies a ReLU module that is not in its "
+                                                   r"module tree"):
+        cap_relus(net, 0.1, sites="act", inplace=inplace)
+    assert_same_snapshot(before, snapshot(net))
+    assert type(net.act) is nn.ReLU and not is_converted(net)
+    _, report = cap_relus(net, 0.1, sites="out")  # a site reached through its attribute
+    assert report.count == 1 and report.check.startswith("passed")
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_a_relu_called_through_a_closure_is_never_left_plain_in_a_returned_model(example):
+    """A closure holding the ReLU (``deepcopy`` shares it with the original, so the copy calls
+    the original's module): every way of converting is refused loudly."""
+    net = _Bypass("closure")
+    x = torch.randn(2, 4) if example else None
+    for sites in (None, "act"):
+        with pytest.raises((ConversionCheckError, UntraceableModelError, ValueError)):
+            cap_relus(net, 0.1, sites=sites, example_input=x)
+    with pytest.raises(ConversionCheckError, match="not in its module tree"):
+        cap_relus(net, 0.1, sites="act", example_input=x, inplace=True)
+    assert type(net.act) is nn.ReLU and not is_converted(net)

@@ -594,6 +594,6 @@ def _forwards_changed(converter: _Converter) -> bool:
 
 def _check(model: nn.Module, converter: _Converter, ref: Any, args: tuple, all_sites: bool) -> str:
     summary, notes = verify.check(model, ref, args, converter.installed(), all_sites,
-                                  "cap_relus", _forwards_changed(converter))
+                                  "cap_relus", _forwards_changed(converter), len(converter.used))
     converter.warnings.extend(notes)
     return summary

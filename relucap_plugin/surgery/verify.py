@@ -434,14 +434,18 @@ def add_gradients(model: nn.Module, ref: _Run, args: tuple, fn: str) -> None:
 
 
 def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Module, tuple],
-          all_sites: bool, fn: str, grads: bool) -> tuple[str, list[str]]:
+          all_sites: bool, fn: str, grads: bool, converted_calls: int | None = None
+          ) -> tuple[str, list[str]]:
     """Compare ``converted`` at ``cap=inf`` semantics with ``ref``; raise on any difference.
 
     ``installed`` maps each new activation to ``(site name, upper, inplace)``; ``all_sites``:
     every site found was converted, so no plain ReLU may remain (except inside torch.nn layers,
     which get a note). ``grads``: compare the parameters gradients reach too (``ref`` must
     have them, :func:`add_gradients`); both passes run with autograd then, else under
-    ``no_grad``. Returns a one-line summary and the notes.
+    ``no_grad``. ``converted_calls``: how many ReLU applications of the reference pass belong
+    to converted sites; exactly that many must run through new activations (a site's ReLU
+    applied through a reference the conversion cannot reach would otherwise stay plain, with
+    the same outputs at ``cap=inf``). Returns a one-line summary and the notes.
     """
     if grads and ref.grads is None:  # the caller decided before converting; say so if it differs
         raise ConversionCheckError(
@@ -460,6 +464,19 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
             "the model, or pass mode='modules' / fewer sites"
         ) from got.error
     leftover = [(c.module, c.where) for c in got.calls if not c.installed]
+    inside = sum(1 for c in got.calls if c.installed)
+    stale = _stale(got.calls, converted) if leftover else []
+    unreachable = (
+        f"; the model applies a ReLU module that is not in its module tree: "
+        f"{_where(stale, converted)}. It calls the module through a reference the swap cannot "
+        "reach (a Python list, a functools.partial, a closure): call it through the attribute "
+        "it is registered under (self.act(x)), or leave its site out with sites=") if stale else ""
+    if converted_calls is not None and inside != converted_calls:
+        raise ConversionCheckError(
+            f"{fn}: {converted_calls} ReLU application(s) of the converted sites should run "
+            f"through their new activations at cap=inf, {inside} did" + (unreachable or (
+                f"; plain ReLUs left: {_where(leftover, converted) or 'none'}. Report this with "
+                "the model; convert fewer sites meanwhile")))
     hidden = [(m, w) for m, w in leftover if _inside_torch_layer(m)]
     notes = []
     if hidden:
@@ -470,9 +487,10 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
         leftover = [c for c in leftover if c not in hidden]
         raise ConversionCheckError(
             f"{fn}: {len(leftover)} ReLU application(s) were not converted although every site "
-            f"was selected: {_where(leftover, converted)}. These ReLUs are invisible to the "
-            "discovery used (mode='modules' lists nn.ReLU/nn.ReLU6 modules only): use "
-            "mode='auto', which finds functional ReLUs and caps them by fx or at run time"
+            f"was selected" + (unreachable or (
+                f": {_where(leftover, converted)}. These ReLUs are invisible to the discovery "
+                "used (mode='modules' lists nn.ReLU/nn.ReLU6 modules only): use mode='auto', "
+                "which finds functional ReLUs and caps them by fx or at run time"))
         )
     if len(got.calls) != len(ref.calls):
         raise ConversionCheckError(
@@ -493,11 +511,19 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
     values = "bit-identical outputs" if all(
         not isinstance(t, Tensor) or t.device.type != "meta" for t in ref.outputs) else (
         "meta tensors: shapes and dtypes")
-    inside = sum(1 for c in got.calls if c.installed)
     gradients = (f"gradients reach the same {len(ref.grads)} parameters" if grads else
                  "gradients not compared (no forward regenerated or wrapped)")
     return (f"passed at cap=inf: {values}, same dtypes, {gradients}, {len(got.calls)} ReLU "
             f"applications, {inside} through new activations"), notes
+
+
+def _stale(calls: list[_Application], model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The plain ReLU applications made by a module outside ``model``'s tree (reached through
+    a list, a partial, a closure), each with the module that called it."""
+    paths = _first_paths(model)
+    return [(c.module, c.where or (f"a call from {_label(paths[c.caller])} "
+                                   f"({type(c.caller).__name__})" if c.caller in paths else ""))
+            for c in calls if not c.installed and c.module is not None and c.module not in paths]
 
 
 def _inside_torch_layer(m: nn.Module | None) -> bool:
