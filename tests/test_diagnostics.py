@@ -79,7 +79,7 @@ def test_plain_relu_model_raises_no_flag(relu_audit):
     # no caps: no saturated caps, and the suite leaves out its BPDA and transfer members
     skipped = {f.name for f in a.flags if f.skipped}
     assert skipped == {"saturated_caps", "transfer_beats_whitebox", "surrogate_beats_whitebox"}
-    assert a.verdict == "relu: no sign of gradient masking in 7 checks (3 skipped)"
+    assert a.verdict == "relu: no sign of gradient masking in 8 checks (3 skipped)"
     assert a.level == "no sign" and a.caps == []
     pgd, worst = a.results.robust_accuracy("torch:PGD", 0.3), a.results.worst_case(0.3)
     assert abs(worst - pgd) <= 0.02
