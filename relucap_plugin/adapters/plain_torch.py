@@ -281,7 +281,7 @@ def apgd_targets(
         group = range(j, min(order.shape[1], j + (1 if j == 0 else max(1, rows // len(todo)))))
         at = todo.repeat(len(group))
         gens = None if generators is None else [g for t in group for g in generators(todo, t)]
-        tried = apgd(model, x[at], y[at], eps, target=order[todo][:, group].T.flatten(), generator=gens,
+        tried = apgd(model, x[at], y[at], eps, target=order[todo, group.start:group.stop].T.flatten(), generator=gens,
                      **kwargs).view(len(group), len(todo), *x.shape[1:])
         with torch.no_grad():
             hit = (model(tried.flatten(0, 1)).argmax(1) != y[at]).view(len(group), len(todo))

@@ -133,10 +133,10 @@ def square(
 
     with torch.no_grad():
         out = xi.clone()
-        logits = forward_once = model(x)
+        logits = model(x)
         others = torch.zeros_like(logits).scatter_(1, label[:, None], -math.inf)[:, :, None, None]
         lab = label[:, None, None, None]
-        todo = (margin(xi, lab, others, forward_once) > 0).flatten()
+        todo = (margin(xi, lab, others, logits) > 0).flatten()
         gens = [g for g, t in zip(generators, todo.tolist()) if t]
         if not gens:
             return out.reshape(shape)
