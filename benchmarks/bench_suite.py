@@ -24,10 +24,11 @@ Square (those its cheaper attacks left robust, from an untimed cascade run), and
 time, time per query. Then ``torch:Square`` and ``torch:APGD-T`` as of git revision ``--before``
 and as now, on the cascade's survivors at eps 0.1, same generators, interleaved: CPU ms per query
 (Square; next to the model's forward alone on those rows), seconds (APGD-T), and whether the
-outputs are identical. Last, per model, the cascade's floor: the work no schedule avoids (the
-first attack on every clean-correct sample at every eps, from the cascade's rows; every other
-attack of the suite run directly on the samples robust at each eps, Square counted as its query
-budget of bare forwards on them), divided by the full schedule's time.
+outputs are identical. Last, per model, the cascade's floor: the work no schedule avoids, each
+part run here on CPU time (the cascade's first attack at the smallest eps on every
+clean-correct sample and at each larger eps on the samples robust at the eps before; every
+other attack of the suite on the samples robust at each eps, Square counted as its query budget
+of bare forwards on them), divided by the full schedule's time (:func:`floor`).
 Targets (issue 15): cascade <= 0.25x full, <= 0.5x
 AutoAttack, robust accuracy <= AutoAttack's at every eps.
 
