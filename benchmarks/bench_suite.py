@@ -21,27 +21,39 @@ inflated by other jobs on a shared machine than wall time, which is printed too)
 torchattacks' Square side by side on the same samples at eps 0.1: the samples the cascade gives
 Square (those its cheaper attacks left robust, from an untimed cascade run), and with
 ``--square-compare`` all ``--n`` samples at the listed query budgets; printed: robust accuracy,
-time, time per query.
+time, time per query. Then ``torch:Square`` and ``torch:APGD-T`` as of git revision ``--before``
+and as now, on the cascade's survivors at eps 0.1, same generators, interleaved: CPU ms per query
+(Square; next to the model's forward alone on those rows), seconds (APGD-T), and whether the
+outputs are identical. Last, per model, the cascade's floor: the work no schedule avoids, each
+part run here on CPU time (the cascade's first attack at the smallest eps on every
+clean-correct sample and at each larger eps on the samples robust at the eps before; every
+other attack of the suite on the samples robust at each eps, Square counted as its query budget
+of bare forwards on them), divided by the full schedule's time (:func:`floor`).
 Targets (issue 15): cascade <= 0.25x full, <= 0.5x
 AutoAttack, robust accuracy <= AutoAttack's at every eps.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_suite.py [--n 200] [--reps 1] \
-        [--models mlp-capped,mlp,cnn] [--square-compare 1000,5000] [--square-only]
+        [--models mlp-capped,mlp,cnn] [--square-compare 1000,5000] [--square-only] [--before REV]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 
 from relucap_plugin import EvalConfig, ThreatModel, evaluate
 from relucap_plugin._console import print_table
 from relucap_plugin.activations import CappedReLU
-from relucap_plugin.adaptive import get_suite
+from relucap_plugin._torch import CallContext
+from relucap_plugin.adaptive import attack_kind, get_suite
+from relucap_plugin.cascade import cascade_order
 from relucap_plugin.data import load_mnist5k
 from relucap_plugin.models import mlp, small_cnn
 from relucap_plugin.training import train
@@ -119,6 +131,91 @@ def square_side_by_side(model, x, y, eps: float, queries: int, reps: int) -> lis
              f"{1000 * cpu[spec] / queries:.3f}", f"{cpu[specs[1]] / cpu[spec]:.2f}") for spec in specs]
 
 
+def load_before(rev: str, module: str):
+    """``relucap_plugin.adapters.<module>`` as of git revision ``rev``: its source from ``git
+    show``, run as a module of the current package (its relative imports see today's package)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:relucap_plugin/adapters/{module}.py"], cwd=root,
+                            check=True, capture_output=True, text=True).stdout
+    name = f"relucap_plugin.adapters._{module}_{rev}"
+    old = types.ModuleType(name)
+    old.__package__ = "relucap_plugin.adapters"
+    sys.modules[name] = old
+    exec(compile(source, f"{rev}:{module}.py", "exec"), old.__dict__)
+    return old
+
+
+def before_after(model, x, y, eps: float, queries: int, steps: int, rev: str, reps: int) -> list[tuple]:
+    """``torch:Square`` (``queries`` queries) and ``torch:APGD-T-margin`` (``steps`` iterations, 9
+    targets) of revision ``rev`` and of today on ``x`` at ``eps``, same per-sample generators,
+    interleaved (``reps`` rounds): median CPU times, and whether the outputs are identical."""
+    from relucap_plugin.adapters import plain_torch, square
+
+    old_square, old_torch = load_before(rev, "square"), load_before(rev, "plain_torch")
+    ids = torch.arange(len(x))
+
+    def gens(todo=ids, j=0):
+        return CallContext(torch.device("cpu"), 10, None, seed=0, sample_ids=todo.cpu(), restart=j).generators(len(todo))
+
+    runs = {
+        "Square": {tag: (lambda f=f: f(model, x, y, eps, queries=queries, generators=gens()))
+                   for tag, f in (("before", old_square.square), ("after", square.square))},
+        "APGD-T": {tag: (lambda f=f: f(model, x, y, eps, targets=9, generators=gens, steps=steps, loss="margin"))
+                   for tag, f in (("before", old_torch.apgd_targets), ("after", plain_torch.apgd_targets))},
+        "forward": {"after": lambda: [model(x) for _ in range(queries)]},
+    }
+    cpu: dict[tuple, list[float]] = {}
+    out: dict[tuple, torch.Tensor] = {}
+    for _ in range(reps):
+        for attack, fs in runs.items():
+            for tag, f in fs.items():
+                with torch.no_grad(), Clock() as clock:
+                    out[attack, tag] = f()
+                cpu.setdefault((attack, tag), []).append(clock.cpu)
+    t = {k: statistics.median(v) for k, v in cpu.items()}
+    return [
+        ("Square", len(x), f"{1000 * t['Square', 'before'] / queries:.3f} ms/query",
+         f"{1000 * t['Square', 'after'] / queries:.3f} ms/query",
+         f"{1000 * t['forward', 'after'] / queries:.3f} ms/query", f"{t['Square', 'after'] / t['Square', 'before']:.2f}",
+         "yes" if torch.equal(out["Square", "before"], out["Square", "after"]) else "NO"),
+        ("APGD-T", len(x), f"{t['APGD-T', 'before']:.2f} s", f"{t['APGD-T', 'after']:.2f} s", "",
+         f"{t['APGD-T', 'after'] / t['APGD-T', 'before']:.2f}",
+         "yes" if torch.equal(out["APGD-T", "before"], out["APGD-T", "after"]) else "NO"),
+    ]
+
+
+def floor(model, x, y, suite, tm, cascade, full_cpu: float, queries: int) -> dict[str, float]:
+    """The cascade's floor (see the module docstring) in CPU seconds, each part run here:
+    ``"first attack"`` (the cascade's first: at the smallest eps on every clean-correct sample,
+    at each larger one on the samples robust at the eps before, which have no example to
+    reuse), ``"Square as forwards"`` and ``"other attacks"`` (on the samples robust at each
+    eps), their ``"sum"``, and ``"floor / full"`` (over ``full_cpu``)."""
+    first = cascade_order(suite, lambda a: attack_kind(a.spec, a.family))[0].spec
+    parts = {"first attack": 0.0, "Square as forwards": 0.0, "other attacks": 0.0}
+    with torch.no_grad():
+        robust = (model(x).argmax(1) == y).nonzero().flatten().tolist()
+    for eps in sorted(tm.eps):
+        unbroken, robust = robust, sorted(s for s, r in cascade.per_sample_worst_case(eps).items() if r)
+        for attack in suite:
+            part = ("first attack" if attack.spec == first else
+                    "Square as forwards" if attack.family == "Square" else "other attacks")
+            rows = unbroken if attack.spec == first else robust
+            if not rows:
+                continue
+            xr, yr = x[rows], y[rows]
+            with torch.no_grad(), Clock() as clock:
+                if part == "Square as forwards":
+                    for _ in range(queries):
+                        model(xr)
+                else:
+                    with torch.enable_grad():
+                        attack(model, xr, yr, eps, seed=0)
+            parts[part] += clock.cpu
+    parts["sum"] = sum(parts.values())
+    parts["floor / full"] = parts["sum"] / full_cpu
+    return parts
+
+
 def square_inputs(cascade, eps: float) -> list[int]:
     """The samples the cascade ran Square on at ``eps`` (those no cheaper attack had broken)."""
     return sorted(r["sample"] for r in cascade if r["eps"] == eps and "Square" in r["attack"]
@@ -143,6 +240,8 @@ def main() -> None:
                              "torchattacks:Square on all --n samples at eps 0.1 (strength and time)")
     parser.add_argument("--square-only", action="store_true",
                         help="only the Square comparisons (no cascade/full/AutoAttack runs)")
+    parser.add_argument("--before", default="695f4ed",
+                        help="git revision whose torch:Square and torch:APGD-T are timed as 'before'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -151,7 +250,7 @@ def main() -> None:
     cfg = EvalConfig(batch_size=args.n, device="cpu", seed=0)
     tm = ThreatModel("Linf", eps=EPS, steps=args.steps)
 
-    acc_rows, time_rows, profile_rows, summary = [], [], [], []
+    acc_rows, time_rows, profile_rows, summary, before_rows, floor_rows = [], [], [], [], [], []
     for name in args.models.split(","):
         label = MODELS[name]
         model = build(name, train_set)
@@ -167,9 +266,15 @@ def main() -> None:
                 square_rows += [(label, f"{len(survivors)} cascade survivors", args.square_queries, *row)
                                 for row in square_side_by_side(model, x[survivors], y[survivors], 0.1,
                                                                args.square_queries, args.reps)]
+                before_rows += [(label, *row) for row in before_after(
+                    model, x[survivors], y[survivors], 0.1, args.square_queries, 100, args.before, args.reps)]
         print_table(("model", "samples", "queries", "attack", "robust at eps 0.1", "wall (s)", "CPU (s)",
                      "CPU ms per query", "torchattacks CPU / this"), square_rows,
                     title=f"Square side by side (eps 0.1, median of {args.reps} round(s))")
+        print_table(("model", "attack", "samples", f"before ({args.before})", "after", "forward alone",
+                     "after / before", "identical outputs"), before_rows,
+                    title="torch:Square and torch:APGD-T before and after, on the cascade's survivors at eps 0.1 "
+                          f"(CPU, median of {args.reps} round(s))")
         if args.square_only:
             continue
         times: dict[str, list[tuple[float, float]]] = {"cascade": [], "full": [], "AutoAttack": []}
@@ -203,14 +308,17 @@ def main() -> None:
         time_rows.append((label, f"{t['cascade']:.1f}", f"{t['full']:.1f}", f"{t['AutoAttack']:.1f}",
                           f"{t['cascade'] / t['full']:.3f}", f"{t['cascade'] / t['AutoAttack']:.3f}",
                           f"{w['cascade'] / w['full']:.3f}", f"{w['cascade'] / w['AutoAttack']:.3f}"))
+        parts = floor(model, x, y, suite, tm, cascade, t["full"], args.square_queries)
+        floor_rows.append((label, *(f"{v:.1f}" for k, v in parts.items() if k != "floor / full"), f"{t['full']:.1f}",
+                           f"{parts['floor / full']:.3f}", f"{t['cascade'] / t['full']:.3f}"))
         summary.append((label, "yes" if per_sample_ok else "NO",
                         "yes" if t["cascade"] <= 0.25 * t["full"] else "NO",
                         "yes" if t["cascade"] <= 0.5 * t["AutoAttack"] else "NO",
                         "yes" if acc_ok else "NO"))
-        report(args, acc_rows, profile_rows, time_rows, summary)
+        report(args, acc_rows, profile_rows, time_rows, summary, floor_rows)
 
 
-def report(args, acc_rows, profile_rows, time_rows, summary) -> None:
+def report(args, acc_rows, profile_rows, time_rows, summary, floor_rows) -> None:
     """Print the tables so far (after each model, so a long run shows its figures early)."""
     title = f"{args.n} MNIST-5k test samples, Linf, suite PGD {args.steps} steps, AA {args.aa_steps}"
     print_table(("model", "eps", "clean", "cascade worst case", "full worst case", "AutoAttack",
@@ -221,6 +329,10 @@ def report(args, acc_rows, profile_rows, time_rows, summary) -> None:
                  "cascade / AA", "wall: cascade / full", "wall: cascade / AA"), time_rows,
                 title=f"CPU time over the three eps together (median of {args.reps} round(s)); the "
                       "targets are judged on CPU time")
+    print_table(("model", "first attack (s)", "Square as forwards (s)", "other attacks (s)", "floor CPU (s)",
+                 "full CPU (s)", "floor / full", "cascade / full"), floor_rows,
+                title="the cascade's floor: first attack on every clean-correct sample, every other attack "
+                      "on the robust samples (Square as bare forwards)")
     print_table(("model", "cascade <= full per sample", "<= 0.25x full", "<= 0.5x AA",
                  "robust acc <= AA at every eps"), summary, title="targets (issue 15, on CPU time)")
     sys.stdout.flush()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from relucap_plugin import ThreatModel, get_attack
-from relucap_plugin.adapters.plain_torch import apgd, top_targets
+from relucap_plugin.adapters.plain_torch import apgd, apgd_targets, top_targets
 from relucap_plugin.adaptive import attack_kind, get_suite
 from relucap_plugin.attacks import perturbation_norm
 from relucap_plugin.cascade import cascade_order
@@ -44,6 +44,29 @@ def test_a_sample_gets_the_same_example_alone_and_in_a_batch(mnist_mlp, data, sp
         alone = attack(mnist_mlp, x[k:k + 1], y[k:k + 1], seed=5, sample_ids=[k])
         assert torch.equal(alone[0], batch[k])
     assert not torch.equal(attack(mnist_mlp, x, y, seed=6), batch)
+
+
+@pytest.mark.parametrize("rows", [1, 24, 10**6])
+def test_batched_targets_give_the_examples_of_one_target_at_a_time(mnist_mlp, data, rows):
+    """Targets run several at a time (rows = samples x targets) give every sample the example of
+    the plain loop: target after target, one sample alone, its first success kept."""
+    x, y = data[0][:12], data[1][:12]
+    eps, kwargs = 0.04, dict(steps=8, loss="margin")
+    gen = lambda i, j: torch.Generator().manual_seed(1000 * int(i) + j)  # noqa: E731
+    with torch.no_grad():
+        order = top_targets(mnist_mlp(x), y, 9)
+    batched = apgd_targets(mnist_mlp, x, y, eps, targets=9, rows=rows,
+                           generators=lambda todo, j: [gen(i, j) for i in todo], **kwargs)
+    broke_at = []
+    for i in range(len(x)):
+        for j in range(9):
+            alone = apgd(mnist_mlp, x[i:i + 1], y[i:i + 1], eps, target=order[i:i + 1, j],
+                         generator=[gen(i, j)], **kwargs)
+            if _robust(mnist_mlp, alone, y[i:i + 1]).item() is False:
+                broke_at.append(j)
+                break
+        assert torch.equal(batched[i], alone[0]), i
+    assert max(broke_at) > 0 and len(broke_at) < len(x), broke_at  # later targets and robust samples
 
 
 @pytest.mark.parametrize("norm, eps", [("Linf", 0.08), ("L2", 1.5)])

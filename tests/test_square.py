@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from relucap_plugin import EvalConfig, ThreatModel, evaluate, get_attack
-from relucap_plugin.adapters.square import P_INIT, p_schedule, square
+from relucap_plugin.adapters.square import P_INIT, _window, p_schedule, square
 from relucap_plugin.adaptive import get_suite, standard_suite
 
 TM = ThreatModel("Linf", 0.1, steps=150)
@@ -80,6 +80,67 @@ def test_a_sample_stops_at_its_first_misclassification(mnist_mlp, correct):
     wrong = (y[:2] + 1) % 10
     assert torch.equal(square(misclassified, x[:2], wrong, 0.1, queries=50), x[:2])
     assert misclassified.rows == 2  # already wrong: returned unchanged, no query
+
+
+def _one_by_one(model, x, y, eps, queries, generator, target=None):
+    """The algorithm of the module docstring written plainly for one sample ``x`` (C, H, W):
+    the reference :func:`square` must match bit for bit."""
+    def margin(z):
+        logits = model(z[None])[0]
+        label = int(target if target is not None else y)
+        other = max(float(logits[k]) for k in range(len(logits)) if k != label)
+        return other - float(logits[label]) if target is not None else float(logits[label]) - other
+
+    c, h, w = x.shape
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    if margin(x) <= 0:
+        return x
+    best = torch.where(torch.rand((c, 1, w), generator=generator) < 0.5, hi, lo)
+    best_margin = margin(best)
+    for i in range(queries - 1):
+        if best_margin <= 0:
+            break
+        if i % 100 == 0:
+            draws = torch.rand((100, 2 + c), generator=generator)
+        d = draws[i % 100]
+        sh, sw = _window(p_schedule(i, queries), h, w)
+        top, left = int((d[0] * (h - sh + 1)).long()), int((d[1] * (w - sw + 1)).long())
+        new = best.clone()
+        for up in (d[2:] < 0.5, d[2:] >= 0.5):  # the drawn signs; all flipped if that changes nothing
+            for ch in range(c):
+                new[ch, top:top + sh, left:left + sw] = (hi if up[ch] else lo)[ch, top:top + sh, left:left + sw]
+            if not torch.equal(new, best):
+                break
+        value = margin(new)
+        if value < best_margin:
+            best, best_margin = new, value
+    return best
+
+
+@pytest.mark.parametrize("case", ["mnist", "mnist targeted", "3 channels"])
+def test_the_batched_loop_matches_the_algorithm_run_one_sample_at_a_time(mnist_mlp, correct, case):
+    """A sample's example equals that of a plain one-sample loop of the algorithm (same draws),
+    across a block of draws (150 queries), with rows dropping out as they break."""
+    if case == "3 channels":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+            x = torch.rand(6, 3, 8, 8)
+        y = model(x).argmax(1)
+    else:
+        model, (x, y) = mnist_mlp, (correct[0][:8], correct[1][:8])
+    target = (y + 1) % 10 if case == "mnist targeted" else None
+    eps = {"mnist": 0.08, "mnist targeted": 0.3, "3 channels": 0.02}[case]
+    queries = 150
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(len(x))]  # noqa: E731
+    with torch.no_grad():
+        batch = square(model, x, y, eps, queries=queries, generators=gens(), target=target)
+        alone = [_one_by_one(model, x[i], y[i], eps, queries, g, None if target is None else target[i])
+                 for i, g in enumerate(gens())]
+        broken = (model(batch).argmax(1) != y) if target is None else (model(batch).argmax(1) == target)
+    assert 0 < int(broken.sum()) < len(x), broken  # some rows drop out, some run the whole budget
+    for i in range(len(x)):
+        assert torch.equal(batch[i], alone[i]), i
 
 
 def test_targeted_examples_land_in_the_target_class(mnist_mlp, correct):

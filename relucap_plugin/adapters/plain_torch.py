@@ -26,7 +26,7 @@ from ..threat import LOSSES
 from . import build_attack
 from .square import Square
 
-__all__ = ["ATTACKS", "ALIASES", "LIBRARY", "apgd", "apgd_targets", "attack_loss", "build", "pgd", "top_targets"]
+__all__ = ["ATTACKS", "ALIASES", "LIBRARY", "TARGET_ROWS", "apgd", "apgd_targets", "attack_loss", "build", "pgd", "top_targets"]
 
 LIBRARY = "torch"
 
@@ -239,6 +239,12 @@ def top_targets(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     return logits.scatter(1, y[:, None], -torch.inf).topk(k, dim=1).indices
 
 
+#: Rows (samples x targets) :func:`apgd_targets` runs at once after the first target: few
+#: survivors run several targets in one batch (fewer, larger iterations); results do not depend
+#: on it.
+TARGET_ROWS = 128
+
+
 def apgd_targets(
     model: nn.Module,
     x: torch.Tensor,
@@ -247,6 +253,7 @@ def apgd_targets(
     *,
     targets: int = 9,
     generators: Callable[[torch.Tensor, int], Sequence[torch.Generator]] | None = None,
+    rows: int = TARGET_ROWS,
     **kwargs,
 ) -> torch.Tensor:
     """:func:`apgd` once per target class, the top ``targets`` other classes of ``y`` by clean
@@ -254,19 +261,34 @@ def apgd_targets(
     earlier target has made the model misclassify; a sample keeps its first success, else the
     last target's result. ``generators(positions, j)``: the random-start generators (one per
     sample at ``positions``) of target ``j``; ``None`` draws from the global RNG. ``kwargs``
-    are :func:`apgd`'s (its ``loss`` is used in its targeted form)."""
+    are :func:`apgd`'s (its ``loss`` is used in its targeted form).
+
+    Our design: the first target runs alone (it breaks most samples it can break); the later
+    ones run several at a time in one :func:`apgd` call, one row per (sample, target), as many
+    targets as fit in ``rows`` rows: on few samples that is one loop of ``steps`` iterations
+    instead of one per target. Each row draws from its own generator and :func:`apgd` treats
+    rows independently, so a sample's example is the one the targets run one by one would give
+    (``rows=1`` runs them one by one); the rows of its later targets in the same call are spent
+    even when an earlier one breaks it.
+    """
     with torch.no_grad():
         logits = model(x)
     order = top_targets(logits, y, min(targets, logits.shape[1] - 1))
     x_adv = x.detach().clone()
     todo = torch.arange(len(x), device=x.device)
-    for j in range(order.shape[1]):
-        if not len(todo):
-            break
-        gens = None if generators is None else generators(todo, j)
-        x_adv[todo] = apgd(model, x[todo], y[todo], eps, target=order[todo, j], generator=gens, **kwargs)
+    j = 0
+    while j < order.shape[1] and len(todo):
+        group = range(j, min(order.shape[1], j + (1 if j == 0 else max(1, rows // len(todo)))))
+        at = todo.repeat(len(group))
+        gens = None if generators is None else [g for t in group for g in generators(todo, t)]
+        tried = apgd(model, x[at], y[at], eps, target=order[todo, group.start:group.stop].T.flatten(), generator=gens,
+                     **kwargs).view(len(group), len(todo), *x.shape[1:])
         with torch.no_grad():
-            todo = todo[model(x_adv[todo]).argmax(1) == y[todo]]
+            hit = (model(tried.flatten(0, 1)).argmax(1) != y[at]).view(len(group), len(todo))
+        first = torch.where(hit.any(0), hit.int().argmax(0), len(group) - 1)
+        x_adv[todo] = tried[first, torch.arange(len(todo), device=x.device)]
+        todo = todo[~hit.any(0)]
+        j = group.stop
     return x_adv
 
 

@@ -19,9 +19,11 @@ share the call (torchattacks draws one square per query for all the call's sampl
 of an unchanged square flips every channel's sign instead of drawing again (the same
 distribution for one channel); squares may sit at every position, including the last row and
 column; the batch is kept in fixed tensors that shrink only when a sample is broken, the
-squares and their candidate values are computed ahead for blocks of queries, and a query costs
-about 15-20 small tensor operations besides the model's forward (no cross-entropy, no row
-gathers, float 0/1 selections instead of the slower ``torch.where`` with bool masks). Inputs that are not ``(N, C, H, W)`` are searched as ``(N, 1, H, W)`` or
+squares are computed ahead for chunks of queries, and a query costs about 20 small tensor
+operations besides the model's forward, none of them a Python branch or a copy of the state
+(no cross-entropy, no row gathers; every selection is a ``torch.lerp`` with 0/1 weights, which
+is exact and several times faster than ``torch.where`` with a bool mask on CPU; the unchanged
+square's redraw flips the signs of the rows that need it instead of branching). Inputs that are not ``(N, C, H, W)`` are searched as ``(N, 1, H, W)`` or
 ``(N, 1, 1, D)`` (as torchattacks does), with windows of the same area clipped to that layout.
 L2 is not implemented: the standard suite keeps the library Square for L2.
 """
@@ -44,9 +46,8 @@ P_INIT = 0.8
 #: Queries whose random draws a sample makes at once (fixed: a sample's stream of draws must not
 #: depend on anything but its own generator).
 _BLOCK = 100
-#: Elements of the precomputed windows and candidates held at once (a memory bound; results do
-#: not depend on it).
-_CHUNK_ELEMENTS = 2**21
+#: Elements of the precomputed windows held at once (a memory bound; results do not depend on it).
+_CHUNK_ELEMENTS = 2**18
 #: (iteration out of 10000, divisor of p_init from there on): the paper's schedule of p.
 _HALVINGS = ((10, 2), (50, 4), (200, 8), (500, 16), (1000, 32), (2000, 64), (4000, 128),
              (6000, 256), (8000, 512))
@@ -79,21 +80,15 @@ def _image(x: Tensor) -> Tensor:
     return x.reshape(len(x), 1, 1, -1)
 
 
-def _pick(first: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``a`` where ``first`` is 1, ``b`` where it is 0 (a float 0/1 tensor, broadcast): exact, and
-    several times faster than ``torch.where`` with a bool mask on CPU."""
-    return torch.addcmul(b * (1 - first), a, first)
-
-
 class _Rows:
     """The unbroken samples' state: one row per sample, gathered again only when one breaks."""
 
     def __init__(self, **tensors: Tensor):
         self.__dict__.update(tensors)
 
-    def keep(self, mask: Tensor) -> None:
+    def keep(self, mask: Tensor, dim: int = 0) -> None:
         for name, value in list(self.__dict__.items()):
-            self.__dict__[name] = value[mask]
+            self.__dict__[name] = value[mask] if dim == 0 else value[:, mask]
 
 
 def square(
@@ -128,77 +123,79 @@ def square(
     rows_w = torch.arange(w, device=x.device)
     iterations = queries - 1
 
-    def forward(t: Tensor) -> Tensor:
-        return model(t) if x.dim() == 4 else model(t.reshape(len(t), *shape[1:]))
-
-    def margin(logits: Tensor, lab: Tensor, others: Tensor) -> Tensor:
-        z_label = logits.gather(1, lab[:, None]).squeeze(1)
-        z_other = (logits + others).amax(1)
-        return z_other - z_label if target is not None else z_label - z_other
+    def margin(t: Tensor, lab: Tensor, others: Tensor, logits: Tensor | None = None) -> Tensor:
+        """The margin (rows, 1, 1, 1) of the inputs ``t`` (rows, C, H, W), or of their ``logits``."""
+        logits = (model(t) if x.dim() == 4 else model(t.view(len(t), *shape[1:]))) if logits is None else logits
+        logits = logits[:, :, None, None]
+        if target is None:
+            return logits.gather(1, lab) - (logits + others).amax(1, keepdim=True)
+        return (logits + others).amax(1, keepdim=True) - logits.gather(1, lab)
 
     with torch.no_grad():
         out = xi.clone()
-        logits = forward(xi)
-        others = torch.zeros_like(logits).scatter_(1, label[:, None], -math.inf)
-        todo = margin(logits, label, others) > 0
+        logits = model(x)
+        others = torch.zeros_like(logits).scatter_(1, label[:, None], -math.inf)[:, :, None, None]
+        lab = label[:, None, None, None]
+        todo = (margin(xi, lab, others, logits) > 0).flatten()
         gens = [g for g, t in zip(generators, todo.tolist()) if t]
-        stripes = [torch.rand((c, 1, w), generator=g) < 0.5 for g in gens]
-        s = _Rows(idx=todo.nonzero().flatten(), x_lo=(xi[todo] - eps).clamp(lo, hi),
-                  x_hi=(xi[todo] + eps).clamp(lo, hi), lab=label[todo], others=others[todo])
         if not gens:
             return out.reshape(shape)
-        s.best = torch.where(torch.stack(stripes).to(x.device), s.x_hi, s.x_lo)
-        s.margin = margin(forward(s.best), s.lab, s.others)
+        stripes = torch.stack([torch.rand((c, 1, w), generator=g) < 0.5 for g in gens]).to(x.device)
+        s = _Rows(idx=todo.nonzero().flatten(), x_lo=(xi[todo] - eps).clamp(lo, hi),
+                  x_hi=(xi[todo] + eps).clamp(lo, hi), lab=lab[todo], others=others[todo])
+        s.best = torch.where(stripes, s.x_hi, s.x_lo)
+        s.margin = margin(s.best, s.lab, s.others)
 
-        def drop_broken() -> bool:
-            """Write the broken samples out and drop their rows; whether any sample is left."""
-            broken = s.margin <= 0
+        def drop_broken() -> Tensor | None:
+            """Write the broken samples out and drop their rows: the rows kept, or ``None`` if
+            none is left."""
+            broken = (s.margin <= 0).flatten()
+            keep = ~broken
             if bool(broken.any()):
                 out[s.idx[broken]] = s.best[broken]
-                keep = ~broken
                 s.keep(keep)
                 gens[:] = [g for g, k in zip(gens, keep.tolist()) if k]
-            return bool(gens)
+            return keep if gens else None
 
-        left_over = drop_broken()
+        left_over = drop_broken() is not None
         for start in range(0, iterations, _BLOCK):
             if not left_over:
                 break
             block = min(_BLOCK, iterations - start)
             draws = torch.stack([torch.rand((_BLOCK, 2 + c), generator=g) for g in gens]).to(x.device)
+            draws = draws[:, :block].transpose(0, 1)
             windows = [_window(p_schedule(start + j, queries, p_init), h, w) for j in range(block)]
-            sh = torch.tensor([a for a, _ in windows], device=x.device)
-            sw = torch.tensor([b for _, b in windows], device=x.device)
-            top = (draws[:, :block, 0] * (h - sh + 1)).long()
-            left = (draws[:, :block, 1] * (w - sw + 1)).long()
+            sh = torch.tensor([a for a, _ in windows], device=x.device)[:, None]
+            sw = torch.tensor([b for _, b in windows], device=x.device)[:, None]
+            top = (draws[..., 0] * (h - sh + 1)).long()
+            left = (draws[..., 1] * (w - sw + 1)).long()
             dtype = s.best.dtype
-            s.in_h = ((rows_h >= top[..., None]) & (rows_h < (top + sh)[..., None])).to(dtype)
-            s.in_w = ((rows_w >= left[..., None]) & (rows_w < (left + sw)[..., None])).to(dtype)
-            s.up = (draws[:, :block, 2:] < 0.5).to(dtype)[..., None, None]
-            chunk = max(1, min(block, _CHUNK_ELEMENTS // (len(gens) * c * h * w)))
-            for j0 in range(0, block, chunk):
-                if not left_over:
-                    break
-                j1 = min(j0 + chunk, block)
-                window = s.in_h[:, j0:j1, None, :, None] * s.in_w[:, j0:j1, None, None, :]
-                s.keep_old = 1 - window
-                s.square = _pick(s.up[:, j0:j1], s.x_hi[:, None], s.x_lo[:, None]) * window
-                s.flipped = _pick(s.up[:, j0:j1], s.x_lo[:, None], s.x_hi[:, None]) * window
-                for j in range(j1 - j0):
-                    new = torch.addcmul(s.square[:, j], s.best, s.keep_old[:, j])
-                    change = torch.linalg.vector_norm(new - s.best, ord=1, dim=(1, 2, 3))
-                    if float(change.min()) == 0:
-                        flipped = torch.addcmul(s.flipped[:, j], s.best, s.keep_old[:, j])
-                        new = _pick((change == 0).to(dtype).view(-1, 1, 1, 1), flipped, new)
-                    value = margin(forward(new), s.lab, s.others)
-                    s.best = _pick((value < s.margin).to(dtype).view(-1, 1, 1, 1), new, s.best)
-                    s.margin = torch.minimum(value, s.margin)
-                    if float(s.margin.min()) <= 0:
-                        left_over = drop_broken()
-                        if not left_over:
-                            break
-            for name in ("in_h", "in_w", "up", "keep_old", "square", "flipped"):
-                s.__dict__.pop(name, None)
+            in_h = ((rows_h >= top[..., None]) & (rows_h < (top + sh)[..., None])).to(dtype)
+            in_w = ((rows_w >= left[..., None]) & (rows_w < (left + sw)[..., None])).to(dtype)
+            pre = _Rows(in_h=in_h[..., None], in_w=in_w[..., None, :], up=(draws[..., 2:] < 0.5).to(dtype)[..., None, None])
+            chunk = max(1, _CHUNK_ELEMENTS // (len(gens) * h * w))
+            best, marg, x_lo, x_hi, lab, others = s.best, s.margin, s.x_lo, s.x_hi, s.lab, s.others
+            weight = torch.empty_like(marg)
+            for j in range(block):
+                if j % chunk == 0:
+                    pre.window = (pre.in_h[j:j + chunk] * pre.in_w[j:j + chunk])[:, :, None]
+                window, up = pre.window[j % chunk], pre.up[j]
+                change = (torch.lerp(x_lo, x_hi, up) - best).mul_(window).abs_().amax((1, 2, 3), keepdim=True)
+                up = (up - torch.eq(change, 0, out=weight)).abs_()
+                new = torch.lerp(best, torch.lerp(x_lo, x_hi, up), window)
+                value = margin(new, lab, others)
+                best = torch.lerp(best, new, torch.lt(value, marg, out=weight))
+                marg = torch.minimum(value, marg)
+                if float(marg.min()) <= 0:
+                    s.best, s.margin = best, marg
+                    keep = drop_broken()
+                    if keep is None:
+                        left_over = False
+                        break
+                    pre.keep(keep, dim=1)
+                    best, marg, x_lo, x_hi, lab, others = s.best, s.margin, s.x_lo, s.x_hi, s.lab, s.others
+                    weight = torch.empty_like(marg)
+            s.best, s.margin = best, marg
         out[s.idx] = s.best
     return out.reshape(shape)
 
