@@ -441,6 +441,12 @@ def test_a_hook_added_to_the_new_activation_is_a_whole_hook_on_the_relu_after_un
     assert got == [0]
 
 
+#: The self-check's refusal of a converted site applied through an unreachable reference.
+UNREACHABLE_SITE = (r"1 ReLU application\(s\) of the converted sites should run through their "
+                    r"new activations at cap=inf, 0 did; the model applies a ReLU module that "
+                    r"is not in its module tree")
+
+
 class _Bypass(nn.Module):
     """Calls its registered ReLU ``act`` through another reference: a list, a partial, a
     closure. A swap replaces the registered attribute only."""
@@ -465,11 +471,7 @@ def test_a_site_applied_through_a_reference_the_swap_cannot_reach_is_refused(how
     uncapped; now the conversion is refused and the model is left as it was."""
     net = _Bypass(how)
     before = snapshot(net)
-    with pytest.raises(ConversionCheckError, match=r"1 ReLU application\(s\) of the converted "
-                                                   r"sites should run through their new "
-                                                   r"activations at cap=inf, 0 did; the model "
-                                                   r"applies a ReLU module that is not in its "
-                                                   r"module tree"):
+    with pytest.raises(ConversionCheckError, match=UNREACHABLE_SITE):
         cap_relus(net, 0.1, sites="act", inplace=inplace)
     assert_same_snapshot(before, snapshot(net))
     assert type(net.act) is nn.ReLU and not is_converted(net)
