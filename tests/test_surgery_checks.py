@@ -491,3 +491,48 @@ def test_a_relu_called_through_a_closure_is_never_left_plain_in_a_returned_model
     with pytest.raises(ConversionCheckError, match="not in its module tree"):
         cap_relus(net, 0.1, sites="act", example_input=x, inplace=True)
     assert type(net.act) is nn.ReLU and not is_converted(net)
+
+
+class _ClampRelu(nn.Module):
+    """A ReLU module, a ReLU written as ``clamp(min=0)``, a threshold ReLU, and clamps that are
+    not ReLUs (an input clamp to [0, 1], a clamp with a lower bound of 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = x.clamp(0, 1)
+        h = self.act(self.a(x))
+        h = self.b(h).clamp(min=0) + torch.clamp(h, min=0.5)
+        return self.c(F.threshold(h - 0.1, 0.0, 0.0))
+
+
+def test_relus_written_as_clamp_or_threshold_are_named_not_silently_left_plain():
+    """cap_relus caps nn.ReLU/F.relu forms; the two ReLUs written as clamp(min=0) and
+    threshold(x, 0, 0) are named in a warning (they stay uncapped), and a model whose only
+    ReLUs are written that way gets an error naming them instead of "applies no ReLU"."""
+    net = _ClampRelu()
+    with pytest.warns(UserWarning, match=r"cap_relus: 2 ReLU application\(s\) written as "
+                                         r"clamp\(min=0\) or threshold\(x, 0, 0\) are not sites "
+                                         r"and stay uncapped: in the model itself \(_ClampRelu\)"):
+        _, report = cap_relus(net, 0.1)
+    assert report.count == 1 and any("clamp(min=0)" in w for w in report.warnings)
+    with pytest.warns(UserWarning, match=r"find_relus: 2 ReLU application\(s\) written as"):
+        assert [s.name for s in find_relus(net)] == ["act"]
+    only = nn.Sequential(nn.Linear(4, 4), nn.Hardtanh(0, 1), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"applies no ReLU in its forward pass.*Hardtanh"):
+        cap_relus(only, 0.1)
+
+    class OnlyClamp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x).clamp_min(0)
+
+    with pytest.raises(ValueError, match=r"applies no ReLU in its forward pass.*1 ReLU "
+                                         r"application\(s\) written as clamp\(min=0\)"):
+        cap_relus(OnlyClamp(), 0.1)

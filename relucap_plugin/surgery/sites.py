@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import os
 import types
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from ._records import (
     _site_op,
 )
 from .running import _Discovery, _width, probe_discovery, probe_leaves, runtime_discovery
-from .verify import _as_args, bad_example_input, probe, probe_run
+from .verify import _as_args, bad_example_input, probe, probe_run, relu_like_note
 
 @dataclass
 class _Call:
@@ -362,6 +363,7 @@ def _discover(model: nn.Module, example_input: Any, mode: str, fn: str,
     if example_input is not None and not disc.untraced and not disc.probed:
         _add_shapes(model, disc, example_input, fn)
     if not disc.sites:
+        written = getattr(run, "relu_like", None)
         raise ValueError(
             f"{fn}: {type(model).__name__} applies no ReLU in its forward pass"
             f"{' (mode=modules finds nn.ReLU/nn.ReLU6 modules only)' if mode == 'modules' else ''}"
@@ -369,6 +371,7 @@ def _discover(model: nn.Module, example_input: Any, mode: str, fn: str,
             + ("Its ReLUs were converted by cap_relus already; call uncap(model) to start over"
                if model.__dict__.get(_RECORDS) else
                "Pass a model that uses nn.ReLU, nn.ReLU6, F.relu, torch.relu, F.relu6 or x.relu()")
+            + (f". {relu_like_note(fn, written, model).split(': ', 1)[1]}" if written else "")
         )
     return disc
 
@@ -391,6 +394,8 @@ def find_relus(
     mode = _check_mode(mode)
     run = probe_run(model, example_input, "find_relus") if mode == "auto" else None
     disc = _discover(model, example_input, mode, "find_relus", run)
+    if run is not None and run.relu_like:
+        warnings.warn(relu_like_note("find_relus", run.relu_like, model), UserWarning, stacklevel=2)
     return _Sites(model, disc, mode)
 
 

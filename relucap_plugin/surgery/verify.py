@@ -34,6 +34,28 @@ from .running import _first_paths
 _RELU_CALLS = frozenset({F.relu, torch.relu, torch.relu_, F.relu6, Tensor.relu, Tensor.relu_})
 _HARDTANH = frozenset({F.hardtanh, F.hardtanh_})
 _INPLACE_CALLS = frozenset({torch.relu_, Tensor.relu_})
+# A ReLU written another way: clamp/clip with a lower bound of 0 and no upper bound, or
+# threshold(x, 0, 0). Not sites (cap_relus does not rewrite them): counted to be named.
+_CLAMPS = frozenset({torch.clamp, Tensor.clamp, torch.clamp_, Tensor.clamp_, torch.clip,
+                     Tensor.clip, Tensor.clip_, torch.clamp_min, Tensor.clamp_min,
+                     torch.clamp_min_, Tensor.clamp_min_})
+_THRESHOLDS = frozenset({F.threshold, F.threshold_})
+
+
+def _relu_like(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of ``func`` is a ReLU written as a clamp or a threshold."""
+    def arg(k: int, name: str) -> Any:
+        return args[k] if len(args) > k else kwargs.get(name)
+
+    def zero(v: Any) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0) or (
+            isinstance(v, Tensor) and v.numel() == 1 and v.device.type != "meta" and v.item() == 0)
+
+    if func in _THRESHOLDS:
+        return zero(arg(1, "threshold")) and zero(arg(2, "value"))
+    if func in (torch.clamp_min, Tensor.clamp_min, torch.clamp_min_, Tensor.clamp_min_):
+        return zero(arg(1, "min"))
+    return zero(arg(1, "min")) and arg(2, "max") is None
 # A tensor's value read into Python: the way a forward's control flow can depend on its input.
 _VALUE_READS = frozenset({
     Tensor.__bool__, Tensor.item, Tensor.__int__, Tensor.__float__, Tensor.__index__,
@@ -108,6 +130,8 @@ class ReluRecorder(TorchFunctionMode):
         self.calls: list[_Application] = []
         # tensor values read into Python: (how and where, the innermost module reading it)
         self.reads: list[tuple[str, nn.Module | None]] = []
+        # ReLUs written as clamp(min=0) or threshold(x, 0, 0): (module, where)
+        self.relu_like: list[tuple[nn.Module | None, str]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -115,6 +139,9 @@ class ReluRecorder(TorchFunctionMode):
         if func in _VALUE_READS:
             module, where, _ = _calling_module()
             self.reads.append((f"{getattr(func, '__name__', func)} at {where}", module))
+        if (func in _CLAMPS or func in _THRESHOLDS) and _relu_like(func, args, kwargs):
+            module, where, _ = _calling_module()
+            self.relu_like.append((module, where))
         if func in _RELU_CALLS or func in _HARDTANH:
             module, where, frame = _calling_module()
             if _is_relu_call(func, module):
@@ -140,6 +167,7 @@ class _Run:
     calls: list[_Application] = field(default_factory=list)
     error: BaseException | None = None
     reads: list[tuple[str, nn.Module | None]] = field(default_factory=list)
+    relu_like: list[tuple[nn.Module | None, str]] = field(default_factory=list)
 
 
 @contextmanager
@@ -184,9 +212,10 @@ def _run(model: nn.Module, args: tuple, grads: bool) -> _Run:
             flat, spec = tree_flatten(out)
             names = _reached(model, [t for t in flat if isinstance(t, Tensor)]) if grads else None
             flat = [t.detach() if isinstance(t, Tensor) else t for t in flat]
-            return _Run(flat, spec, names, counter.calls, reads=counter.reads)
+            return _Run(flat, spec, names, counter.calls, reads=counter.reads,
+                        relu_like=counter.relu_like)
         except Exception as exc:  # reported by the caller with what to do
-            return _Run([], None, None, counter.calls, exc, counter.reads)
+            return _Run([], None, None, counter.calls, exc, counter.reads, counter.relu_like)
 
 
 def _reached(model: nn.Module, outputs: list[Tensor]) -> set[str]:
@@ -483,6 +512,8 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
         notes.append(
             f"{fn}: {len(hidden)} ReLU application(s) inside torch.nn layers are not sites and "
             f"stay plain: {_where(hidden, converted)} (docs/surgery.md, Hidden ReLUs)")
+    if got.relu_like:
+        notes.append(relu_like_note(fn, got.relu_like, converted))
     if all_sites and len(leftover) > len(hidden):
         leftover = [c for c in leftover if c not in hidden]
         raise ConversionCheckError(
@@ -515,6 +546,13 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
                  "gradients not compared (no forward regenerated or wrapped)")
     return (f"passed at cap=inf: {values}, same dtypes, {gradients}, {len(got.calls)} ReLU "
             f"applications, {inside} through new activations"), notes
+
+
+def relu_like_note(fn: str, calls: list[tuple[nn.Module | None, str]], model: nn.Module) -> str:
+    """What to say about ReLUs written as ``clamp(min=0)``/``threshold(x, 0, 0)``."""
+    return (f"{fn}: {len(calls)} ReLU application(s) written as clamp(min=0) or threshold(x, 0, 0) "
+            f"are not sites and stay uncapped: {_where(calls, model)}. Write them as F.relu or "
+            "nn.ReLU to cap them (a clamp on the input itself needs nothing)")
 
 
 def _stale(calls: list[_Application], model: nn.Module) -> list[tuple[nn.Module, str]]:
