@@ -56,6 +56,8 @@ def _relu_like(func: Any, args: tuple, kwargs: dict) -> bool:
     if func in (torch.clamp_min, Tensor.clamp_min, torch.clamp_min_, Tensor.clamp_min_):
         return zero(arg(1, "min"))
     return zero(arg(1, "min")) and arg(2, "max") is None
+
+
 # A tensor's value read into Python: the way a forward's control flow can depend on its input.
 _VALUE_READS = frozenset({
     Tensor.__bool__, Tensor.item, Tensor.__int__, Tensor.__float__, Tensor.__index__,
