@@ -536,3 +536,42 @@ def test_relus_written_as_clamp_or_threshold_are_named_not_silently_left_plain()
     with pytest.raises(ValueError, match=r"applies no ReLU in its forward pass.*1 ReLU "
                                          r"application\(s\) written as clamp\(min=0\)"):
         cap_relus(OnlyClamp(), 0.1)
+
+
+def test_sites_found_on_another_input_are_checked_without_counting_but_bypasses_still_fail():
+    """Sites from ``find_relus`` on a larger input than the self-check's: a loop whose length
+    depends on the input size applies the ReLU another number of times, which is no error; a
+    swapped-out ReLU that still runs (through a partial) is one, whatever the input."""
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.pool = nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)
+
+        def forward(self, x):
+            while x.shape[-1] > 4:
+                x = self.pool(self.act(self.conv(x)))
+            return x.mean((2, 3))
+
+    net = Loop().eval()
+    sites = find_relus(net, torch.randn(1, 3, 64, 64))
+    assert len(sites) == 4
+    converted, report = cap_relus(net, 0.1, sites=sites)  # checked at 32x32: 3 applications
+    assert report.check.startswith("passed") and report.count == 4
+    bypass = _Bypass("partial")
+    with pytest.raises(ConversionCheckError, match=r"2 ReLU application\(s\) of the converted "
+                                                   r"sites should run through their new "
+                                                   r"activations at cap=inf, 1 did; the model "
+                                                   r"applies a ReLU module that is not in its"):
+        cap_relus(bypass, 0.1, sites=find_relus(bypass, torch.randn(2, 4)))
+
+
+def test_a_model_with_lazy_modules_not_yet_run_is_copied_and_converted():
+    """An uninitialized lazy parameter has no storage: the copy used to fail on it and
+    blame deepcopy (which copies it). The original stays lazy."""
+    net = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2), nn.LazyLinear(3))
+    x = torch.randn(5, 4)
+    converted, report = cap_relus(net, 0.1, example_input=x)
+    assert report.check.startswith("passed")
+    assert type(net[0]) is nn.LazyLinear and isinstance(net[0].weight, nn.parameter.UninitializedParameter)
+    assert bool(converted[1](converted[0](x)).max() <= torch.tensor(0.1))

@@ -28,6 +28,7 @@ from torch import nn
 _ATOMIC = frozenset({t for t, f in copy._deepcopy_dispatch.items() if f is copy._deepcopy_atomic}
                     | {torch.dtype})
 _NIL = object()
+_LAZY = nn.parameter.UninitializedTensorMixin
 _CONTAINERS = frozenset({dict, OrderedDict, set})
 _SHARED = "relucap shared storages"
 _MODULE_STATE = frozenset(nn.Module().__dict__)  # what every module has: no tensor among it  # a memo key that no id() can be
@@ -124,7 +125,8 @@ def _shared_storages(model: nn.Module) -> set[int]:
         tensors += [d[k] for k in d.keys() - _MODULE_STATE if isinstance(d[k], tensor)]
     seen: set[int] = set()
     shared: set[int] = set()
-    for t in dict.fromkeys(t for t in tensors if t is not None and not t.is_meta):
+    for t in dict.fromkeys(t for t in tensors if t is not None and not isinstance(t, _LAZY)
+                           and not t.is_meta):  # a lazy module's parameter has no storage yet
         if t.layout == torch.strided and not t.is_quantized:  # no storage object to make
             ptr = t.data_ptr() - t.storage_offset() * t.element_size()
         else:

@@ -78,6 +78,7 @@ class _Converter:
         self._traces: dict[Any, fx.Graph] = {}
         self._compiled: dict[Any, Callable] = {}
         self._split: tuple[list[tuple[nn.Module, list[int]]], list[int]] | None = None
+        self.same_input = True  # sites found on the check's input: applications are countable
 
     def _module(self, i: int) -> nn.Module:
         module = self.built.get(i)
@@ -522,6 +523,7 @@ def cap_relus(
         disc = _discover(target, example_input, mode, "cap_relus", ref, trace=True)
         plan = _plan(disc.sites, cap, sites)
         converter = _Converter(target, disc, plan)
+    converter.same_input = found is None
     try:
         converter, checked = _convert_checked(converter, ref, args, mode, unchecked)
     except ConversionCheckError:
@@ -573,8 +575,10 @@ def _convert_checked(converter: _Converter, ref, args, mode, unchecked
         converter.abort()
         if not isinstance(exc, ConversionCheckError) or not converter.rewritten or mode != "auto":
             raise
-        converter = _Converter(model, disc, plan, forced=(
-            f"the fx rewrite failed the self-check ({str(exc).split(': ', 1)[1][:160]})")).run()
+        same_input, converter = converter.same_input, _Converter(model, disc, plan, forced=(
+            f"the fx rewrite failed the self-check ({str(exc).split(': ', 1)[1][:160]})"))
+        converter.same_input = same_input
+        converter.run()
         try:
             return converter, _check(model, converter, ref, args, everything)
         except ConversionCheckError:
@@ -593,7 +597,9 @@ def _forwards_changed(converter: _Converter) -> bool:
 
 
 def _check(model: nn.Module, converter: _Converter, ref: Any, args: tuple, all_sites: bool) -> str:
-    summary, notes = verify.check(model, ref, args, converter.installed(), all_sites,
-                                  "cap_relus", _forwards_changed(converter), len(converter.used))
+    summary, notes = verify.check(
+        model, ref, args, converter.installed(), all_sites, "cap_relus",
+        _forwards_changed(converter), len(converter.used) if converter.same_input else None,
+        frozenset(id(old) for _, _, old in converter.record.replaced))
     converter.warnings.extend(notes)
     return summary

@@ -465,8 +465,8 @@ def add_gradients(model: nn.Module, ref: _Run, args: tuple, fn: str) -> None:
 
 
 def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Module, tuple],
-          all_sites: bool, fn: str, grads: bool, converted_calls: int | None = None
-          ) -> tuple[str, list[str]]:
+          all_sites: bool, fn: str, grads: bool, converted_calls: int | None = None,
+          replaced: frozenset[int] = frozenset()) -> tuple[str, list[str]]:
     """Compare ``converted`` at ``cap=inf`` semantics with ``ref``; raise on any difference.
 
     ``installed`` maps each new activation to ``(site name, upper, inplace)``; ``all_sites``:
@@ -476,7 +476,9 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
     ``no_grad``. ``converted_calls``: how many ReLU applications of the reference pass belong
     to converted sites; exactly that many must run through new activations (a site's ReLU
     applied through a reference the conversion cannot reach would otherwise stay plain, with
-    the same outputs at ``cap=inf``). Returns a one-line summary and the notes.
+    the same outputs at ``cap=inf``); None where the sites were found on another input.
+    ``replaced``: ids of the modules swapped out, none of which may apply a ReLU any more.
+    Returns a one-line summary and the notes.
     """
     if grads and ref.grads is None:  # the caller decided before converting; say so if it differs
         raise ConversionCheckError(
@@ -502,9 +504,11 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
         f"{_where(stale, converted)}. It calls the module through a reference the swap cannot "
         "reach (a Python list, a functools.partial, a closure): call it through the attribute "
         "it is registered under (self.act(x)), or leave its site out with sites=") if stale else ""
-    if converted_calls is not None and inside != converted_calls:
+    bypassed = sum(1 for m, _ in stale if id(m) in replaced)
+    expected = inside + bypassed if converted_calls is None else converted_calls
+    if inside != expected or bypassed:
         raise ConversionCheckError(
-            f"{fn}: {converted_calls} ReLU application(s) of the converted sites should run "
+            f"{fn}: {expected} ReLU application(s) of the converted sites should run "
             f"through their new activations at cap=inf, {inside} did" + (unreachable or (
                 f"; plain ReLUs left: {_where(leftover, converted) or 'none'}. Report this with "
                 "the model; convert fewer sites meanwhile")))
