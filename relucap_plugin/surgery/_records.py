@@ -145,6 +145,13 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
         new._is_full_backward_hook = old._is_full_backward_hook
 
 
+def _positional_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: ``act(input=x)`` (how some models call their ReLU) becomes ``act(x)``."""
+    if not args and len(kwargs) == 1:
+        return tuple(kwargs.values()), {}
+    return args, kwargs
+
+
 @dataclass
 class CapReport:
     """What :func:`cap_relus` did to ``model``.

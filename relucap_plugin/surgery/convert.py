@@ -36,6 +36,7 @@ from ._records import (
     _Record,
     _relative,
     _site_input,
+    _positional_input,
     _site_op,
     carry_hooks,
 )
@@ -438,13 +439,6 @@ class _Converter:
         """Each new activation -> (site name, the site's built-in bound, in place)."""
         return {m: (self.disc.sites[i].name, self.disc.sites[i].upper, self.disc.sites[i].inplace)
                 for i, m in self.used.items()}
-
-
-def _positional_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: ``act(input=x)`` (how some models call their ReLU) becomes ``act(x)``."""
-    if not args and len(kwargs) == 1:
-        return tuple(kwargs.values()), {}
-    return args, kwargs
 
 
 def cap_relus(

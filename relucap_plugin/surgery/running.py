@@ -1,5 +1,5 @@
 """Discovery by running: the sites of a model from the ReLU applications one forward pass
-records (:class:`.verify.ReluRecorder`), named by the rules of the fx discovery in
+records (:class:`.recorder.ReluRecorder`), named by the rules of the fx discovery in
 :mod:`.sites`; and the record both discoveries fill, :class:`_Discovery`."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _is_site_call(call: Any) -> bool:
 
 def probe_discovery(model: nn.Module, run: Any, shapes: bool,
                     is_leaf: Callable[[nn.Module, str], bool]) -> _Discovery | None:
-    """Sites from one run's ReLU applications (a :class:`.verify.ReluRecorder` run), with no
+    """Sites from one run's ReLU applications (a :class:`.recorder.ReluRecorder` run), with no
     fx trace at all, when every application is a call of an ``nn.ReLU``/``nn.ReLU6`` that an
     fx trace would see as a site (not inside a module ``is_leaf`` keeps whole) and the run
     read no tensor value into Python (``if x.sum() > 0``, ``x.item()``: control flow that

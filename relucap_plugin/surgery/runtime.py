@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._codegen import _GeneratedForward
 from ._records import _class_codes
-from .verify import _INPLACE_CALLS, _RELU_CALLS, _calling_module
+from .recorder import _INPLACE_CALLS, _RELU_CALLS, _calling_module
 
 class _Intercept(TorchFunctionMode):
     """Active during one call of ``owner``: routes its k-th ReLU application to ``table[k]``."""

@@ -340,7 +340,7 @@ def _activation_summary(model: nn.Module) -> str:
 def _discover(model: nn.Module, example_input: Any, mode: str, fn: str,
               run: Any = None, trace: bool = False) -> _Discovery:
     """Sites of ``model``. ``run``: a forward pass of it recorded by
-    :class:`.verify.ReluRecorder` (on ``example_input`` if given), or None. With a run, a
+    :class:`.recorder.ReluRecorder` (on ``example_input`` if given), or None. With a run, a
     model whose ReLUs are all modules needs no trace (unless ``trace``), and the trace of the
     others stops at the modules in which the run applied no ReLU; without a run, fx traces
     the whole model."""
