@@ -156,7 +156,9 @@ def _sizes_tried(model) -> tuple[list[int], int | None]:
     return tried, None if args is None else args[0].shape[-1]
 
 
-def test_synthesised_sizes_the_failing_layer_cannot_take_are_skipped():
+def test_synthesised_sizes_the_failing_layer_cannot_take_are_skipped(monkeypatch):
+    # the order of a model of 10 M parameters or more (_Shrinks is tiny: counted as large here)
+    monkeypatch.setattr(verify, "SMALL_MODEL", 0)
     # at 32 the wide conv gets 8x8: a 20-wide kernel needs 32 * 20 / 8 = 80, so 64 is skipped
     assert _sizes_tried(_Shrinks(20)) == ([32, 96], 96)
     # a 12-wide kernel needs 48: 64 is the next size, and it runs
@@ -170,6 +172,30 @@ def test_synthesised_sizes_the_failing_layer_cannot_take_are_skipped():
     assert report.check.startswith(
         "not run: no example_input, and the synthesised inputs (1, 3, 32, 32) (RuntimeError) "
         "do not run (sizes 64, 96, 224, 28 skipped: a conv/pooling layer needs an input of "
+        "about 800); pass example_input")
+
+
+def test_a_small_conv_model_is_tried_at_64_first_then_at_the_other_sizes():
+    """Under SMALL_MODEL parameters 64 comes before 32 (a forward costs about the same at
+    both); the sizes a failing layer cannot take are still skipped, 32 included."""
+    assert sum(p.numel() for p in _Shrinks(20).parameters()) < verify.SMALL_MODEL
+    # at 64 the wide conv gets 16x16: a 20-wide kernel needs 64 * 20 / 16 = 80: 32 is skipped
+    assert _sizes_tried(_Shrinks(20)) == ([64, 96], 96)
+    assert _sizes_tried(_Shrinks(12)) == ([64], 64)
+    assert _sizes_tried(_Shrinks(20, custom_failure=True)) == ([64, 32, 96], 96)
+    # a model that runs at 32 only (a Linear after a flatten, CIFAR style) still gets 32
+    flat = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 32 * 32, 10))
+    assert _sizes_tried(flat) == ([64, 32], 32)
+    # at 10 M parameters or more the order is 32 first
+    big = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, verify.SMALL_MODEL // 4))
+    assert _sizes_tried(big) == ([32], 32)
+    with pytest.warns(UserWarning, match="not self-checked"):
+        _, report = cap_relus(_Shrinks(200), 0.5)
+    assert report.check.startswith(
+        "not run: no example_input, and the synthesised inputs (1, 3, 64, 64) (RuntimeError) "
+        "do not run (sizes 32, 96, 224, 28 skipped: a conv/pooling layer needs an input of "
         "about 800); pass example_input")
 
 

@@ -275,8 +275,8 @@ def test_per_channel_caps_of_the_wrong_length_are_refused_naming_the_site():
     net = _conv_net()
     before = snapshot(net)
     with pytest.raises(ValueError, match=r"cap_relus: cap=\[1.0, 2.0\] gives site '1' a per-channel "
-                                         r"cap of 2 entries but its input has shape \(1, 4, 30, "
-                                         r"30\); pass cap= one cap per channel \(4\)"):
+                                         r"cap of 2 entries but its input has shape \(1, 4, 62, "
+                                         r"62\); pass cap= one cap per channel \(4\)"):
         cap_relus(net, [1.0, 2.0], inplace=True)
     assert_same_snapshot(before, snapshot(net))
     assert not hasattr(net, "_relucap_records")

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._torch import all_modules
+
 _ATOMIC = frozenset({t for t, f in copy._deepcopy_dispatch.items() if f is copy._deepcopy_atomic}
                     | {torch.dtype})
 _NIL = object()
@@ -118,7 +120,7 @@ def _shared_storages(model: nn.Module) -> set[int]:
     """Data pointers of the storages that more than one tensor of ``model`` uses."""
     tensors: list[Any] = []
     tensor = torch._C.TensorBase  # isinstance(v, torch.Tensor) runs a Python __instancecheck__
-    for m in model.modules():
+    for m in all_modules(model):
         tensors += m._parameters.values()
         tensors += m._buffers.values()
         d = m.__dict__

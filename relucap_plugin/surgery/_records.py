@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .._torch import all_modules
 from ..activations import CappedReLU
 
 _RELU_MODULES: dict[type, str] = {nn.ReLU: "nn.ReLU", nn.ReLU6: "nn.ReLU6"}
@@ -231,11 +232,12 @@ def _check_model(model: object, fn: str) -> nn.Module:
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}")
-    for path, m in model.named_modules():
+    for m in all_modules(model):
         what = ("a TorchScript module" if isinstance(m, torch.jit.ScriptModule)
                 else "a torch.compile wrapper" if _is_compiled(m) else None)
         if what is None:
             continue
+        path = _path_of(model, m)
         if not path and what.endswith("wrapper"):
             raise TypeError(
                 f"{fn}: got a torch.compile wrapper; pass model._orig_mod (the eager model) "
@@ -248,6 +250,11 @@ def _check_model(model: object, fn: str) -> nn.Module:
             f"{path!r}, convert, then script or compile the converted model"
         )
     return model
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    """The path ``named_modules`` gives ``module`` (for messages: a walk of its own)."""
+    return next(path for path, m in model.named_modules() if m is module)
 
 
 def _is_compiled(module: nn.Module) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .._torch import float_dtype, model_device
+from .._torch import all_modules, float_dtype, model_device
 
 from . import sites as _tracing
 from ._codegen import (
@@ -150,7 +150,7 @@ class _Converter:
             return
         wanted = {id(inst) for inst, _ in whole}
         locations: dict[int, list[tuple[nn.Module, str]]] = {}
-        for parent in self.model.modules():
+        for parent in all_modules(self.model):
             for name, child in parent._modules.items():
                 if child is not None and id(child) in wanted:
                     locations.setdefault(id(child), []).append((parent, name))

@@ -31,7 +31,9 @@ from torch.utils._pytree import tree_flatten
 from torch.ao.nn.intrinsic.modules.fused import _FusedModule
 from torch.ao.nn.quantized import FloatFunctional
 
-from ._records import _RECORDS, CapReport, ConversionCheckError, _check_model, _Record
+from .._torch import all_modules
+from ._records import (_RECORDS, CapReport, ConversionCheckError, _check_model, _path_of,
+                       _Record)
 from ._copy import copy_model
 from .verify import reference_run
 
@@ -108,11 +110,11 @@ def refuse_fused(model: nn.Module) -> None:
     """Raise if a ReLU sits inside a module ``fuse_modules`` made (``ConvReLU2d``, ...):
     ``convert`` rebuilds such a module from its conv alone and applies a plain ReLU, so a cap
     installed there would vanish from the quantized model without a word."""
-    for path, module in model.named_modules():
+    for module in all_modules(model):
         if isinstance(module, _FusedModule):
             if any(type(m) in _RELU_TYPES for m in module.children()):
                 raise ValueError(
-                    f"cap_relus: {path!r} is a fused {type(module).__name__} (from fuse_model() "
+                    f"cap_relus: {_path_of(model, module)!r} is a fused {type(module).__name__} (from fuse_model() "
                     "or fuse_modules): torch.ao.quantization.convert rebuilds it with a plain "
                     "ReLU, so a cap installed inside it would be lost. Cap the model before "
                     "fusing: cap_relus(model, cap, quantizable=True), then model.fuse_model()")
