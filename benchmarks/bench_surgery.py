@@ -27,7 +27,9 @@ model runs, batch of one), the same with ``inplace=True`` and ``find_relus(model
 real weights, before and after: "before" is the whole package of git revision ``--before``
 (default abcff09), imported next to the current one and timed interleaved with it. The last
 row is the median over those models, or over every timm model of the zoo test with
-``--timm-zoo``. Target: cap_relus under 0.5 s on each.
+``--timm-zoo``. Target: cap_relus under 0.5 s on each. The ``floor`` column is what no
+self-checked conversion can go below: two plain ``no_grad`` forwards at the input the check
+synthesises (the original's and the converted model's) plus cloning the weights (the copy).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_surgery.py [--repeats 7] [--zoo-repeats 3] [--no-zoo]
         [--before REV] [--no-slowest] [--only-slowest] [--timm-zoo]
@@ -164,6 +166,28 @@ def _small_input(model) -> torch.Tensor:
     raise ValueError(f"{type(model).__name__} runs at none of the sizes tried")
 
 
+def floor(model, repeats: int) -> float:
+    """CPU ms no cap_relus with its self-check can go below: two plain ``no_grad`` forwards
+    of the input the check synthesises (the original's and the converted model's) and a
+    clone of every parameter and buffer (the default copy), each the best of ``repeats``."""
+    from relucap_plugin.surgery import verify
+
+    args, _, why = verify.reference_run(model, None)
+    if args is None:
+        raise ValueError(f"no synthesised input runs: {why}")
+
+    def forward():
+        with torch.no_grad():
+            model(*args)
+
+    def clones():
+        with torch.no_grad():
+            return [t.clone() for t in dict.fromkeys([*model.parameters(), *model.buffers()])]
+
+    fwd = min(timed(forward)[1] for _ in range(repeats))
+    return 2 * fwd + min(timed(clones)[1] for _ in range(repeats))
+
+
 def bench_before_after(rev: str, names, repeats: int) -> list[tuple]:
     """CPU ms of cap_relus (default: copy; with a small example_input; and inplace) and
     find_relus, before and after, interleaved per repeat."""
@@ -188,6 +212,7 @@ def bench_before_after(rev: str, names, repeats: int) -> list[tuple]:
                         times[key] = float("nan")
                         failures[key] = type(exc).__name__
                 del work, runs
+        times["floor"] = floor(model, repeats)
         report = cap_relus(model, CAP)[1]
         rows.append((f"{name} ({x.shape[-1]})", report.count, times, report.check.split(":")[0]
                      + "".join(f"; {k} failed: {v}" for k, v in failures.items())))
@@ -204,7 +229,8 @@ def _ratio_rows(rows: list[tuple]) -> list[tuple]:
                     f"{t['input before']:.0f}", f"{t['input after']:.0f}",
                     f"{t['inplace before']:.0f}", f"{t['inplace after']:.0f}",
                     f"{t['find before']:.0f}", f"{t['find after']:.0f}",
-                    f"{t['find after'] / t['find before']:.2f}", check))
+                    f"{t['find after'] / t['find before']:.2f}", f"{t['floor']:.0f}",
+                    f"{t['cap after'] / t['floor']:.2f}", check))
     return out
 
 
@@ -282,11 +308,13 @@ def main() -> None:
         table.append(_median_row(measured))
         print_table(["model (input size)", "sites", "cap before", "cap after", "after/before",
                      "with input before", "after", "inplace before", "inplace after", "find before", "find after",
-                     "after/before", "self-check"], table,
+                     "after/before", "floor", "cap after/floor", "self-check"], table,
                     title=f"CPU ms of cap_relus(model, {CAP}) (default copy; with a small "
                           "example_input, the size in the first column; inplace=True) and "
                           f"find_relus(model) on timm models, real weights, before "
-                          f"({args.before}) and after, best of {max(1, args.zoo_repeats)}")
+                          f"({args.before}) and after, best of {max(1, args.zoo_repeats)}; "
+                          "floor: two plain no_grad forwards at the check's input and a clone "
+                          "of the weights")
         for key, what in (("cap after", "cap_relus(model, cap)"),
                           ("input after", "cap_relus(model, cap, example_input=small)")):
             worst = max(measured, key=lambda r: r[2][key])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import relucap_plugin.surgery.verify as verify
-from relucap_plugin.surgery import ConversionCheckError, cap_relus
+from relucap_plugin.surgery import ConversionCheckError, cap_relus, find_relus
 from relucap_plugin.surgery._copy import copy_model
 from tests.test_surgery import assert_same_snapshot, count_relu_applications, run, snapshot
 from tests.test_surgery_checks import UNREACHABLE_SITE, HelperFrozen, grads_of
@@ -288,3 +288,27 @@ def test_a_module_branching_on_a_value_is_traced_even_if_the_run_applied_no_relu
     call = (lambda: find_relus(net)) if fn == "find_relus" else (lambda: cap_relus(net, 0.5))
     with pytest.raises(UntraceableModelError, match="_RareGate"):
         call()
+
+
+def test_the_garbage_collector_is_paused_only_inside_surgery_and_left_as_it_was():
+    """cap_relus and find_relus pause cyclic garbage collection while they run (their
+    objects trigger dozens of collections): enabled again afterwards, also when they raise,
+    and left paused where the caller had paused it."""
+    import gc
+
+    seen = []
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    net[0].register_forward_hook(lambda m, i, o: seen.append(gc.isenabled()))
+    assert gc.isenabled()
+    find_relus(net)
+    cap_relus(net, 0.5)
+    assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(TypeError, match="cap is required"):
+        cap_relus(net, None)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        cap_relus(net, 0.5)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -117,11 +117,13 @@ def _plain_buffer(t: torch.Tensor, memo: dict[int, Any]) -> bool:
 
 
 def _shared_storages(model: nn.Module) -> set[int]:
-    """Data pointers of the storages that more than one tensor of ``model`` uses."""
+    """Data pointers of the storages that more than one buffer or tensor attribute of
+    ``model`` uses. Parameters are left out: ``nn.Parameter.__deepcopy__`` clones a parameter's
+    data on its own, so a buffer owning a parameter's whole storage comes out of
+    ``copy.deepcopy`` as a clone of that storage too, which is what :func:`_copy` makes."""
     tensors: list[Any] = []
     tensor = torch._C.TensorBase  # isinstance(v, torch.Tensor) runs a Python __instancecheck__
     for m in all_modules(model):
-        tensors += m._parameters.values()
         tensors += m._buffers.values()
         d = m.__dict__
         tensors += [d[k] for k in d.keys() - _MODULE_STATE if isinstance(d[k], tensor)]

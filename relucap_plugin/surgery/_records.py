@@ -3,9 +3,11 @@ argument checks every public function runs first."""
 
 from __future__ import annotations
 
-import types
+import contextlib
+import gc
 import math
 import os
+import types
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
@@ -250,6 +252,22 @@ def _check_model(model: object, fn: str) -> nn.Module:
             f"{path!r}, convert, then script or compile the converted model"
         )
     return model
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector paused inside (left as it was if already paused). A
+    conversion creates thousands of dicts and modules, none of them garbage before it returns,
+    and every 700 new objects start a collection: on inception_resnet_v2 that is dozens of
+    collections and 12-20 ms of ``cap_relus``. Our own design."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _path_of(model: nn.Module, module: nn.Module) -> str:

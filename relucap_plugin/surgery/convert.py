@@ -16,29 +16,11 @@ from torch import fx, nn
 from .._torch import all_modules, float_dtype, model_device
 
 from . import sites as _tracing
-from ._codegen import (
-    _compile_forward,
-    _copy_graph,
-    _free_attr,
-    _rewrite,
-    _used_after,
-    _works_inplace,
-)
+from ._codegen import _compile_forward, _copy_graph, _free_attr, _rewrite, _used_after, _works_inplace
 from ._records import (
-    _MARK,
-    _RECORDS,
-    CapReport,
-    ConversionCheckError,
-    UntraceableModelError,
-    _check_mode,
-    _check_model,
-    _class_codes,
-    _Record,
-    _relative,
-    _site_input,
-    _positional_input,
-    _site_op,
-    carry_hooks,
+    _MARK, _RECORDS, CapReport, ConversionCheckError, UntraceableModelError, _check_mode,
+    _check_model, _class_codes, _positional_input, _Record, _relative, _site_input, _site_op,
+    carry_hooks, paused_gc,
 )
 from . import verify
 from ._copy import copy_model
@@ -86,14 +68,19 @@ class _Converter:
         if module is None:
             site = self.disc.sites[i]
             module = self.plan[i].build(site)
+            tensors = ([*module._parameters.values(), *module._buffers.values()]
+                       if not module._modules else
+                       itertools.chain(module.parameters(), module.buffers()))
             if self.device is not None and any(
-                t.device != self.device or (t.is_floating_point() and t.dtype != self.dtype)
-                for t in itertools.chain(module.parameters(), module.buffers())
+                t is not None and (t.device != self.device
+                                   or (t.is_floating_point() and t.dtype != self.dtype))
+                for t in tensors
             ):
                 module.to(device=self.device, dtype=self.dtype)
             like = (self.disc.instances[i] if site.kind == "module"
                     else self.named.get(site.owner, self.model))
-            module.train(like.training)
+            if module._modules or module.training != like.training:
+                module.train(like.training)
             if site.kind == "module":
                 carry_hooks(like, module)
             module.__dict__[_MARK] = site.name
@@ -478,72 +465,73 @@ def cap_relus(
     stay and clamp through a forward hook, ``FloatFunctional`` is wrapped; one numeric cap for
     every site. See :mod:`.quantize`.
     """
-    _check_model(model, "cap_relus")
-    mode = _check_mode(mode)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be True or False (got {inplace!r})")
-    refuse_fused(model)
-    if quantizable:
-        return cap_quantizable(model, cap, sites, example_input, inplace)
-    if cap is None:
-        raise TypeError("cap is required: a number, math.inf (plain ReLU), a spec or a mapping")
-    for where, value in ({f"cap[{k!r}]": v for k, v in cap.items()} if isinstance(cap, Mapping)
-                         else {"cap": cap}).items():
-        _recipe(value, where)
-    found = (sites.discovery(model, mode, example_input is not None)
-             if isinstance(sites, _Sites) else None)
-    if inplace:
-        target = model
-    else:
-        memo: dict[int, Any] = {}
-        try:
-            target = copy_model(model, memo)
-        except Exception as exc:
-            raise TypeError(
-                f"cap_relus: {type(model).__name__} cannot be deep-copied ({type(exc).__name__}: "
-                f"{exc}); convert it in place instead: cap_relus(model, ..., inplace=True) "
-                "changes model itself, and report.undo() or uncap(model) restores it"
-            ) from exc
-        found = found and _moved(found, memo)
-    # the self-check's reference pass comes first: its record of the ReLU applications is
-    # the discovery too (no fx trace for a model whose ReLUs are all modules)
-    args, ref, unchecked = verify.reference_run(target, example_input)
-    disc = found or _discover(target, example_input, mode, "cap_relus", ref)
-    plan = _plan(disc.sites, cap, sites)
-    converter = _Converter(target, disc, plan)
-    if disc.probed and converter._split_needed()[1]:
-        # a shared module needs different activations per call, or an in-place ReLU's input
-        # may be read later: that takes graph nodes
-        disc = _discover(target, example_input, mode, "cap_relus", ref, trace=True)
+    with paused_gc():
+        _check_model(model, "cap_relus")
+        mode = _check_mode(mode)
+        if not isinstance(inplace, bool):
+            raise TypeError(f"inplace must be True or False (got {inplace!r})")
+        refuse_fused(model)
+        if quantizable:
+            return cap_quantizable(model, cap, sites, example_input, inplace)
+        if cap is None:
+            raise TypeError("cap is required: a number, math.inf (plain ReLU), a spec or a mapping")
+        for where, value in ({f"cap[{k!r}]": v for k, v in cap.items()} if isinstance(cap, Mapping)
+                             else {"cap": cap}).items():
+            _recipe(value, where)
+        found = (sites.discovery(model, mode, example_input is not None)
+                 if isinstance(sites, _Sites) else None)
+        if inplace:
+            target = model
+        else:
+            memo: dict[int, Any] = {}
+            try:
+                target = copy_model(model, memo)
+            except Exception as exc:
+                raise TypeError(
+                    f"cap_relus: {type(model).__name__} cannot be deep-copied ({type(exc).__name__}: "
+                    f"{exc}); convert it in place instead: cap_relus(model, ..., inplace=True) "
+                    "changes model itself, and report.undo() or uncap(model) restores it"
+                ) from exc
+            found = found and _moved(found, memo)
+        # the self-check's reference pass comes first: its record of the ReLU applications is
+        # the discovery too (no fx trace for a model whose ReLUs are all modules)
+        args, ref, unchecked = verify.reference_run(target, example_input)
+        disc = found or _discover(target, example_input, mode, "cap_relus", ref)
         plan = _plan(disc.sites, cap, sites)
         converter = _Converter(target, disc, plan)
-    converter.same_input = found is None
-    try:
-        converter, checked = _convert_checked(converter, ref, args, mode, unchecked)
-    except ConversionCheckError:
-        if found is not None or mode != "auto":
-            raise
-        # the fast discovery (our own heuristic) skipped a module hiding a ReLU: trace it all
-        disc = _discover(target, example_input, mode, "cap_relus")
-        plan = _plan(disc.sites, cap, sites)
-        converter, checked = _convert_checked(_Converter(target, disc, plan), ref, args, mode,
-                                              unchecked)
-    for message in converter.warnings:
-        warnings.warn(message, UserWarning, stacklevel=2)
-    used = converter.used
-    replaced = {disc.sites[i].name: getattr(used[i], "spec", type(used[i]).__name__)
-                for i in sorted(used)}
-    report = CapReport(
-        model=target, replaced=replaced,
-        paths={name: converter.paths[name] for name in replaced},
-        method="fx" if converter.rewritten else "runtime" if converter.runtime else "modules",
-        rewritten=tuple(converter.rewritten), sites=tuple(disc.sites),
-        warnings=tuple(converter.warnings), _record=converter.record,
-        how={name: converter.how[name] for name in replaced},
-        reasons={name: converter.reasons[name] for name in replaced if name in converter.reasons},
-        check=checked,
-    )
-    return target, report
+        if disc.probed and converter._split_needed()[1]:
+            # a shared module needs different activations per call, or an in-place ReLU's input
+            # may be read later: that takes graph nodes
+            disc = _discover(target, example_input, mode, "cap_relus", ref, trace=True)
+            plan = _plan(disc.sites, cap, sites)
+            converter = _Converter(target, disc, plan)
+        converter.same_input = found is None
+        try:
+            converter, checked = _convert_checked(converter, ref, args, mode, unchecked)
+        except ConversionCheckError:
+            if found is not None or mode != "auto":
+                raise
+            # the fast discovery (our own heuristic) skipped a module hiding a ReLU: trace it all
+            disc = _discover(target, example_input, mode, "cap_relus")
+            plan = _plan(disc.sites, cap, sites)
+            converter, checked = _convert_checked(_Converter(target, disc, plan), ref, args, mode,
+                                                  unchecked)
+        for message in converter.warnings:
+            warnings.warn(message, UserWarning, stacklevel=2)
+        used = converter.used
+        replaced = {disc.sites[i].name: getattr(used[i], "spec", type(used[i]).__name__)
+                    for i in sorted(used)}
+        report = CapReport(
+            model=target, replaced=replaced,
+            paths={name: converter.paths[name] for name in replaced},
+            method="fx" if converter.rewritten else "runtime" if converter.runtime else "modules",
+            rewritten=tuple(converter.rewritten), sites=tuple(disc.sites),
+            warnings=tuple(converter.warnings), _record=converter.record,
+            how={name: converter.how[name] for name in replaced},
+            reasons={name: converter.reasons[name] for name in replaced if name in converter.reasons},
+            check=checked,
+        )
+        return target, report
 
 
 def _convert_checked(converter: _Converter, ref, args, mode, unchecked

@@ -28,6 +28,7 @@ from ._records import (
     UntraceableModelError,
     _check_mode,
     _check_model,
+    paused_gc,
     _is_installed,
     _relative,
     _site_op,
@@ -390,13 +391,14 @@ def find_relus(
     both and lists each ``nn.ReLU``/``nn.ReLU6`` instance once (registration order, or
     first-call order with ``example_input``). ``model`` is not changed.
     """
-    _check_model(model, "find_relus")
-    mode = _check_mode(mode)
-    run = probe_run(model, example_input, "find_relus") if mode == "auto" else None
-    disc = _discover(model, example_input, mode, "find_relus", run)
-    if run is not None and run.relu_like:
-        warnings.warn(relu_like_note("find_relus", run.relu_like, model), UserWarning, stacklevel=2)
-    return _Sites(model, disc, mode)
+    with paused_gc():
+        _check_model(model, "find_relus")
+        mode = _check_mode(mode)
+        run = probe_run(model, example_input, "find_relus") if mode == "auto" else None
+        disc = _discover(model, example_input, mode, "find_relus", run)
+        if run is not None and run.relu_like:
+            warnings.warn(relu_like_note("find_relus", run.relu_like, model), UserWarning, stacklevel=2)
+        return _Sites(model, disc, mode)
 
 
 _PLAIN = frozenset({bool, int, float, str, type(None)})
