@@ -515,8 +515,9 @@ def test_relus_written_as_clamp_or_threshold_are_named_not_silently_left_plain()
     ReLUs are written that way gets an error naming them instead of "applies no ReLU"."""
     net = _ClampRelu()
     with pytest.warns(UserWarning, match=r"cap_relus: 2 ReLU application\(s\) written as "
-                                         r"clamp\(min=0\) or threshold\(x, 0, 0\) are not sites "
-                                         r"and stay uncapped: in the model itself \(_ClampRelu\)"):
+                                         r"clamp\(min=0\), threshold\(x, 0, 0\), .* are not "
+                                         r"sites and stay uncapped: in the model itself "
+                                         r"\(_ClampRelu\)"):
         _, report = cap_relus(net, 0.1)
     assert report.count == 1 and any("clamp(min=0)" in w for w in report.warnings)
     with pytest.warns(UserWarning, match=r"find_relus: 2 ReLU application\(s\) written as"):
@@ -536,6 +537,69 @@ def test_relus_written_as_clamp_or_threshold_are_named_not_silently_left_plain()
     with pytest.raises(ValueError, match=r"applies no ReLU in its forward pass.*1 ReLU "
                                          r"application\(s\) written as clamp\(min=0\)"):
         cap_relus(OnlyClamp(), 0.1)
+
+
+class _OtherRelus(nn.Module):
+    """A ReLU module next to ReLUs written as maximum with zeros, leaky_relu with slope 0,
+    hardtanh(x, 0, inf) and aten's relu op; and look-alikes that are not ReLUs: max over a
+    dimension, maximum with a nonzero, leaky_relu with its default slope, ReLU6."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        z = self.a(x)
+        h = (self.act(z) + torch.maximum(z, torch.zeros(())) + torch.max(z, torch.zeros_like(z))
+             + F.leaky_relu(z, 0.0) + F.hardtanh(z, 0.0, float("inf")) + torch.ops.aten.relu(z)
+             + torch.ops.aten.relu.default(z))
+        noise = (torch.max(h, 1).values.sum() + torch.maximum(h, torch.ones(())).sum()
+                 + F.leaky_relu(h).sum() + F.relu6(h).sum())
+        return self.b(h) + 0 * noise
+
+
+def test_relus_written_as_maximum_leaky_relu_hardtanh_or_aten_ops_are_named():
+    """Each of the six other ReLU forms of _OtherRelus is named once (the look-alikes are
+    not), the ReLU module is capped, and the output of the converted model shows that the
+    named ones really do stay uncapped. (A zero tensor as large as the other operand of a
+    maximum counts where it removed a negative value: the input has 64 rows.)"""
+    net = _OtherRelus()
+    with pytest.warns(UserWarning, match=r"cap_relus: 6 ReLU application\(s\) written as .*"
+                                         r"maximum\(x, 0\), leaky_relu\(x, 0\), hardtanh\(x, 0, "
+                                         r"inf\) or torch.ops.aten.relu are not sites"):
+        converted, report = cap_relus(net, 0.1, example_input=torch.randn(64, 4))
+    assert report.count == 2  # act, and the F.relu6 (a ReLU6 site)
+    x = torch.randn(16, 4) * 20
+    inner = []
+    converted.b.register_forward_pre_hook(lambda m, args: inner.append(args[0]))
+    converted(x)
+    # six uncapped ReLUs of z and one capped at 0.1: far above 7 * 0.1
+    assert inner[0].max() > 10
+    only = nn.Sequential(nn.Linear(4, 4))
+    only.forward = lambda x: torch.ops.aten.relu(only[0](x))
+    with pytest.raises(ValueError, match=r"applies no ReLU in its forward pass.*1 ReLU "
+                                         r"application\(s\) written as"):
+        find_relus(only)
+
+
+@pytest.mark.parametrize("spec", ["dynamic_capped_relu", "learnable_capped_relu(cap=0.3)",
+                                  "spatial_attention_relu"])
+def test_a_model_already_holding_our_activations_gets_its_other_relus_capped(spec):
+    """These activations apply F.relu inside themselves: not a site, and no plain ReLU left
+    over either (the check used to refuse the whole model for it)."""
+    from relucap_plugin import create_activation
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), create_activation(spec), nn.Conv2d(8, 8, 3),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    converted, report = cap_relus(net, 0.25)
+    assert list(report.replaced) == ["3"] and report.check.startswith("passed")
+    assert type(converted[1]) is type(net[1])
+    x = torch.randn(2, 3, 12, 12) * 10
+    h = converted[2](converted[1](converted[0](x)))
+    assert torch.equal(converted[3](h), F.relu(h).clamp(max=0.25))
+    assert torch.equal(converted(x), net[4:](F.relu(net[2](net[1](net[0](x)))).clamp(max=0.25)))
 
 
 def test_sites_found_on_another_input_are_checked_without_counting_but_bypasses_still_fail():

@@ -20,16 +20,25 @@ from ._records import _MARK
 _RELU_CALLS = frozenset({F.relu, torch.relu, torch.relu_, F.relu6, Tensor.relu, Tensor.relu_})
 _HARDTANH = frozenset({F.hardtanh, F.hardtanh_})
 _INPLACE_CALLS = frozenset({torch.relu_, Tensor.relu_})
-# A ReLU written another way: clamp/clip with a lower bound of 0 and no upper bound, or
-# threshold(x, 0, 0). Not sites (cap_relus does not rewrite them): counted to be named.
+# A ReLU written another way: clamp/clip with a lower bound of 0 and no upper bound,
+# threshold(x, 0, 0), maximum/fmax with a zero, leaky_relu with slope 0, hardtanh(x, 0, inf),
+# or aten's relu op itself. Not sites (cap_relus does not rewrite them): counted to be named.
 _CLAMPS = frozenset({torch.clamp, Tensor.clamp, torch.clamp_, Tensor.clamp_, torch.clip,
                      Tensor.clip, Tensor.clip_, torch.clamp_min, Tensor.clamp_min,
                      torch.clamp_min_, Tensor.clamp_min_})
 _THRESHOLDS = frozenset({F.threshold, F.threshold_})
+_MAXIMA = frozenset({torch.maximum, Tensor.maximum, torch.fmax, Tensor.fmax, torch.max,
+                     Tensor.max})
+_ATEN_RELUS = frozenset({torch.ops.aten.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_,
+                         torch.ops.aten.relu_.default})
+_RELU_LIKE = (_CLAMPS | _THRESHOLDS | _MAXIMA | _ATEN_RELUS
+              | {F.leaky_relu, F.leaky_relu_, F.hardtanh, F.hardtanh_})
+RELU_LIKE_FORMS = ("clamp(min=0), threshold(x, 0, 0), maximum(x, 0), leaky_relu(x, 0), "
+                   "hardtanh(x, 0, inf) or torch.ops.aten.relu")
 
 
 def _relu_like(func: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether a call of ``func`` is a ReLU written as a clamp or a threshold."""
+    """Whether a call of ``func`` (one of ``_RELU_LIKE``) computes a ReLU."""
     def arg(k: int, name: str) -> Any:
         return args[k] if len(args) > k else kwargs.get(name)
 
@@ -37,8 +46,28 @@ def _relu_like(func: Any, args: tuple, kwargs: dict) -> bool:
         return (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0) or (
             isinstance(v, Tensor) and v.numel() == 1 and v.device.type != "meta" and v.item() == 0)
 
+    def all_zero(v: Tensor) -> bool:
+        return v.device.type != "meta" and not v.is_complex() and not bool(v.any())
+
+    def negative(v: Tensor) -> bool:
+        return v.device.type != "meta" and v.is_floating_point() and bool((v < 0).any())
+
+    if func in _ATEN_RELUS:
+        return True
     if func in _THRESHOLDS:
         return zero(arg(1, "threshold")) and zero(arg(2, "value"))
+    if func in _MAXIMA:  # the elementwise form only: max(x, 0) with an int is a reduction
+        a, b = args[0], arg(1, "other")
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return False
+        # a scalar zero is written as one; a zero tensor as large as the other operand may be
+        # an activation that happens to be 0 here: it counts where it removed a negative value
+        return any(zero(z) or (all_zero(z) and negative(y)) for z, y in ((b, a), (a, b)))
+    if func in (F.leaky_relu, F.leaky_relu_):
+        slope = arg(1, "negative_slope")
+        return slope is not None and zero(slope)
+    if func in (F.hardtanh, F.hardtanh_):
+        return zero(arg(1, "min_val")) and arg(2, "max_val") == float("inf")
     if func in (torch.clamp_min, Tensor.clamp_min, torch.clamp_min_, Tensor.clamp_min_):
         return zero(arg(1, "min"))
     return zero(arg(1, "min")) and arg(2, "max") is None
@@ -121,7 +150,7 @@ class ReluRecorder(TorchFunctionMode):
         if func in _VALUE_READS:
             module, where, _ = _calling_module()
             self.reads.append((f"{getattr(func, '__name__', func)} at {where}", module))
-        if (func in _CLAMPS or func in _THRESHOLDS) and _relu_like(func, args, kwargs):
+        if func in _RELU_LIKE and _relu_like(func, args, kwargs):
             module, where, _ = _calling_module()
             self.relu_like.append((module, where))
         if func in _RELU_CALLS or func in _HARDTANH:

@@ -25,8 +25,8 @@ from torch.utils._pytree import tree_flatten
 from .._format import short_repr
 from .._torch import all_modules, float_dtype, model_device
 from ._records import ConversionCheckError
-from .recorder import ReluRecorder, _Application
-from .running import _first_paths
+from .recorder import RELU_LIKE_FORMS, ReluRecorder, _Application
+from .running import _first_paths, _is_site_call
 
 def _as_args(example_input: Any) -> tuple:
     """Forward arguments from ``example_input``; tensors cloned (a model may work in place)."""
@@ -394,7 +394,9 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
             f"{type(got.error).__name__}: {got.error}. Nothing was returned; report this with "
             "the model, or pass mode='modules' / fewer sites"
         ) from got.error
-    leftover = [(c.module, c.where) for c in got.calls if not c.installed]
+    # ReLUs inside activations of this package a model already holds are no sites (discovery
+    # skips them too) and stay as they are: not left over
+    leftover = [(c.module, c.where) for c in got.calls if _is_site_call(c)]
     inside = sum(1 for c in got.calls if c.installed)
     stale = _stale(got.calls, converted) if leftover else []
     unreachable = (
@@ -416,8 +418,8 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
         notes.append(
             f"{fn}: {len(hidden)} ReLU application(s) inside torch.nn layers are not sites and "
             f"stay plain: {_where(hidden, converted)} (docs/surgery.md, Hidden ReLUs)")
-    if got.relu_like:
-        notes.append(relu_like_note(fn, got.relu_like, converted))
+    if got.relu_like:  # the lines of the user's own forward (the reference pass) where it has them
+        notes.append(relu_like_note(fn, ref.relu_like or got.relu_like, converted))
     if all_sites and len(leftover) > len(hidden):
         leftover = [c for c in leftover if c not in hidden]
         raise ConversionCheckError(
@@ -453,10 +455,10 @@ def check(converted: nn.Module, ref: _Run, args: tuple, installed: dict[nn.Modul
 
 
 def relu_like_note(fn: str, calls: list[tuple[nn.Module | None, str]], model: nn.Module) -> str:
-    """What to say about ReLUs written as ``clamp(min=0)``/``threshold(x, 0, 0)``."""
-    return (f"{fn}: {len(calls)} ReLU application(s) written as clamp(min=0) or threshold(x, 0, 0) "
-            f"are not sites and stay uncapped: {_where(calls, model)}. Write them as F.relu or "
-            "nn.ReLU to cap them (a clamp on the input itself needs nothing)")
+    """What to say about ReLUs written another way (``clamp(min=0)``, ``maximum(x, 0)``, ...)."""
+    return (f"{fn}: {len(calls)} ReLU application(s) written as {RELU_LIKE_FORMS} are not sites "
+            f"and stay uncapped: {_where(calls, model)}. Write them as F.relu or nn.ReLU to cap "
+            "them (a clamp on the input itself needs nothing)")
 
 
 def _stale(calls: list[_Application], model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -465,7 +467,7 @@ def _stale(calls: list[_Application], model: nn.Module) -> list[tuple[nn.Module,
     paths = _first_paths(model)
     return [(c.module, c.where or (f"a call from {_label(paths[c.caller])} "
                                    f"({type(c.caller).__name__})" if c.caller in paths else ""))
-            for c in calls if not c.installed and c.module is not None and c.module not in paths]
+            for c in calls if _is_site_call(c) and c.module is not None and c.module not in paths]
 
 
 def _inside_torch_layer(m: nn.Module | None) -> bool:
