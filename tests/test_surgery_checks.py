@@ -22,6 +22,7 @@ from torch import nn
 from relucap_plugin.surgery import (
     ConversionCheckError,
     UntraceableModelError,
+    calibrate_caps,
     cap_relus,
     find_relus,
     is_converted,
@@ -639,3 +640,35 @@ def test_a_model_with_lazy_modules_not_yet_run_is_copied_and_converted():
     assert report.check.startswith("passed")
     assert type(net[0]) is nn.LazyLinear and isinstance(net[0].weight, nn.parameter.UninitializedParameter)
     assert bool(converted[1](converted[0](x)).max() <= torch.tensor(0.1))
+
+
+class _ThroughAList(nn.Module):
+    """Applies its registered ReLU through a plain Python list."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.act = nn.ReLU()
+        self.acts = [self.act]
+
+    def forward(self, x):
+        return self.b(self.acts[0](self.a(x)))
+
+
+def test_calibration_self_checks_its_recorders_like_any_conversion():
+    """calibrate_caps installs its recorders through the same self-checked conversion as
+    cap_relus: a ReLU its recorder cannot reach is refused with the reason (it used to give
+    cap=inf with a 'no positive output' warning), and a model it can reach calibrates to the
+    quantile of the real activations, its original untouched."""
+    data = torch.randn(64, 4)
+    with pytest.raises(ConversionCheckError, match="calibrate_caps: .*not in its module tree"):
+        calibrate_caps(_ThroughAList(), data)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = snapshot(net)
+    caps = calibrate_caps(net, data, quantile=1.0)
+    with torch.no_grad():
+        h1 = F.relu(net[0](data))
+        h2 = F.relu(net[2](h1))
+    assert caps == {"1": float(h1.max()), "3": float(h2.max())}
+    assert_same_snapshot(before, snapshot(net))

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from .._torch import check_finite_inputs, float_dtype, model_device
 from ._copy import copy_model
 from ._records import ReluSite, _check_mode, _check_model
-from .convert import _Converter
+from .convert import convert_verified
 from .select import _select
-from .sites import _discover
-from .verify import bad_example_input
+from .verify import _as_args, bad_example_input, probe
+
+_CHECK_ROWS = 16  # rows of the first batch the conversion's self-check runs on
 
 class _Recorder(nn.Module):
     """The site's own ReLU (or ReLU6) that keeps a sample of its positive outputs."""
@@ -138,12 +139,21 @@ def calibrate_caps(
         check_finite_inputs(x, "calibrate_caps: data")
         return x.to(device=device, dtype=dtype)
 
-    example = prepare(first) if isinstance(sites, str) and sites == "bottleneck" else None
-    disc = _discover(work, example, mode, "calibrate_caps")
-    chosen = _select(disc.sites, sites)
+    # the recorders are installed like any conversion and self-checked on a few rows of the
+    # first batch (at cap=inf they are the sites' own ReLUs), so no site's statistics come
+    # from a conversion that missed or bypassed it
+    sample = prepare(first)[:_CHECK_ROWS]
+    ref = probe(work, _as_args(sample))
+    if ref.error is not None:
+        raise bad_example_input("calibrate_caps", model, sample, ref.error,
+                                "data (batch 0)") from ref.error
     recipe = _RecorderRecipe(max_samples)
-    _Converter(work, disc, {s.index: recipe for s in chosen}).run()
-    recorders = {i: recipe.built[disc.sites[i].name] for i in (s.index for s in chosen)}
+    converter, _ = convert_verified(work, sample, (_as_args(sample), ref, ""), mode, "calibrate_caps",
+                                    lambda disc: {s.index: recipe for s in _select(disc.sites, sites)})
+    for message in converter.warnings:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    disc = converter.disc
+    recorders = {i: recipe.built[disc.sites[i].name] for i in converter.used}
     with torch.no_grad():
         for b, x in enumerate(itertools.chain([first], batches)):
             if max_batches is not None and b >= max_batches:

@@ -496,26 +496,10 @@ def cap_relus(
         # the self-check's reference pass comes first: its record of the ReLU applications is
         # the discovery too (no fx trace for a model whose ReLUs are all modules)
         args, ref, unchecked = verify.reference_run(target, example_input)
-        disc = found or _discover(target, example_input, mode, "cap_relus", ref)
-        plan = _plan(disc.sites, cap, sites)
-        converter = _Converter(target, disc, plan)
-        if disc.probed and converter._split_needed()[1]:
-            # a shared module needs different activations per call, or an in-place ReLU's input
-            # may be read later: that takes graph nodes
-            disc = _discover(target, example_input, mode, "cap_relus", ref, trace=True)
-            plan = _plan(disc.sites, cap, sites)
-            converter = _Converter(target, disc, plan)
-        converter.same_input = found is None
-        try:
-            converter, checked = _convert_checked(converter, ref, args, mode, unchecked)
-        except ConversionCheckError:
-            if found is not None or mode != "auto":
-                raise
-            # the fast discovery (our own heuristic) skipped a module hiding a ReLU: trace it all
-            disc = _discover(target, example_input, mode, "cap_relus")
-            plan = _plan(disc.sites, cap, sites)
-            converter, checked = _convert_checked(_Converter(target, disc, plan), ref, args, mode,
-                                                  unchecked)
+        converter, checked = convert_verified(
+            target, example_input, (args, ref, unchecked), mode, "cap_relus",
+            lambda disc: _plan(disc.sites, cap, sites), found)
+        disc = converter.disc
         for message in converter.warnings:
             warnings.warn(message, UserWarning, stacklevel=2)
         used = converter.used
@@ -534,7 +518,34 @@ def cap_relus(
         return target, report
 
 
-def _convert_checked(converter: _Converter, ref, args, mode, unchecked
+def convert_verified(target: nn.Module, example_input: Any, reference: tuple, mode: str, fn: str,
+                     make_plan: Callable[[_Discovery], Mapping[int, Any]],
+                     found: _Discovery | None = None) -> tuple[_Converter, str]:
+    """Discover ``target``'s sites (``found``, or from the reference pass), convert them as
+    ``make_plan`` says and self-check; returns the converter and the check's summary. The
+    reference is ``(args, the unconverted model's pass, why unchecked)`` from
+    :func:`.verify.reference_run`. Raises with ``target`` unchanged."""
+    args, ref, unchecked = reference
+    disc = found or _discover(target, example_input, mode, fn, ref)
+    converter = _Converter(target, disc, make_plan(disc))
+    if disc.probed and converter._split_needed()[1]:
+        # a shared module needs different activations per call, or an in-place ReLU's input
+        # may be read later: that takes graph nodes
+        disc = _discover(target, example_input, mode, fn, ref, trace=True)
+        converter = _Converter(target, disc, make_plan(disc))
+    converter.same_input = found is None
+    try:
+        return _convert_checked(converter, ref, args, mode, unchecked, fn)
+    except ConversionCheckError:
+        if found is not None or mode != "auto":
+            raise
+        # the fast discovery (our own heuristic) skipped a module hiding a ReLU: trace it all
+        disc = _discover(target, example_input, mode, fn)
+        return _convert_checked(_Converter(target, disc, make_plan(disc)), ref, args, mode,
+                                unchecked, fn)
+
+
+def _convert_checked(converter: _Converter, ref, args, mode, unchecked, fn: str
                      ) -> tuple[_Converter, str]:
     """Convert, then self-check; an fx rewrite that fails the check is replaced by the runtime
     path for the functional sites. Raises ConversionCheckError with the model unchanged.
@@ -545,14 +556,14 @@ def _convert_checked(converter: _Converter, ref, args, mode, unchecked
     gradients reach: a regenerated forward can lose a ``no_grad`` block."""
     model, disc, plan = converter.model, converter.disc, converter.plan
     if ref is not None and ref.grads is None and converter._split_needed()[1]:
-        verify.add_gradients(model, ref, args, "cap_relus")
+        verify.add_gradients(model, ref, args, fn)
     converter.run()
     if ref is None:
-        converter.warnings.append(f"cap_relus: the conversion was not self-checked: {unchecked}")
+        converter.warnings.append(f"{fn}: the conversion was not self-checked: {unchecked}")
         return converter, f"not run: {unchecked}"
     everything = len(plan) == len(disc.sites)
     try:
-        return converter, _check(model, converter, ref, args, everything)
+        return converter, _check(model, converter, ref, args, everything, fn)
     except BaseException as exc:
         converter.abort()
         if not isinstance(exc, ConversionCheckError) or not converter.rewritten or mode != "auto":
@@ -562,7 +573,7 @@ def _convert_checked(converter: _Converter, ref, args, mode, unchecked
         converter.same_input = same_input
         converter.run()
         try:
-            return converter, _check(model, converter, ref, args, everything)
+            return converter, _check(model, converter, ref, args, everything, fn)
         except ConversionCheckError:
             converter.abort()
             raise exc from None
@@ -578,9 +589,10 @@ def _forwards_changed(converter: _Converter) -> bool:
     return bool(converter.rewritten or converter.runtime)
 
 
-def _check(model: nn.Module, converter: _Converter, ref: Any, args: tuple, all_sites: bool) -> str:
+def _check(model: nn.Module, converter: _Converter, ref: Any, args: tuple, all_sites: bool,
+           fn: str) -> str:
     summary, notes = verify.check(
-        model, ref, args, converter.installed(), all_sites, "cap_relus",
+        model, ref, args, converter.installed(), all_sites, fn,
         _forwards_changed(converter), len(converter.used) if converter.same_input else None,
         frozenset(id(old) for _, _, old in converter.record.replaced))
     converter.warnings.extend(notes)
