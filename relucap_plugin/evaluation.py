@@ -323,7 +323,7 @@ def evaluate(
         "versions": versions,
         "package_version": versions["relucap-plugin"],
         "rtol": RTOL,
-        "fingerprint": run_fingerprint(model, data_digest, tm, cfg, attack_list),
+        "fingerprint": run_fingerprint(model, data_digest, tm, cfg, attack_list, net),
     }
     if cascade:
         metadata["schedule"] = metadata["fingerprint"]["schedule"] = schedule

@@ -92,6 +92,59 @@ def test_1_resume_refuses_other_images_with_the_same_labels(tmp_path):
         run(model, (other, y), tmp_path)
 
 
+class _Cap(torch.nn.Module):
+    """A hand-written cap whose limit is a plain attribute (no parameter, no buffer)."""
+
+    def __init__(self, cap: float):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, x):
+        return x.clamp(0, self.cap)
+
+
+class _Pair(torch.nn.Module):
+    """Returns (logits, logits of a hard-coded cap): the output= selector picks one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), self.model(x).clamp(max=0.01)
+
+
+def _same_weights(change: str):
+    """Two models with equal parameters and buffers that compute different logits, and the
+    evaluate() keyword arguments of each."""
+    model, _, _ = tiny()
+    other = copy.deepcopy(model)
+    if change == "hardtanh":
+        other[2] = torch.nn.Hardtanh(0.0, 0.05)
+    elif change == "attribute":
+        model[2], other[2] = _Cap(1.0), _Cap(0.05)
+    elif change == "plain_tensor":
+        model[2], other[2] = _Cap(1.0), _Cap(1.0)
+        model[2].cap, other[2].cap = torch.tensor(1.0), torch.tensor(0.05)
+    else:  # output selector
+        return _Pair(model), _Pair(model), {"output": 0}, {"output": 1}
+    return model, other, {}, {}
+
+
+@pytest.mark.parametrize("change", ["hardtanh", "attribute", "plain_tensor", "output"])
+def test_resume_refuses_a_model_that_differs_outside_its_weights(tmp_path, change):
+    """Issue: a model with the same weights but another cap, activation or output= resumed the
+    first model's file and returned its rows as its own (exit 0)."""
+    model, other, kw, other_kw = _same_weights(change)
+    _, x, y = tiny()
+    run(model, (x, y), tmp_path, **kw)
+    alone = run(other, (x, y), None, **other_kw)
+    assert alone.outcomes() != run(model, (x, y), None, **kw).outcomes()
+    with pytest.raises(ValueError, match="what differs: the model's architecture"):
+        run(other, (x, y), tmp_path, **other_kw)
+    run(copy.deepcopy(model), (x, y), tmp_path, **kw)  # the same model still resumes
+
+
 # ------------------------------------------------------------------ bad case 3: audit --out
 def test_3_audit_out_keeps_an_evaluate_run(tmp_path):
     from relucap_plugin.cli import main
