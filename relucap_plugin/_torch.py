@@ -140,11 +140,22 @@ def check_logits(out: object, fix: str, where: str = "") -> torch.Tensor:
     ``where`` prefixes the message (the attack's name); ``fix`` says how to make a model that
     returns a tuple or dict usable from the caller's side.
     """
+    prefix = f"{where}: " if where else ""
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-        prefix = f"{where}: " if where else ""
         raise TypeError(f"{prefix}the model must return logits of shape (N, classes), got {what}; {fix}")
+    if out.shape[1] < 2:
+        raise ValueError(f"{prefix}{ONE_OUTPUT.format(shape=tuple(out.shape))}")
     return out
+
+
+#: The error for a model with one output (``shape``: its output's shape): its argmax is class 0
+#: whatever the input, so every sample labelled 0 would count as correct and robust.
+ONE_OUTPUT = (
+    "the model returns one output per sample (shape {shape}), so its predicted class (the argmax) "
+    "is 0 for every input and accuracy, robustness and certificates would count every sample "
+    "labelled 0 as correct; a binary classifier with one logit z must return two, e.g. "
+    "torch.cat([torch.zeros_like(z), z], 1) (class 1 when z > 0)")
 
 
 def clean_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, where: str) -> torch.Tensor:

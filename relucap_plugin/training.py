@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import _files
 from ._console import progress as _progress
 from .activations import apply_saved_caps, saved_caps
-from ._torch import check_finite_inputs, check_module
+from ._torch import ONE_OUTPUT, check_finite_inputs, check_module
 from .data import DataLike, as_loader, check_complete_loader, check_labels, unpack_batch
 from .threat import check_budget, resolve_device
 
@@ -335,9 +335,12 @@ def _num_classes(model: nn.Module, x: Tensor, fn: str, argument: str) -> int:
     was = model.training
     model.eval()
     try:
-        return int(first_output(fn, model, x, argument).shape[-1])
+        out = first_output(fn, model, x, argument)
     finally:
         model.train(was)
+    if out.shape[-1] < 2:
+        raise ValueError(f"{fn}: {ONE_OUTPUT.format(shape=tuple(out.shape))}")
+    return int(out.shape[-1])
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from relucap_plugin.evaluation import evaluate
 from relucap_plugin.models import mlp
 from relucap_plugin.results import BracketError, Results
 from relucap_plugin.threat import EvalConfig
-from relucap_plugin.training import train
+from relucap_plugin.training import accuracy, train
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,19 @@ def test_a_margin_within_rounding_of_zero_is_no_certificate(gap, certified):
     margins = [r["margin"] for r in table.rows if r["attack"] == "certify:best"]
     assert all(m == pytest.approx(gap, rel=1e-2) for m in margins)
     assert table.certified(0.3) == (1.0 if certified else 0.0)
+
+
+def test_a_one_output_model_is_refused_not_certified_or_evaluated():
+    """A binary classifier with one logit predicts class 0 for every input: certify reported
+    every sample labelled 0 as certified (100%, exit 0). Both certify and evaluate now refuse it
+    and say how to return two logits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1))
+    x, y = torch.rand(6, 1, 4, 4), torch.zeros(6, dtype=torch.long)
+    tm = ThreatModel("Linf", eps=0.1, steps=2)
+    for call in (lambda: certify(model, (x, y), tm, progress=False),
+                 lambda: certified_margins(model, x, y, 0.1),
+                 lambda: evaluate(model, (x, y), "torch:FGSM", tm, progress=False),
+                 lambda: accuracy(model, (x, y))):
+        with pytest.raises(ValueError, match=r"one output per sample .*torch.cat\(\[torch.zeros_like"):
+            call()

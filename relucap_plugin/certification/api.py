@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._console import progress as _progress
-from .._torch import caller_state, check_inputs, model_device
+from .._torch import ONE_OUTPUT, caller_state, check_inputs, model_device
 from .._fingerprint import DataDigest, json_digest, run_fingerprint
 from ..data import DataLike, as_loader, check_complete_loader, check_labels, unpack_batch
 from ..results import CERTIFY_LIBRARY, Results
@@ -83,6 +83,8 @@ def _check_logits(graph: BoundGraph, model: nn.Module) -> None:
         raise ValueError(
             f"certify needs a classifier returning logits (N, classes); "
             f"{type(model).__name__} returns per-sample shape {graph.ops[-1].shape}")
+    if graph.ops[-1].shape[0] < 2:
+        raise ValueError(f"certify: {ONE_OUTPUT.format(shape=('N', *graph.ops[-1].shape))}")
 
 
 def certified_margins(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "Linf",
