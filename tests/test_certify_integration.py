@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from relucap_plugin import ThreatModel
-from relucap_plugin.certification import certified_margins, certify
+from relucap_plugin.certification import UnsupportedOpError, certified_margins, certify
 from relucap_plugin.cli import main
 from relucap_plugin.data import load_digits_dataset
 from relucap_plugin.diagnostics import perturbation_growth
@@ -181,4 +181,38 @@ def test_a_one_output_model_is_refused_not_certified_or_evaluated():
                  lambda: evaluate(model, (x, y), "torch:FGSM", tm, progress=False),
                  lambda: accuracy(model, (x, y))):
         with pytest.raises(ValueError, match=r"one output per sample .*torch.cat\(\[torch.zeros_like"):
+            call()
+
+
+class _AlwaysDropout(nn.Module):
+    """F.dropout without training=self.training: random in eval mode too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(torch.relu(self.a(x.flatten(1))), 0.5))
+
+
+def _hooked():
+    """Input scaling in a forward pre-hook, which the trace does not see."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    model.register_forward_pre_hook(lambda module, args: (args[0] * 50 - 25,))
+    return model
+
+
+@pytest.mark.parametrize("make", [_hooked, _AlwaysDropout], ids=["pre_hook", "functional_dropout"])
+def test_a_model_its_bound_graph_does_not_reproduce_is_refused(make):
+    """Before: the bounds were computed for the traced function (no hook, dropout as identity)
+    and certified samples a plain PGD breaks on the real model."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.rand(8, 1, 4, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    tm = ThreatModel("Linf", eps=0.01)
+    for call in (lambda: certify(model, (x, y), tm, progress=False),
+                 lambda: certified_margins(model, x, y, 0.01)):
+        with pytest.raises(UnsupportedOpError, match="does not reproduce the model's logits"):
             call()
