@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ._fingerprint import parameters_digest
-from ._torch import (PROBABILITIES, check_inputs, check_logits, clean_logits, float_dtype,
-                     is_out_of_memory, looks_like_probabilities)
+from ._torch import (NONDETERMINISTIC, PROBABILITIES, check_inputs, check_logits, clean_logits,
+                     float_dtype, is_out_of_memory, logits_differ, looks_like_probabilities)
 from .adversarial import AdversarialStore
 from .attacks import Attack
 from .data import check_labels
@@ -111,6 +111,12 @@ class Runner:
         if "probabilities" not in self.warned and looks_like_probabilities(logits):
             self.warned.add("probabilities")
             warnings.warn(PROBABILITIES.format(where=where), UserWarning, stacklevel=4)
+        if "random" not in self.warned:  # once per run: one more forward of the first batch
+            self.warned.add("random")
+            random, diff, scale = logits_differ(logits, self._logits(xd))
+            if random:
+                warnings.warn(NONDETERMINISTIC.format(where=where, diff=diff, scale=scale),
+                              UserWarning, stacklevel=4)
         labels = yd.tolist()
         if self.store is not None:
             self.store.clean(start, xd, self.tm.eps)

@@ -188,6 +188,24 @@ PROBABILITIES = (
     "final softmax (or return log-probabilities)")
 
 
+#: The warning for a model whose logits change between two forward passes of the same inputs.
+NONDETERMINISTIC = (
+    "{where}: the model is random in eval mode (two forward passes of the same inputs differ by "
+    "up to {diff:.3g} at logits up to {scale:.3g}): every prediction, clean and adversarial, is "
+    "one random draw, and randomness hides gradients from attacks that do not average over it, "
+    "so robust accuracy is over-reported. Make the model deterministic in eval mode (F.dropout "
+    "needs training=self.training; no noise layers), or evaluate it with attacks that average "
+    "over its randomness (EOT)")
+
+
+def logits_differ(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> tuple[bool, float, float]:
+    """Whether two forward passes' logits ``a``, ``b`` (N, K) of the same inputs differ by more
+    than ``rtol`` times the largest logit (at least 1); also the difference and that scale."""
+    diff = (a.detach() - b.detach()).abs().max().item() if a.numel() else 0.0
+    scale = a.detach().abs().max().item() if a.numel() else 0.0
+    return not diff <= rtol * max(scale, 1.0), diff, scale
+
+
 def looks_like_probabilities(logits: torch.Tensor, tol: float = 1e-4) -> bool:
     """True when every row of ``logits`` (N, classes >= 2) lies in [0, 1] and sums to 1 (within
     ``tol`` per class): the model ends with a softmax. Losses on probabilities saturate (a

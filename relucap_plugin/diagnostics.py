@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ._console import format_table, print_table
 from ._format import markdown_table, short_repr
 from .adaptive import attack_kind, audit_inputs, cap_statistics, evaluate_suite, find_caps
-from ._torch import caller_state, looks_like_probabilities, model_device
+from ._torch import caller_state, logits_differ, looks_like_probabilities, model_device
 from .attacks import get_attack
 from .results import Results
 from .significance import ALPHA, clopper_pearson, mcnemar_exact
@@ -247,9 +247,9 @@ def determinism_check(model: nn.Module, x: Tensor, *, repeats: int = 3, rtol: fl
     with caller_state(model):
         xd = x.to(model_device(model, x.device))
         outs = [model(xd) for _ in range(max(2, repeats))]
-    diff = max((o - outs[0]).abs().max().item() for o in outs[1:])
-    scale = outs[0].abs().max().item()
-    return _flag("nondeterministic_logits", diff > rtol * max(scale, 1.0), max_abs_difference=diff,
+    checks = [logits_differ(outs[0], o, rtol) for o in outs[1:]]
+    diff, scale = max(c[1] for c in checks), checks[0][2]
+    return _flag("nondeterministic_logits", any(c[0] for c in checks), max_abs_difference=diff,
                  max_abs_logit=scale, repeats=len(outs))
 
 

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from relucap_plugin import EvalConfig, Results, ThreatModel, get_attack
@@ -186,6 +187,33 @@ def test_probability_outputs_are_flagged_and_warned_about_in_evaluate():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate(logits, (x, y), ["torch:PGD"], tm, cfg, progress=False)
+
+
+def test_a_model_random_in_eval_mode_is_warned_about_in_evaluate():
+    """F.dropout without training=self.training keeps a model random in eval mode: evaluate
+    printed its one-draw robust accuracy without a word (audit's flag fired, evaluate's did
+    not). Now evaluate warns once; a deterministic model gets no warning."""
+    from relucap_plugin import evaluate
+
+    class AlwaysDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.b(F.dropout(F.relu(self.a(x)), 0.5))
+
+    torch.manual_seed(0)
+    model = AlwaysDropout()
+    x, y = torch.rand(16, 4), torch.randint(0, 3, (16,))
+    tm, cfg = ThreatModel("Linf", eps=(0.05,), steps=2), EvalConfig(device="cpu", batch_size=8)
+    assert determinism_check(model, x).fired
+    with pytest.warns(UserWarning, match=r"random in eval mode .*training=self.training") as record:
+        evaluate(model, (x, y), ["torch:FGSM"], tm, cfg, progress=False)
+    assert sum("random in eval mode" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(nn.Linear(4, 3), (x, y), ["torch:FGSM"], tm, cfg, progress=False)
 
 
 def test_determinism_and_gradient_checks_on_small_models():
