@@ -51,7 +51,8 @@ def test_certify_rows_bracket_real_attacks(trained, digits):
 
 def _row(sample, attack, eps, robust, **kw):
     return {"sample": sample, "attack": attack, "eps": eps, "clean_correct": True,
-            "adv_correct": robust, "status": "ok", "label": 1, "adv_pred": 2, "norm": eps, **kw}
+            "adv_correct": robust, "status": "ok", "label": 1, "adv_pred": 1 if robust else 2,
+            "norm": eps, **kw}
 
 
 def test_certified_but_broken_sample_raises():

@@ -293,7 +293,9 @@ def test_8_conflicting_duplicate_rows_are_refused(tmp_path):
     run(model, (x, y), tmp_path)
     path = tmp_path / "results.jsonl"
     header, rows = _rows(path)
-    forged = dict(rows[0], adv_correct=not rows[0]["adv_correct"], status="ok")
+    robust = not rows[0]["adv_correct"]  # a forged row that is consistent in itself
+    forged = dict(rows[0], adv_correct=robust, status="ok",
+                  adv_pred=rows[0]["label"] if robust else (rows[0]["label"] + 1) % 3)
     with open(path, "a") as f:
         f.write(json.dumps(forged) + "\n")
     with pytest.raises(ValueError, match="two rows for sample 0.*different outcomes"):
