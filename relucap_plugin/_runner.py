@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._fingerprint import parameters_digest
-from ._torch import (NONDETERMINISTIC, PROBABILITIES, check_inputs, check_logits, clean_logits,
+from ._torch import (BATCH_DEPENDENT, NONDETERMINISTIC, PROBABILITIES, check_inputs, check_logits, clean_logits,
                      float_dtype, is_out_of_memory, logits_differ, looks_like_probabilities)
 from .adversarial import AdversarialStore
 from .attacks import Attack
@@ -111,16 +111,38 @@ class Runner:
         if "probabilities" not in self.warned and looks_like_probabilities(logits):
             self.warned.add("probabilities")
             warnings.warn(PROBABILITIES.format(where=where), UserWarning, stacklevel=4)
-        if "random" not in self.warned:  # once per run: one more forward of the first batch
+        if "random" not in self.warned:
             self.warned.add("random")
-            random, diff, scale = logits_differ(logits, self._logits(xd))
-            if random:
-                warnings.warn(NONDETERMINISTIC.format(where=where, diff=diff, scale=scale),
-                              UserWarning, stacklevel=4)
+            self._check_per_sample(xd, logits, where)
         labels = yd.tolist()
         if self.store is not None:
             self.store.clean(start, xd, self.tm.eps)
         return Batch(start, xd, yd, labels, logits.argmax(1).tolist(), logits)
+
+    def _check_per_sample(self, x: Tensor, logits: Tensor, where: str) -> None:
+        """Warn when the model's logits of a sample are not a function of that sample alone:
+        the first half of the first batch predicted again on its own must give the same logits
+        (one more forward of half a batch per run). If not, a second pass of the whole batch
+        tells a model random in eval mode from one whose outputs depend on the other samples
+        of its batch (batch norm without running statistics)."""
+        half = x[: max(1, len(x) // 2)]
+        rtol = max(1e-5, 16 * torch.finfo(x.dtype).eps)  # other batch sizes round differently
+        try:
+            differ, diff, scale = logits_differ(logits[: len(half)], self._logits(half), rtol)
+        except Exception as exc:  # e.g. batch norm on batch statistics cannot take one sample
+            differ, diff, scale = True, math.inf, float(logits.abs().max())
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            error = None
+        if not differ:
+            return
+        random, diff2, scale2 = logits_differ(logits, self._logits(x), rtol)
+        if random:
+            message = NONDETERMINISTIC.format(where=where, diff=diff2, scale=scale2)
+        else:
+            message = BATCH_DEPENDENT.format(where=where, n=len(x), k=len(half), diff=diff,
+                                             scale=scale, error=f" ({error})" if error else "")
+        warnings.warn(message, UserWarning, stacklevel=5)
 
     def _check_parameters(self, attack: Attack) -> None:
         """Stop the run if an attack call changed the model's parameters: every later row would

@@ -198,6 +198,16 @@ NONDETERMINISTIC = (
     "over its randomness (EOT)")
 
 
+#: The warning for a model whose logits of a sample depend on the other samples of its batch.
+BATCH_DEPENDENT = (
+    "{where}: the model's outputs depend on the other samples of the batch: the first {k} of "
+    "{n} samples predicted on their own differ by up to {diff:.3g} at logits up to {scale:.3g}"
+    "{error}. Its predictions, clean and adversarial, change with the batch size and with "
+    "which samples an attack returns together, so the table is not a per-sample measurement. "
+    "Use batch norm with running statistics (track_running_stats=True) or a per-sample "
+    "normalisation (LayerNorm, GroupNorm)")
+
+
 def logits_differ(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> tuple[bool, float, float]:
     """Whether two forward passes' logits ``a``, ``b`` (N, K) of the same inputs differ by more
     than ``rtol`` times the largest logit (at least 1); also the difference and that scale."""

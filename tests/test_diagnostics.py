@@ -216,6 +216,29 @@ def test_a_model_random_in_eval_mode_is_warned_about_in_evaluate():
         evaluate(nn.Linear(4, 3), (x, y), ["torch:FGSM"], tm, cfg, progress=False)
 
 
+def test_a_model_whose_outputs_depend_on_the_batch_is_warned_about_in_evaluate():
+    """Batch norm without running statistics normalises with the batch's statistics in eval
+    mode too: the same data gave 96.9% clean / 83.6% robust in batches of 128 and 97.7% /
+    77.3% in batches of 16, without a word. Now evaluate warns once; batch norm with running
+    statistics does not."""
+    from relucap_plugin import evaluate
+
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 4), torch.randint(0, 3, (16,))
+    tm, cfg = ThreatModel("Linf", eps=(0.05,), steps=2), EvalConfig(device="cpu", batch_size=8)
+    batch_stats = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False),
+                                nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match=r"depend on the other samples of the batch: the first 4 "
+                                         r"of 8 .*track_running_stats=True") as record:
+        evaluate(batch_stats, (x, y), ["torch:FGSM"], tm, cfg, progress=False)
+    assert sum("other samples of the batch" in str(w.message) for w in record) == 1
+    assert not any("random in eval mode" in str(w.message) for w in record)
+    running = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(running, (x, y), ["torch:FGSM"], tm, cfg, progress=False)
+
+
 def test_determinism_and_gradient_checks_on_small_models():
     torch.manual_seed(0)
     x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
