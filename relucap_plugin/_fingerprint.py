@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "CHUNK", "DataDigest", "architecture_digest", "attack_digest", "differences", "model_digest", "parameters_digest",
+    "CHUNK", "DataDigest", "architecture_digest", "attack_digest", "differences", "model_digest",
     "run_fingerprint", "tensor_digest",
 ]
 
@@ -120,11 +120,6 @@ class DataDigest:
     def hexdigest(self) -> str:
         text = "|".join(f"{s}:{d}" for s, d in sorted(self.batches.items()))
         return hashlib.sha256(f"{self.n}|{text}".encode()).hexdigest()
-
-
-def parameters_digest(net: nn.Module) -> str:
-    """Digest of the parameters only (checked after each attack call)."""
-    return json_digest([tensor_digest(p) for p in net.parameters()])
 
 
 def _const(c: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._fingerprint import parameters_digest
+from ._fingerprint import model_digest
 from ._torch import (BATCH_DEPENDENT, NONDETERMINISTIC, PROBABILITIES, check_inputs, check_logits, clean_logits,
                      float_dtype, is_out_of_memory, logits_differ, looks_like_probabilities)
 from .adversarial import AdversarialStore
@@ -39,7 +39,7 @@ def _call_seed(seed: int, attack: str, eps: float, start: int, offset: int = 0) 
 
 # ------------------------------------------------------------------------------ identity
 class _ModelChangedError(RuntimeError):
-    """An attack call changed the model's parameters (never recorded as a failed row)."""
+    """An attack call changed the model's parameters or buffers (never recorded as a failed row)."""
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -145,14 +145,16 @@ class Runner:
         warnings.warn(message, UserWarning, stacklevel=5)
 
     def _check_parameters(self, attack: Attack) -> None:
-        """Stop the run if an attack call changed the model's parameters: every later row would
-        describe another model (the attack gets copies of the inputs, so those cannot change)."""
-        if self.params is not None and parameters_digest(self.net) != self.params:
+        """Stop the run if an attack call changed the model's parameters or buffers (batch-norm
+        running statistics, from running it in train mode): every later row would describe
+        another model (the attack gets copies of the inputs, so those cannot change)."""
+        if self.params is not None and model_digest(self.net) != self.params:
             raise _ModelChangedError(
-                f"attack {attack.spec} changed the model's parameters during its call; the "
-                "rows before it are kept, but the run stops because the model is no longer "
-                "the one evaluated: fix the attack (it must not train or edit the model) and "
-                "evaluate a fresh copy of the model"
+                f"attack {attack.spec} changed the model's parameters or buffers during its call "
+                "(e.g. batch-norm running statistics, by running the model in train mode); the "
+                "rows before it are kept, but the run stops because the model is no longer the "
+                "one evaluated: fix the attack (it must not train, edit or run the model in "
+                "train mode) and evaluate a fresh copy of the model"
             )
 
     @torch.no_grad()

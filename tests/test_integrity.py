@@ -282,6 +282,26 @@ def test_7_an_attack_changing_the_weights_stops_the_run(tmp_path):
         run(model, (x, y), tmp_path, attack=make_attack(trains, name="trains"))
 
 
+def test_7_an_attack_changing_the_buffers_stops_the_run(tmp_path):
+    """An attack that runs the model in train mode changes its batch-norm running statistics:
+    the later rows were computed on that changed model, which evaluate then handed back."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8),
+                                torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).eval()
+    x = torch.rand(N, *SHAPE)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+
+    def in_train_mode(model, x, y, eps):
+        model.train()
+        model(x * 5)
+        return x
+
+    with pytest.raises(RuntimeError, match="custom:in_train_mode changed the model's parameters "
+                                           "or buffers .*running statistics"):
+        run(model, (x, y), tmp_path, attack=[make_attack(in_train_mode, name="in_train_mode"), FGSM])
+
+
 # ------------------------------------------------------- bad case 8: rows of other runs
 def _rows(path):
     lines = path.read_text().splitlines()
