@@ -12,6 +12,7 @@ other images), not a collision crafted on purpose. Our own design.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -192,8 +193,26 @@ def _attribute(value: Any) -> Any:
         items = {k: _attribute(v) for k, v in value.items()}
         return None if any(i is None for i in items.values()) else items
     if callable(value) and not isinstance(value, (type, nn.Module)):
-        return _code_parts(value, nested=True) or None
+        return _callable(value)
     return None
+
+
+def _callable(fn: Any) -> dict[str, Any] | None:
+    """A function's code, defaults and closure values, or a callable object's class, ``__call__``
+    code and attributes (a hook object holding its cap), or a ``functools.partial``'s parts."""
+    if isinstance(fn, functools.partial):
+        return {"partial": _callable(fn.func), "args": _attribute(list(fn.args)),
+                "keywords": _attribute(dict(fn.keywords))}
+    parts: dict[str, Any] = _code_parts(fn, nested=True)
+    if hasattr(fn, "__code__"):
+        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())
+                 if c.cell_contents is not fn]
+        parts["closure"] = [_attribute(c) for c in cells]
+        parts["defaults"] = _attribute(list(getattr(fn, "__defaults__", None) or ()))
+    elif hasattr(fn, "__dict__"):
+        parts["class"] = f"{type(fn).__module__}.{type(fn).__qualname__}"
+        parts["attrs"] = {k: _attribute(v) for k, v in sorted(vars(fn).items())}
+    return parts or None
 
 
 def architecture_digest(model: nn.Module) -> str:
@@ -207,7 +226,7 @@ def architecture_digest(model: nn.Module) -> str:
     for name, m in model.named_modules():
         cls = type(m)
         attrs = {k: _attribute(v) for k, v in sorted(vars(m).items()) if k not in _MODULE_BOOKKEEPING}
-        hooks = [_code_parts(h, nested=True) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values()]
+        hooks = [_callable(h) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values()]
         code = {f"{k.__qualname__}.{n}": _code_parts(getattr(f, "__func__", f), nested=True)
                 for k in cls.__mro__ if not k.__module__.startswith(_LIBRARY_MODULES)
                 and k.__module__ != "builtins" for n, f in sorted(vars(k).items())

@@ -126,12 +126,20 @@ def _same_weights(change: str):
     elif change == "plain_tensor":
         model[2], other[2] = _Cap(1.0), _Cap(1.0)
         model[2].cap, other[2].cap = torch.tensor(1.0), torch.tensor(0.05)
+    elif change == "quantizable_cap":  # the cap is an attribute of a forward hook's object
+        from relucap_plugin.surgery import cap_relus
+
+        model, other = (cap_relus(model, c, quantizable=True)[0] for c in (1.0, 0.05))
+    elif change == "hook_closure":  # the cap is a value the hook function closes over
+        for net, cap in ((model, 1.0), (other, 0.05)):
+            net[2].register_forward_hook(lambda module, args, out, cap=cap: out.clamp(max=cap))
     else:  # output selector
         return _Pair(model), _Pair(model), {"output": 0}, {"output": 1}
     return model, other, {}, {}
 
 
-@pytest.mark.parametrize("change", ["hardtanh", "attribute", "plain_tensor", "output"])
+@pytest.mark.parametrize("change", ["hardtanh", "attribute", "plain_tensor", "output",
+                                    "quantizable_cap", "hook_closure"])
 def test_resume_refuses_a_model_that_differs_outside_its_weights(tmp_path, change):
     """Issue: a model with the same weights but another cap, activation or output= resumed the
     first model's file and returned its rows as its own (exit 0)."""
