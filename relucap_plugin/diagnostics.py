@@ -512,6 +512,26 @@ class Audit:
                 "flags": [f.to_dict() for f in self.flags]}
 
 
+def _check_results_describe(model: nn.Module, y: Tensor, results: Results) -> None:
+    """Refuse ``results=`` of another model (their fingerprint's weights or architecture) or of
+    other data (a row's sample out of range or with another label): the audit would give the
+    verdict of one evaluation with the model checks of another."""
+    from ._fingerprint import architecture_digest, differences, model_digest
+
+    stored = results.metadata.get("fingerprint") or {}
+    diff = differences(stored, {"model": model_digest(model), "architecture": architecture_digest(model)})
+    labels = y.tolist()
+    clash = sorted({r["sample"] for r in results.rows if r["label"] is not None and (
+        r["sample"] >= len(labels) or labels[r["sample"]] != r["label"])})
+    if clash:
+        diff.append(f"the data (samples {clash[:5]} are missing from it or have other labels)")
+    if diff:
+        raise ValueError(
+            f"audit: results= describe another evaluation than the audited model and data; what "
+            f"differs: {'; '.join(diff)}. Pass the results of this model on this data (in the same "
+            "order), or leave results= out to run the suite")
+
+
 def audit(
     model: nn.Module,
     data: Any,
@@ -542,6 +562,8 @@ def audit(
     config = config or EvalConfig()
     x, y = as_tensors(data, limit=config.n_samples)
     notes: list[str] = []
+    if results is not None:
+        _check_results_describe(model, y, results)
     if results is None:
         results = evaluate_suite(model, (x, y), threat_model, suite, config, extra_attacks=["torch:FGSM"],
                                  suite_kwargs=suite_kwargs, progress=progress, model_name=model_name,

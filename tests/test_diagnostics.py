@@ -239,6 +239,26 @@ def test_a_model_whose_outputs_depend_on_the_batch_is_warned_about_in_evaluate()
         evaluate(running, (x, y), ["torch:FGSM"], tm, cfg, progress=False)
 
 
+def test_audit_refuses_results_of_another_model_or_other_data():
+    """audit(model_b, ..., results=results_of_model_a) gave model a's attack gaps as model b's
+    verdict ("PGD over-reports by 1.6 points" where b's own run says 0.0), without a word."""
+    from relucap_plugin import evaluate
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    b = nn.Sequential(nn.Linear(4, 16), nn.Hardtanh(0.0, 0.01), nn.Linear(16, 3))
+    b.load_state_dict(a.state_dict())  # the same weights, another activation
+    x = torch.rand(12, 4)
+    y = a(x).argmax(1).detach()
+    tm, cfg = ThreatModel("Linf", eps=(0.05,), steps=2), EvalConfig(device="cpu")
+    of_a = evaluate(a, (x, y), ["torch:FGSM"], tm, cfg, progress=False)
+    with pytest.raises(ValueError, match=r"results= describe another evaluation .*what differs: "
+                                         r"the model's architecture"):
+        audit(b, (x, y), tm, cfg, results=of_a)
+    with pytest.raises(ValueError, match=r"what differs: the data \(samples \[0"):
+        audit(a, (x, (y + 1) % 3), tm, cfg, results=of_a)
+
+
 def test_determinism_and_gradient_checks_on_small_models():
     torch.manual_seed(0)
     x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
