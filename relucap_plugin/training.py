@@ -28,7 +28,7 @@ from ._console import progress as _progress
 from .activations import apply_saved_caps, saved_caps
 from ._torch import ONE_OUTPUT, check_finite_inputs, check_module
 from .data import DataLike, as_loader, check_complete_loader, check_labels, unpack_batch
-from .threat import check_budget, resolve_device
+from .threat import check_budget, check_linf_eps, resolve_device
 
 __all__ = [
     "TRAIN_METHODS",
@@ -228,6 +228,8 @@ def train(
             "pgd": (pgd_steps, True, 2.5 / pgd_steps),
         }[method]
         alpha = factor * eps if alpha is None else _positive(alpha, "alpha")
+    if (adversarial or certified) and bounds is not None:
+        check_linf_eps(float(eps), bounds)
     if checkpoint is not None:
         _checkpoint_format(checkpoint)
         _files.check_target(checkpoint, "checkpoint", what="checkpoint")
