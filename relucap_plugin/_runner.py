@@ -160,8 +160,8 @@ class Runner:
     @torch.no_grad()
     def _logits(self, x: Tensor) -> Tensor:
         return check_logits(
-            self.net(x), "for a model returning a tuple or dict pass output=<index, key or function>"
-        )
+            self.net(x), "for a model returning a tuple or dict pass output=<index, key or function>",
+            x=x)
 
     def _attack(
         self, attack: Attack, eps: float, batch: Batch, attacked: list[int]

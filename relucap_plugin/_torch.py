@@ -134,16 +134,24 @@ def check_inputs(x: torch.Tensor, bounds: tuple[float, float], what: str) -> Non
         )
 
 
-def check_logits(out: object, fix: str, where: str = "") -> torch.Tensor:
+def check_logits(out: object, fix: str, where: str = "", x: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``out`` if it is a logits tensor (N, classes), else a TypeError ending in ``fix``.
 
     ``where`` prefixes the message (the attack's name); ``fix`` says how to make a model that
-    returns a tuple or dict usable from the caller's side.
+    returns a tuple or dict usable from the caller's side. ``x``: the inputs (N, ...), whose
+    count the logits' rows must match (else the rows belong to no sample: ValueError).
     """
     prefix = f"{where}: " if where else ""
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise TypeError(f"{prefix}the model must return logits of shape (N, classes), got {what}; {fix}")
+    if x is not None and len(out) != len(x):
+        raise ValueError(
+            f"{prefix}the model returns {len(out)} rows of logits for {len(x)} inputs of shape "
+            f"{tuple(x.shape)}, so its rows are not the samples' predictions: its forward folds "
+            "other dimensions into the batch (x.view(-1, d) on inputs of another shape than it "
+            "was built for). Pass inputs of the shape the model expects, and flatten with "
+            "x.flatten(1) or x.view(x.shape[0], -1)")
     if out.shape[1] < 2:
         raise ValueError(f"{prefix}{ONE_OUTPUT.format(shape=tuple(out.shape))}")
     return out

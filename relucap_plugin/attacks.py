@@ -477,7 +477,7 @@ class Attack:
 
 
 def _logits(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    return check_logits(model(x), "wrap a model that returns a tuple/dict so that it returns the logits tensor", name)
+    return check_logits(model(x), "wrap a model that returns a tuple/dict so that it returns the logits tensor", name, x)
 
 
 def _fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, name: str) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import _files
 from ._console import progress as _progress
 from .activations import apply_saved_caps, saved_caps
-from ._torch import ONE_OUTPUT, check_finite_inputs, check_module
+from ._torch import ONE_OUTPUT, check_finite_inputs, check_logits, check_module
 from .data import DataLike, as_loader, check_complete_loader, check_labels, unpack_batch
 from .threat import check_budget, check_linf_eps, resolve_device
 
@@ -406,7 +406,9 @@ def accuracy(
             x, y = unpack_batch(batch)
             if total == 0:
                 _num_classes(model, x.to(dev), "accuracy", "data (batch 0)")
-            logits = model(x.to(dev))
+            xd = x.to(dev)
+            logits = check_logits(model(xd), "wrap the model so that it returns the logits tensor",
+                                  "accuracy", xd)
             pred = logits.argmax(1).cpu()
             correct += (pred == check_labels(y, logits.shape[-1], f"accuracy's batch from sample {total}")).sum().item()
             total += len(pred)
