@@ -12,6 +12,7 @@ other images), not a collision crafted on purpose. Our own design.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "CHUNK", "DataDigest", "attack_digest", "differences", "model_digest", "parameters_digest",
+    "CHUNK", "DataDigest", "architecture_digest", "attack_digest", "differences", "model_digest",
     "run_fingerprint", "tensor_digest",
 ]
 
@@ -122,9 +123,37 @@ class DataDigest:
         return hashlib.sha256(f"{self.n}|{text}".encode()).hexdigest()
 
 
-def parameters_digest(net: nn.Module) -> str:
-    """Digest of the parameters only (checked after each attack call)."""
-    return json_digest([tensor_digest(p) for p in net.parameters()])
+def _const(c: Any) -> str:
+    """``repr`` of a code constant, sets sorted (their order changes with the hash seed)."""
+    if isinstance(c, frozenset):
+        return "frozenset(" + repr(sorted(_const(v) for v in c)) + ")"
+    if isinstance(c, tuple):
+        return "(" + ", ".join(_const(v) for v in c) + ("," if len(c) == 1 else "") + ")"
+    return repr(c)
+
+
+def _code_parts(fn: Any, nested: bool = False) -> dict[str, Any]:
+    """``{"code", "consts"}`` of a function's (or a callable object's ``__call__``) bytecode and
+    constants, ``{}`` when it has none: comments and line numbers do not change them, an edited
+    expression or number does. ``nested``: also those of the lambdas and comprehensions in it."""
+    code = getattr(fn, "__code__", None) or vars(type(fn)).get("__call__")
+    code = getattr(code, "__code__", code)
+    if code is None or not hasattr(code, "co_code"):
+        return {}
+    parts: dict[str, Any] = {
+        "code": hashlib.sha256(code.co_code).hexdigest(),
+        "consts": "[" + ", ".join(_const(c) for c in code.co_consts if not hasattr(c, "co_code")) + "]"}
+    inner = [c for c in code.co_consts if hasattr(c, "co_code")]
+    if nested and inner:
+        parts["nested"] = [_code_parts(_Code(c), nested=True) for c in inner]
+    return parts
+
+
+class _Code:
+    """A code object seen as a function (``__code__``), for :func:`_code_parts`."""
+
+    def __init__(self, code: Any) -> None:
+        self.__code__ = code
 
 
 def attack_digest(attack: Any) -> str:
@@ -137,23 +166,86 @@ def attack_digest(attack: Any) -> str:
         "family": attack.family,
     }
     fn = getattr(attack, "fn", None)
-    code = None
     if fn is not None:
         parts["fn"] = getattr(fn, "__qualname__", type(fn).__qualname__)
-        code = getattr(fn, "__code__", None) or vars(type(fn)).get("__call__")
-        code = getattr(code, "__code__", code)
-    if code is not None and hasattr(code, "co_code"):
-        parts["code"] = hashlib.sha256(code.co_code).hexdigest()
-        parts["consts"] = repr([c for c in code.co_consts if not hasattr(c, "co_code")])
+        parts.update(_code_parts(fn))
+    return json_digest(parts)
+
+
+#: Attributes every module has (torch's bookkeeping) and ``inplace`` (the same outputs either
+#: way): left out of :func:`architecture_digest`.
+_MODULE_BOOKKEEPING = frozenset(vars(nn.Module())) | {"inplace"}
+#: Modules whose classes are versioned libraries: their code is not hashed (their settings are).
+_LIBRARY_MODULES = ("torch.", "relucap_plugin.")
+
+
+def _attribute(value: Any) -> Any:
+    """A JSON-able stand-in for a module attribute that can change its function (numbers,
+    strings, tensors, functions, and lists/tuples/dicts of them); ``None`` for anything else."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, Tensor):
+        return tensor_digest(value)
+    if isinstance(value, (list, tuple)):
+        items = [_attribute(v) for v in value]
+        return None if any(i is None for i in items) else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _attribute(v) for k, v in value.items()}
+        return None if any(i is None for i in items.values()) else items
+    if callable(value) and not isinstance(value, (type, nn.Module)):
+        return _callable(value)
+    return None
+
+
+def _callable(fn: Any) -> dict[str, Any] | None:
+    """A function's code, defaults and closure values, or a callable object's class, ``__call__``
+    code and attributes (a hook object holding its cap), or a ``functools.partial``'s parts."""
+    if isinstance(fn, functools.partial):
+        return {"partial": _callable(fn.func), "args": _attribute(list(fn.args)),
+                "keywords": _attribute(dict(fn.keywords))}
+    parts: dict[str, Any] = _code_parts(fn, nested=True)
+    if hasattr(fn, "__code__"):
+        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())
+                 if c.cell_contents is not fn]
+        parts["closure"] = [_attribute(c) for c in cells]
+        parts["defaults"] = _attribute(list(getattr(fn, "__defaults__", None) or ()))
+    elif hasattr(fn, "__dict__"):
+        parts["class"] = f"{type(fn).__module__}.{type(fn).__qualname__}"
+        parts["attrs"] = {k: _attribute(v) for k, v in sorted(vars(fn).items())}
+    return parts or None
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """SHA-256 of what the model computes besides its weights: every submodule's name, class and
+    settings (``extra_repr``: caps, strides, Hardtanh limits, dropout rates), its own attributes
+    (numbers, plain tensors, functions such as an output selector), its hooks' code, and the code
+    of every method of a class that is not torch's or ours (constants in ``forward``, e.g.
+    ``x.clamp(0, 0.3)``). Two models with equal weights and another cap, activation or forward
+    differ here. Our own design."""
+    parts = []
+    for name, m in model.named_modules():
+        cls = type(m)
+        attrs = {k: _attribute(v) for k, v in sorted(vars(m).items()) if k not in _MODULE_BOOKKEEPING}
+        hooks = [_callable(h) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values()]
+        code = {f"{k.__qualname__}.{n}": _code_parts(getattr(f, "__func__", f), nested=True)
+                for k in cls.__mro__ if not k.__module__.startswith(_LIBRARY_MODULES)
+                and k.__module__ != "builtins" for n, f in sorted(vars(k).items())
+                if callable(getattr(f, "__func__", f)) and not isinstance(f, type)}
+        parts.append({"name": name, "class": f"{cls.__module__}.{cls.__qualname__}",
+                      "settings": m.extra_repr(), "attrs": {k: v for k, v in attrs.items() if v is not None},
+                      "hooks": hooks, "code": code})
     return json_digest(parts)
 
 
 def run_fingerprint(model: nn.Module, data: DataDigest, tm: Any, cfg: Any,
-                    attacks: Sequence[Any]) -> dict[str, Any]:
+                    attacks: Sequence[Any], forward: nn.Module | None = None) -> dict[str, Any]:
     """What produced a results table: the parts of :data:`PARTS` plus a digest per attack spec;
-    stored as ``metadata["fingerprint"]`` and compared on resume, merge and across ranks."""
+    stored as ``metadata["fingerprint"]`` and compared on resume, merge and across ranks.
+    ``forward``: the module that computes the logits when it wraps ``model`` (an output
+    selector); its architecture is recorded instead of the model's."""
     return {
         "model": model_digest(model),
+        "architecture": architecture_digest(model if forward is None else forward),
         "data": data.hexdigest(),
         "threat_model": json_digest({k: v for k, v in tm.to_dict().items() if k != "eps"}),
         "config": json_digest({k: cfg.to_dict().get(k) for k in ("seed", "batch_size",
@@ -165,6 +257,8 @@ def run_fingerprint(model: nn.Module, data: DataDigest, tm: Any, cfg: Any,
 #: What each part of a fingerprint means, and how to change it back (for messages).
 PARTS = {
     "model": "the model's weights and buffers",
+    "architecture": "the model's architecture (module types and settings such as caps, its "
+                    "attributes, forward code, or the output= selector)",
     "data": "the inputs or labels (content or order)",
     "threat_model": "the threat model (norm, bounds, steps, ...; eps may differ)",
     "config": "the config (seed, batch size, number of samples)",

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._fingerprint import parameters_digest
-from ._torch import (PROBABILITIES, check_inputs, check_logits, clean_logits, float_dtype,
-                     is_out_of_memory, looks_like_probabilities)
+from ._fingerprint import model_digest
+from ._torch import (BATCH_DEPENDENT, NONDETERMINISTIC, PROBABILITIES, check_inputs, check_logits, clean_logits,
+                     float_dtype, is_out_of_memory, logits_differ, looks_like_probabilities)
 from .adversarial import AdversarialStore
 from .attacks import Attack
 from .data import check_labels
@@ -39,7 +39,7 @@ def _call_seed(seed: int, attack: str, eps: float, start: int, offset: int = 0) 
 
 # ------------------------------------------------------------------------------ identity
 class _ModelChangedError(RuntimeError):
-    """An attack call changed the model's parameters (never recorded as a failed row)."""
+    """An attack call changed the model's parameters or buffers (never recorded as a failed row)."""
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -111,27 +111,57 @@ class Runner:
         if "probabilities" not in self.warned and looks_like_probabilities(logits):
             self.warned.add("probabilities")
             warnings.warn(PROBABILITIES.format(where=where), UserWarning, stacklevel=4)
+        if "random" not in self.warned:
+            self.warned.add("random")
+            self._check_per_sample(xd, logits, where)
         labels = yd.tolist()
         if self.store is not None:
             self.store.clean(start, xd, self.tm.eps)
         return Batch(start, xd, yd, labels, logits.argmax(1).tolist(), logits)
 
+    def _check_per_sample(self, x: Tensor, logits: Tensor, where: str) -> None:
+        """Warn when the model's logits of a sample are not a function of that sample alone:
+        the first half of the first batch predicted again on its own must give the same logits
+        (one more forward of half a batch per run). If not, a second pass of the whole batch
+        tells a model random in eval mode from one whose outputs depend on the other samples
+        of its batch (batch norm without running statistics)."""
+        half = x[: max(1, len(x) // 2)]
+        rtol = max(1e-5, 16 * torch.finfo(x.dtype).eps)  # other batch sizes round differently
+        try:
+            differ, diff, scale = logits_differ(logits[: len(half)], self._logits(half), rtol)
+        except Exception as exc:  # e.g. batch norm on batch statistics cannot take one sample
+            differ, diff, scale = True, math.inf, float(logits.abs().max())
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            error = None
+        if not differ:
+            return
+        random, diff2, scale2 = logits_differ(logits, self._logits(x), rtol)
+        if random:
+            message = NONDETERMINISTIC.format(where=where, diff=diff2, scale=scale2)
+        else:
+            message = BATCH_DEPENDENT.format(where=where, n=len(x), k=len(half), diff=diff,
+                                             scale=scale, error=f" ({error})" if error else "")
+        warnings.warn(message, UserWarning, stacklevel=5)
+
     def _check_parameters(self, attack: Attack) -> None:
-        """Stop the run if an attack call changed the model's parameters: every later row would
-        describe another model (the attack gets copies of the inputs, so those cannot change)."""
-        if self.params is not None and parameters_digest(self.net) != self.params:
+        """Stop the run if an attack call changed the model's parameters or buffers (batch-norm
+        running statistics, from running it in train mode): every later row would describe
+        another model (the attack gets copies of the inputs, so those cannot change)."""
+        if self.params is not None and model_digest(self.net) != self.params:
             raise _ModelChangedError(
-                f"attack {attack.spec} changed the model's parameters during its call; the "
-                "rows before it are kept, but the run stops because the model is no longer "
-                "the one evaluated: fix the attack (it must not train or edit the model) and "
-                "evaluate a fresh copy of the model"
+                f"attack {attack.spec} changed the model's parameters or buffers during its call "
+                "(e.g. batch-norm running statistics, by running the model in train mode); the "
+                "rows before it are kept, but the run stops because the model is no longer the "
+                "one evaluated: fix the attack (it must not train, edit or run the model in "
+                "train mode) and evaluate a fresh copy of the model"
             )
 
     @torch.no_grad()
     def _logits(self, x: Tensor) -> Tensor:
         return check_logits(
-            self.net(x), "for a model returning a tuple or dict pass output=<index, key or function>"
-        )
+            self.net(x), "for a model returning a tuple or dict pass output=<index, key or function>",
+            x=x)
 
     def _attack(
         self, attack: Attack, eps: float, batch: Batch, attacked: list[int]

@@ -151,17 +151,36 @@ def check_inputs(x: torch.Tensor, bounds: tuple[float, float], what: str) -> Non
         )
 
 
-def check_logits(out: object, fix: str, where: str = "") -> torch.Tensor:
+def check_logits(out: object, fix: str, where: str = "", x: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``out`` if it is a logits tensor (N, classes), else a TypeError ending in ``fix``.
 
     ``where`` prefixes the message (the attack's name); ``fix`` says how to make a model that
-    returns a tuple or dict usable from the caller's side.
+    returns a tuple or dict usable from the caller's side. ``x``: the inputs (N, ...), whose
+    count the logits' rows must match (else the rows belong to no sample: ValueError).
     """
+    prefix = f"{where}: " if where else ""
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-        prefix = f"{where}: " if where else ""
         raise TypeError(f"{prefix}the model must return logits of shape (N, classes), got {what}; {fix}")
+    if x is not None and len(out) != len(x):
+        raise ValueError(
+            f"{prefix}the model returns {len(out)} rows of logits for {len(x)} inputs of shape "
+            f"{tuple(x.shape)}, so its rows are not the samples' predictions: its forward folds "
+            "other dimensions into the batch (x.view(-1, d) on inputs of another shape than it "
+            "was built for). Pass inputs of the shape the model expects, and flatten with "
+            "x.flatten(1) or x.view(x.shape[0], -1)")
+    if out.shape[1] < 2:
+        raise ValueError(f"{prefix}{ONE_OUTPUT.format(shape=tuple(out.shape))}")
     return out
+
+
+#: The error for a model with one output (``shape``: its output's shape): its argmax is class 0
+#: whatever the input, so every sample labelled 0 would count as correct and robust.
+ONE_OUTPUT = (
+    "the model returns one output per sample (shape {shape}), so its predicted class (the argmax) "
+    "is 0 for every input and accuracy, robustness and certificates would count every sample "
+    "labelled 0 as correct; a binary classifier with one logit z must return two, e.g. "
+    "torch.cat([torch.zeros_like(z), z], 1) (class 1 when z > 0)")
 
 
 def clean_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, where: str) -> torch.Tensor:
@@ -192,6 +211,34 @@ PROBABILITIES = (
     "it ends with a softmax. Losses on probabilities saturate, so gradient attacks find fewer "
     "adversarial examples and robust accuracy is over-reported. Evaluate the logits: drop the "
     "final softmax (or return log-probabilities)")
+
+
+#: The warning for a model whose logits change between two forward passes of the same inputs.
+NONDETERMINISTIC = (
+    "{where}: the model is random in eval mode (two forward passes of the same inputs differ by "
+    "up to {diff:.3g} at logits up to {scale:.3g}): every prediction, clean and adversarial, is "
+    "one random draw, and randomness hides gradients from attacks that do not average over it, "
+    "so robust accuracy is over-reported. Make the model deterministic in eval mode (F.dropout "
+    "needs training=self.training; no noise layers), or evaluate it with attacks that average "
+    "over its randomness (EOT)")
+
+
+#: The warning for a model whose logits of a sample depend on the other samples of its batch.
+BATCH_DEPENDENT = (
+    "{where}: the model's outputs depend on the other samples of the batch: the first {k} of "
+    "{n} samples predicted on their own differ by up to {diff:.3g} at logits up to {scale:.3g}"
+    "{error}. Its predictions, clean and adversarial, change with the batch size and with "
+    "which samples an attack returns together, so the table is not a per-sample measurement. "
+    "Use batch norm with running statistics (track_running_stats=True) or a per-sample "
+    "normalisation (LayerNorm, GroupNorm)")
+
+
+def logits_differ(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> tuple[bool, float, float]:
+    """Whether two forward passes' logits ``a``, ``b`` (N, K) of the same inputs differ by more
+    than ``rtol`` times the largest logit (at least 1); also the difference and that scale."""
+    diff = (a.detach() - b.detach()).abs().max().item() if a.numel() else 0.0
+    scale = a.detach().abs().max().item() if a.numel() else 0.0
+    return not diff <= rtol * max(scale, 1.0), diff, scale
 
 
 def looks_like_probabilities(logits: torch.Tensor, tol: float = 1e-4) -> bool:

@@ -531,11 +531,24 @@ class SpatialAttentionReLU(nn.Module):
 
 
 def saved_caps(model: nn.Module) -> dict[str, float | list[float]]:
-    """``{module path: cap}`` of every finite :class:`CappedReLU` in ``model`` (what
-    ``save_checkpoint`` stores next to the weights)."""
-    return {name: m.cap_tensor.tolist() if m.per_channel else m.cap_value
-            for name, m in model.named_modules()
-            if isinstance(m, CappedReLU) and (m.per_channel or math.isfinite(m.cap_value))}
+    """``{module path: cap}`` of every finite :class:`CappedReLU` in ``model`` and of every cap a
+    module carries outside its state dict: a forward hook object with a numeric ``cap`` (what
+    ``cap_relus(..., quantizable=True)`` installs on ``nn.ReLU`` modules) or a module's own
+    numeric ``cap`` attribute (its ``CappedFunctional``). What ``save_checkpoint`` stores next to
+    the weights, so a model loaded without them is refused instead of evaluated uncapped."""
+    out: dict[str, float | list[float]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CappedReLU):
+            if m.per_channel or math.isfinite(m.cap_value):
+                out[name] = m.cap_tensor.tolist() if m.per_channel else m.cap_value
+            continue
+        caps = [getattr(h, "cap", None) for h in m._forward_hooks.values()]
+        caps.append(vars(m).get("cap"))
+        caps = [float(c) for c in caps if isinstance(c, (int, float)) and not isinstance(c, bool)
+                and math.isfinite(c)]
+        if caps:
+            out[name] = min(caps)
+    return out
 
 
 def apply_saved_caps(model: nn.Module, caps: dict[str, Any], *, restore: bool, where: str) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from ._format import short_repr
 from ._torch import CallContext, caller_state, check_sample_ids, check_inputs, check_logits, check_module, clean_logits, float_dtype, model_device, seeded
 from .registry import parse_spec
-from .threat import NORMS, ThreatModel
+from .threat import NORMS, ThreatModel, check_linf_eps
 
 __all__ = [
     "Attack",
@@ -371,12 +371,8 @@ class Attack:
         eps = float(eps)
         if not math.isfinite(eps) or eps < 0:
             raise ValueError(f"eps must be finite and >= 0, got {eps}")
-        lo, hi = tm.bounds
-        if tm.norm == "Linf" and eps > hi - lo:
-            raise ValueError(
-                f"Linf eps {eps} exceeds the input range {hi - lo} of bounds {tm.bounds}: every "
-                f"input would be reachable. Use eps <= {hi - lo} (pixels in [0, 1]: e.g. 0.3 or 8/255)"
-            )
+        if tm.norm == "Linf":
+            check_linf_eps(eps, tm.bounds)
         return eps
 
     def _check_x(self, x: torch.Tensor, tm: ThreatModel) -> torch.Tensor:
@@ -481,7 +477,7 @@ class Attack:
 
 
 def _logits(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    return check_logits(model(x), "wrap a model that returns a tuple/dict so that it returns the logits tensor", name)
+    return check_logits(model(x), "wrap a model that returns a tuple/dict so that it returns the logits tensor", name, x)
 
 
 def _fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, name: str) -> torch.Tensor:

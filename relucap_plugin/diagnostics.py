@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ._console import format_table, print_table
 from ._format import markdown_table, short_repr
 from .adaptive import attack_kind, audit_inputs, cap_statistics, evaluate_suite, find_caps
-from ._torch import caller_state, looks_like_probabilities, model_device
+from ._torch import caller_state, logits_differ, looks_like_probabilities, model_device
 from .attacks import get_attack
 from .results import Results
 from .significance import ALPHA, clopper_pearson, mcnemar_exact
@@ -247,9 +247,9 @@ def determinism_check(model: nn.Module, x: Tensor, *, repeats: int = 3, rtol: fl
     with caller_state(model):
         xd = x.to(model_device(model, x.device))
         outs = [model(xd) for _ in range(max(2, repeats))]
-    diff = max((o - outs[0]).abs().max().item() for o in outs[1:])
-    scale = outs[0].abs().max().item()
-    return _flag("nondeterministic_logits", diff > rtol * max(scale, 1.0), max_abs_difference=diff,
+    checks = [logits_differ(outs[0], o, rtol) for o in outs[1:]]
+    diff, scale = max(c[1] for c in checks), checks[0][2]
+    return _flag("nondeterministic_logits", any(c[0] for c in checks), max_abs_difference=diff,
                  max_abs_logit=scale, repeats=len(outs))
 
 
@@ -512,6 +512,26 @@ class Audit:
                 "flags": [f.to_dict() for f in self.flags]}
 
 
+def _check_results_describe(model: nn.Module, y: Tensor, results: Results) -> None:
+    """Refuse ``results=`` of another model (their fingerprint's weights or architecture) or of
+    other data (a row's sample out of range or with another label): the audit would give the
+    verdict of one evaluation with the model checks of another."""
+    from ._fingerprint import architecture_digest, differences, model_digest
+
+    stored = results.metadata.get("fingerprint") or {}
+    diff = differences(stored, {"model": model_digest(model), "architecture": architecture_digest(model)})
+    labels = y.tolist()
+    clash = sorted({r["sample"] for r in results.rows if r["label"] is not None and (
+        r["sample"] >= len(labels) or labels[r["sample"]] != r["label"])})
+    if clash:
+        diff.append(f"the data (samples {clash[:5]} are missing from it or have other labels)")
+    if diff:
+        raise ValueError(
+            f"audit: results= describe another evaluation than the audited model and data; what "
+            f"differs: {'; '.join(diff)}. Pass the results of this model on this data (in the same "
+            "order), or leave results= out to run the suite")
+
+
 def audit(
     model: nn.Module,
     data: Any,
@@ -542,6 +562,8 @@ def audit(
     config = config or EvalConfig()
     x, y = as_tensors(data, limit=config.n_samples)
     notes: list[str] = []
+    if results is not None:
+        _check_results_describe(model, y, results)
     if results is None:
         results = evaluate_suite(model, (x, y), threat_model, suite, config, extra_attacks=["torch:FGSM"],
                                  suite_kwargs=suite_kwargs, progress=progress, model_name=model_name,

@@ -27,7 +27,7 @@ from ._runner import Runner
 from ._torch import caller_state, float_dtype
 from .attacks import Attack, get_attack, make_attack, perturbation_norm
 from .cascade import CascadeBatch, cascade_order, check_schedule, check_unconditional
-from ._fingerprint import DataDigest, parameters_digest, run_fingerprint
+from ._fingerprint import DataDigest, model_digest, run_fingerprint
 from .data import DataLike, as_dataset, as_loader, check_complete_loader
 from .results import Results
 from .adversarial import check_keep, open_store, sidecar_path
@@ -323,7 +323,7 @@ def evaluate(
         "versions": versions,
         "package_version": versions["relucap-plugin"],
         "rtol": RTOL,
-        "fingerprint": run_fingerprint(model, data_digest, tm, cfg, attack_list),
+        "fingerprint": run_fingerprint(model, data_digest, tm, cfg, attack_list, net),
     }
     if cascade:
         metadata["schedule"] = metadata["fingerprint"]["schedule"] = schedule
@@ -366,7 +366,7 @@ def evaluate(
         with caller_state(net), torch.random.fork_rng(devices=cuda):
             net.to(device)
             runner = Runner(net, tm, cfg, device, results, writer, verify)
-            runner.params = parameters_digest(net)
+            runner.params = model_digest(net)
             runner.store = store
 
             def units() -> Iterator[Callable[[], None] | None]:

@@ -68,6 +68,16 @@ def check_budget(name: str, value: int) -> int:
     return value
 
 
+def check_linf_eps(eps: float, bounds: tuple[float, float]) -> None:
+    """Refuse an L-inf budget wider than the input range (every input reachable: 8 for 8/255)."""
+    lo, hi = bounds
+    if eps > hi - lo:
+        raise ValueError(
+            f"Linf eps {eps} exceeds the input range {hi - lo} of bounds {tuple(bounds)}: every "
+            f"input would be reachable. Use eps <= {hi - lo} (pixels in [0, 1]: e.g. 0.3 or 8/255)"
+        )
+
+
 _S = TypeVar("_S", bound="_Settings")
 
 
@@ -138,11 +148,8 @@ class ThreatModel(_Settings):
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"bounds must be finite with low < high, got {self.bounds!r}; e.g. (0.0, 1.0)")
         set_(self, "bounds", (lo, hi))
-        if self.norm == "Linf" and max(eps) > hi - lo:
-            raise ValueError(
-                f"Linf eps {max(eps)} exceeds the input range {hi - lo} of bounds {self.bounds}: every "
-                f"input would be reachable. Use eps <= {hi - lo} (pixels in [0, 1]: e.g. 0.3 or 8/255)"
-            )
+        if self.norm == "Linf":
+            check_linf_eps(max(eps), self.bounds)
 
         for name in ("steps", "restarts"):
             value = getattr(self, name)

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from . import _files
 from ._console import progress as _progress
 from .activations import apply_saved_caps, saved_caps
-from ._torch import check_finite_inputs, check_module
+from ._torch import ONE_OUTPUT, check_finite_inputs, check_logits, check_module
 from .data import DataLike, as_loader, check_complete_loader, check_labels, unpack_batch
-from .threat import check_budget, resolve_device
+from .threat import check_budget, check_linf_eps, resolve_device
 
 __all__ = [
     "TRAIN_METHODS",
@@ -228,6 +228,8 @@ def train(
             "pgd": (pgd_steps, True, 2.5 / pgd_steps),
         }[method]
         alpha = factor * eps if alpha is None else _positive(alpha, "alpha")
+    if (adversarial or certified) and bounds is not None:
+        check_linf_eps(float(eps), bounds)
     if checkpoint is not None:
         _checkpoint_format(checkpoint)
         _files.check_target(checkpoint, "checkpoint", what="checkpoint")
@@ -335,9 +337,12 @@ def _num_classes(model: nn.Module, x: Tensor, fn: str, argument: str) -> int:
     was = model.training
     model.eval()
     try:
-        return int(first_output(fn, model, x, argument).shape[-1])
+        out = first_output(fn, model, x, argument)
     finally:
         model.train(was)
+    if out.shape[-1] < 2:
+        raise ValueError(f"{fn}: {ONE_OUTPUT.format(shape=tuple(out.shape))}")
+    return int(out.shape[-1])
 
 
 @torch.no_grad()
@@ -401,7 +406,9 @@ def accuracy(
             x, y = unpack_batch(batch)
             if total == 0:
                 _num_classes(model, x.to(dev), "accuracy", "data (batch 0)")
-            logits = model(x.to(dev))
+            xd = x.to(dev)
+            logits = check_logits(model(xd), "wrap the model so that it returns the logits tensor",
+                                  "accuracy", xd)
             pred = logits.argmax(1).cpu()
             correct += (pred == check_labels(y, logits.shape[-1], f"accuracy's batch from sample {total}")).sum().item()
             total += len(pred)

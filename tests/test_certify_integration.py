@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from relucap_plugin import ThreatModel
-from relucap_plugin.certification import certified_margins, certify
+from relucap_plugin.certification import UnsupportedOpError, certified_margins, certify
 from relucap_plugin.cli import main
 from relucap_plugin.data import load_digits_dataset
 from relucap_plugin.diagnostics import perturbation_growth
@@ -15,7 +15,7 @@ from relucap_plugin.evaluation import evaluate
 from relucap_plugin.models import mlp
 from relucap_plugin.results import BracketError, Results
 from relucap_plugin.threat import EvalConfig
-from relucap_plugin.training import train
+from relucap_plugin.training import accuracy, train
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ def test_certify_rows_bracket_real_attacks(trained, digits):
 
 def _row(sample, attack, eps, robust, **kw):
     return {"sample": sample, "attack": attack, "eps": eps, "clean_correct": True,
-            "adv_correct": robust, "status": "ok", "label": 1, "adv_pred": 2, "norm": eps, **kw}
+            "adv_correct": robust, "status": "ok", "label": 1, "adv_pred": 1 if robust else 2,
+            "norm": eps, **kw}
 
 
 def test_certified_but_broken_sample_raises():
@@ -166,3 +167,53 @@ def test_a_margin_within_rounding_of_zero_is_no_certificate(gap, certified):
     margins = [r["margin"] for r in table.rows if r["attack"] == "certify:best"]
     assert all(m == pytest.approx(gap, rel=1e-2) for m in margins)
     assert table.certified(0.3) == (1.0 if certified else 0.0)
+
+
+def test_a_one_output_model_is_refused_not_certified_or_evaluated():
+    """A binary classifier with one logit predicts class 0 for every input: certify reported
+    every sample labelled 0 as certified (100%, exit 0). Both certify and evaluate now refuse it
+    and say how to return two logits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1))
+    x, y = torch.rand(6, 1, 4, 4), torch.zeros(6, dtype=torch.long)
+    tm = ThreatModel("Linf", eps=0.1, steps=2)
+    for call in (lambda: certify(model, (x, y), tm, progress=False),
+                 lambda: certified_margins(model, x, y, 0.1),
+                 lambda: evaluate(model, (x, y), "torch:FGSM", tm, progress=False),
+                 lambda: accuracy(model, (x, y))):
+        with pytest.raises(ValueError, match=r"one output per sample .*torch.cat\(\[torch.zeros_like"):
+            call()
+
+
+class _AlwaysDropout(nn.Module):
+    """F.dropout without training=self.training: random in eval mode too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(torch.relu(self.a(x.flatten(1))), 0.5))
+
+
+def _hooked():
+    """Input scaling in a forward pre-hook, which the trace does not see."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    model.register_forward_pre_hook(lambda module, args: (args[0] * 50 - 25,))
+    return model
+
+
+@pytest.mark.parametrize("make", [_hooked, _AlwaysDropout], ids=["pre_hook", "functional_dropout"])
+def test_a_model_its_bound_graph_does_not_reproduce_is_refused(make):
+    """Before: the bounds were computed for the traced function (no hook, dropout as identity)
+    and certified samples a plain PGD breaks on the real model."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.rand(8, 1, 4, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    tm = ThreatModel("Linf", eps=0.01)
+    for call in (lambda: certify(model, (x, y), tm, progress=False),
+                 lambda: certified_margins(model, x, y, 0.01)):
+        with pytest.raises(UnsupportedOpError, match="does not reproduce the model's logits"):
+            call()

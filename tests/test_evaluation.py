@@ -471,7 +471,9 @@ def test_resume_refuses_other_data(mnist_mlp, test_set, tmp_path):
 
 
 def test_the_harness_runs_two_forward_passes_per_batch_and_attack_besides_the_attack():
-    """One clean pass per batch (its logits reach the attack) and one on the returned examples."""
+    """One clean pass per batch (its logits reach the attack) and one on the returned examples,
+    plus one pass of the first batch's first half per run (the check that a sample's logits
+    depend on that sample alone)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     calls = []
@@ -485,4 +487,28 @@ def test_the_harness_runs_two_forward_passes_per_batch_and_attack_besides_the_at
                    EvalConfig(batch_size=4), progress=False)
     assert res.robust_accuracy("custom:identity", 0.2) == 1.0
     # per batch (4, 4, 2 samples): one clean pass, then one pass on the examples per eps
-    assert calls == [4, 4, 4] + [4, 4, 4] + [2, 2, 2]
+    assert calls == [4, 2, 4, 4] + [4, 4, 4] + [2, 2, 2]
+
+
+def test_a_model_returning_another_number_of_rows_than_inputs_is_refused():
+    """x.view(-1, 16) on inputs of shape (N, 3, 4, 4) gives 3N rows of logits: evaluate took the
+    first N as the samples' predictions and printed their accuracy (exit 0)."""
+    from relucap_plugin.attacks import get_attack
+    from relucap_plugin.training import accuracy
+
+    class ViewNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.linear(x.view(-1, 16))
+
+    model, tm = ViewNet(), ThreatModel("Linf", eps=0.1, steps=2)
+    x, y = torch.rand(6, 3, 4, 4), torch.randint(0, 3, (6,))
+    for call in (lambda: evaluate(model, (x, y), ["torch:FGSM"], tm, progress=False),
+                 lambda: get_attack("torch:PGD", tm)(model, x, y),
+                 lambda: accuracy(model, (x, y))):
+        with pytest.raises(ValueError, match=r"returns 18 rows of logits for 6 inputs of shape "
+                                             r"\(6, 3, 4, 4\).*x.flatten\(1\)"):
+            call()

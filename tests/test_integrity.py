@@ -92,6 +92,67 @@ def test_1_resume_refuses_other_images_with_the_same_labels(tmp_path):
         run(model, (other, y), tmp_path)
 
 
+class _Cap(torch.nn.Module):
+    """A hand-written cap whose limit is a plain attribute (no parameter, no buffer)."""
+
+    def __init__(self, cap: float):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, x):
+        return x.clamp(0, self.cap)
+
+
+class _Pair(torch.nn.Module):
+    """Returns (logits, logits of a hard-coded cap): the output= selector picks one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), self.model(x).clamp(max=0.01)
+
+
+def _same_weights(change: str):
+    """Two models with equal parameters and buffers that compute different logits, and the
+    evaluate() keyword arguments of each."""
+    model, _, _ = tiny()
+    other = copy.deepcopy(model)
+    if change == "hardtanh":
+        other[2] = torch.nn.Hardtanh(0.0, 0.05)
+    elif change == "attribute":
+        model[2], other[2] = _Cap(1.0), _Cap(0.05)
+    elif change == "plain_tensor":
+        model[2], other[2] = _Cap(1.0), _Cap(1.0)
+        model[2].cap, other[2].cap = torch.tensor(1.0), torch.tensor(0.05)
+    elif change == "quantizable_cap":  # the cap is an attribute of a forward hook's object
+        from relucap_plugin.surgery import cap_relus
+
+        model, other = (cap_relus(model, c, quantizable=True)[0] for c in (1.0, 0.05))
+    elif change == "hook_closure":  # the cap is a value the hook function closes over
+        for net, cap in ((model, 1.0), (other, 0.05)):
+            net[2].register_forward_hook(lambda module, args, out, cap=cap: out.clamp(max=cap))
+    else:  # output selector
+        return _Pair(model), _Pair(model), {"output": 0}, {"output": 1}
+    return model, other, {}, {}
+
+
+@pytest.mark.parametrize("change", ["hardtanh", "attribute", "plain_tensor", "output",
+                                    "quantizable_cap", "hook_closure"])
+def test_resume_refuses_a_model_that_differs_outside_its_weights(tmp_path, change):
+    """Issue: a model with the same weights but another cap, activation or output= resumed the
+    first model's file and returned its rows as its own (exit 0)."""
+    model, other, kw, other_kw = _same_weights(change)
+    _, x, y = tiny()
+    run(model, (x, y), tmp_path, **kw)
+    alone = run(other, (x, y), None, **other_kw)
+    assert alone.outcomes() != run(model, (x, y), None, **kw).outcomes()
+    with pytest.raises(ValueError, match="what differs: the model's architecture"):
+        run(other, (x, y), tmp_path, **other_kw)
+    run(copy.deepcopy(model), (x, y), tmp_path, **kw)  # the same model still resumes
+
+
 # ------------------------------------------------------------------ bad case 3: audit --out
 def test_3_audit_out_keeps_an_evaluate_run(tmp_path):
     from relucap_plugin.cli import main
@@ -229,6 +290,26 @@ def test_7_an_attack_changing_the_weights_stops_the_run(tmp_path):
         run(model, (x, y), tmp_path, attack=make_attack(trains, name="trains"))
 
 
+def test_7_an_attack_changing_the_buffers_stops_the_run(tmp_path):
+    """An attack that runs the model in train mode changes its batch-norm running statistics:
+    the later rows were computed on that changed model, which evaluate then handed back."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8),
+                                torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).eval()
+    x = torch.rand(N, *SHAPE)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+
+    def in_train_mode(model, x, y, eps):
+        model.train()
+        model(x * 5)
+        return x
+
+    with pytest.raises(RuntimeError, match="custom:in_train_mode changed the model's parameters "
+                                           "or buffers .*running statistics"):
+        run(model, (x, y), tmp_path, attack=[make_attack(in_train_mode, name="in_train_mode"), FGSM])
+
+
 # ------------------------------------------------------- bad case 8: rows of other runs
 def _rows(path):
     lines = path.read_text().splitlines()
@@ -240,7 +321,9 @@ def test_8_conflicting_duplicate_rows_are_refused(tmp_path):
     run(model, (x, y), tmp_path)
     path = tmp_path / "results.jsonl"
     header, rows = _rows(path)
-    forged = dict(rows[0], adv_correct=not rows[0]["adv_correct"], status="ok")
+    robust = not rows[0]["adv_correct"]  # a forged row that is consistent in itself
+    forged = dict(rows[0], adv_correct=robust, status="ok",
+                  adv_pred=rows[0]["label"] if robust else (rows[0]["label"] + 1) % 3)
     with open(path, "a") as f:
         f.write(json.dumps(forged) + "\n")
     with pytest.raises(ValueError, match="two rows for sample 0.*different outcomes"):

@@ -160,3 +160,21 @@ def test_a_checkpoint_carries_its_caps(capped_mlp, mnist5k, tmp_path, suffix):
     assert torch.equal(plain.eval()(x), capped_mlp(x))
     everywhere = mlp((256, 32, 256), "capped_relu(cap=0.1)")  # extra caps are the model's own choice
     load_checkpoint(everywhere, path)
+
+
+def test_a_checkpoint_carries_caps_kept_outside_the_state_dict(tmp_path):
+    """cap_relus(..., quantizable=True) caps with forward hooks, which a state dict does not
+    hold: loaded into the plain architecture, the checkpoint gave the uncapped model without a
+    word. Now it is refused, restored to the same logits, or loaded into a model capped alike."""
+    from relucap_plugin import cap_relus, load_checkpoint, mlp, save_checkpoint
+
+    torch.manual_seed(0)
+    capped = cap_relus(mlp((8,), in_shape=(1, 4, 4), num_classes=3), 0.01, quantizable=True)[0]
+    path = save_checkpoint(capped, tmp_path / "quantizable.safetensors")
+    plain = mlp((8,), in_shape=(1, 4, 4), num_classes=3)
+    with pytest.raises(ValueError, match=r"caps this model lacks \(2: cap 0.01 \(model: ReLU\)\)"):
+        load_checkpoint(plain, path)
+    x = torch.rand(8, 1, 4, 4)
+    assert torch.equal(load_checkpoint(plain, path, restore_caps=True)(x), capped(x))
+    alike = cap_relus(mlp((8,), in_shape=(1, 4, 4), num_classes=3), 0.01, quantizable=True)[0]
+    assert torch.equal(load_checkpoint(alike, path)(x), capped(x))

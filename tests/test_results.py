@@ -168,6 +168,30 @@ def test_damaged_line_in_the_middle_is_an_error_naming_the_line(tmp_path):
         Results.load(path)
 
 
+@pytest.mark.parametrize("edit, field", [
+    ({"adv_correct": "false"}, "adv_correct must be true or false"),  # bool("false") is True
+    ({"clean_correct": "true"}, "clean_correct must be true or false"),
+    ({"sample": 0.7}, "sample must be an integer"),  # int(0.7) is sample 0
+    ({"label": "1"}, "label must be a number"),
+    ({"adv_correct": True}, "adv_correct is True but adv_pred 2 and label 1"),
+    ({"clean_pred": 0}, "clean_correct is True but clean_pred 0 and label 1"),
+    ({"adv_correct": True, "adv_pred": 1, "clean_correct": False, "clean_pred": 0},
+     "adv_correct is true but clean_correct is False"),
+])
+def test_a_hand_edited_row_that_would_be_read_as_another_outcome_is_refused(tmp_path, edit, field):
+    """Before: "false" loaded as robust and a row whose adv_correct contradicts its prediction
+    counted as robust, so the robust accuracy of an edited file was wrong without a word."""
+    path = tmp_path / "r.jsonl"
+    table([False, False], [False, False]).save(path)
+    lines = path.read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), **edit})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"line 2 is damaged .*{field}.*edited"):
+        Results.load(path)
+    with pytest.raises(ValueError, match=field):
+        Results([{**row(0, "a:X", 0.3, False), **edit}])
+
+
 def test_merge_is_idempotent_and_order_free():
     a = Results([row(i, "a:X", 0.3, i % 2 == 0) for i in range(4)], META)
     b = Results([row(i, "b:X", 0.3, i < 2) for i in range(2, 6)], META)

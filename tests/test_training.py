@@ -316,3 +316,16 @@ def test_training_pgd_is_torch_pgd_bit_for_bit_for_the_same_seed(steps, alpha, r
         other = _adversarial(model, x, y, 0.1, alpha, steps, True, (0.0, 1.0),
                              torch.Generator().manual_seed(seed + 1))
         assert not torch.equal(ours, other)
+
+
+@pytest.mark.parametrize("method", ["fgsm", "fgsm_rs", "pgd", "ibp"])
+def test_an_eps_wider_than_the_input_range_is_refused_before_training(method):
+    """train(..., eps=8) meant 8/255: every input is in the ball, yet it trained without a word
+    (evaluate and attacks already refused the same budget)."""
+    model = mlp((8,), in_shape=(1, 4, 4))
+    before = copy.deepcopy(model.state_dict())
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 10, (8,))
+    with pytest.raises(ValueError, match=r"Linf eps 8.0 exceeds the input range 1.0 .*8/255"):
+        train(model, (x, y), method, eps=8, epochs=1, progress=False, device="cpu")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    train(model, (x * 255, y), "pgd", eps=8, bounds=(0, 255), epochs=1, progress=False, device="cpu")

@@ -19,14 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from .._console import progress as _progress
-from .._torch import caller_state, check_inputs, model_device
+from .._torch import ONE_OUTPUT, caller_state, check_inputs, model_device
 from .._fingerprint import DataDigest, json_digest, run_fingerprint
 from ..data import DataLike, as_loader, check_complete_loader, check_labels, unpack_batch
 from ..results import CERTIFY_LIBRARY, Results
 from ..surgery.verify import first_output
 from ..threat import EvalConfig, ThreatModel, as_eval_config
 from .bounds import Ball, Bounds, margin_spec
-from .graph import BoundGraph, compile_model
+from .graph import BoundGraph, UnsupportedOpError, compile_model
 
 __all__ = ["METHODS", "ROUNDING_UNITS", "certified_margins", "certify", "interval_widths",
            "margin_tolerance"]
@@ -51,6 +51,33 @@ def margin_tolerance(logits: Tensor) -> Tensor:
     not from the papers: about 8e-6 of the logits' scale in float32, above the error of the
     short sums of a typical network and far below any margin a trained model certifies with."""
     return ROUNDING_UNITS * torch.finfo(logits.dtype).eps * (1 + logits.detach().abs().amax(1))
+
+
+#: Units of roundoff at the logits' scale by which the bound graph's forward may differ from the
+#: model's (folded batch norm, pooling as a convolution); our own choice, ~1e-4 in float32.
+REPRODUCE_UNITS = 1024
+
+
+def check_reproduces(graph: BoundGraph, model: nn.Module, x: Tensor, logits: Tensor,
+                     where: str) -> None:
+    """Refuse (UnsupportedOpError) a graph whose forward on ``x`` (B, ...) differs from the
+    model's ``logits`` (B, K) by more than :data:`REPRODUCE_UNITS` units of roundoff: the bounds
+    would be bounds of another function. Catches whatever the trace cannot see (forward hooks,
+    ops that are random in eval mode such as ``F.dropout(x, p)``, state a forward changes)."""
+    out = graph.values(x)[-1]
+    scale = 1 + logits.detach().abs().amax(1)
+    diff = (out - logits).abs().amax(1)
+    bad = (~(diff <= REPRODUCE_UNITS * torch.finfo(logits.dtype).eps * scale)).nonzero().flatten()
+    if len(bad):
+        k = int(bad[diff[bad].argmax()])
+        raise UnsupportedOpError(
+            f"{where}: the bound graph of {graph.model_name} does not reproduce the model's "
+            f"logits on {len(bad)} of {len(x)} samples (largest difference {float(diff[k]):.3g} at "
+            f"logits up to {float(scale[k]) - 1:.3g}): the model computes something its trace "
+            "does not show (forward hooks, random ops in eval mode such as F.dropout(x, p) "
+            "without training=self.training, state its forward changes), so its certificates "
+            "would be another function's. Move hooks into forward, make the model deterministic "
+            "in eval mode, or certify a model that computes its logits in forward")
 
 
 def _check_method(method: object) -> str:
@@ -83,6 +110,8 @@ def _check_logits(graph: BoundGraph, model: nn.Module) -> None:
         raise ValueError(
             f"certify needs a classifier returning logits (N, classes); "
             f"{type(model).__name__} returns per-sample shape {graph.ops[-1].shape}")
+    if graph.ops[-1].shape[0] < 2:
+        raise ValueError(f"certify: {ONE_OUTPUT.format(shape=('N', *graph.ops[-1].shape))}")
 
 
 def certified_margins(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "Linf",
@@ -97,6 +126,7 @@ def certified_margins(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: 
     with caller_state(model), torch.no_grad():
         graph = compile_model(model, x[:1])
         _check_logits(graph, model)
+        check_reproduces(graph, model, x, model(x), "certified_margins")
         return margins_on_graph(graph, x, y.long(), eps, tm.norm, tm.bounds, method, max_neurons)
 
 
@@ -190,6 +220,7 @@ def certify(
                 scope.enter_context(graph.reuse_abs_weights())
             logits = model(x)
             check_labels(y, logits.shape[-1], where)
+            check_reproduces(graph, model, x, logits, where)
             pred, tol = logits.argmax(1), margin_tolerance(logits)
             for eps in tm.eps:
                 start = time.perf_counter()

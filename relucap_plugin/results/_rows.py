@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -69,6 +70,7 @@ def _normalise_row(row: Mapping[str, Any]) -> dict[str, Any]:
         )
     if row["status"] not in STATUSES:
         raise ValueError(f"results row status must be one of {STATUSES}, got {row['status']!r}")
+    _check_types(row)
     out = {f: row.get(f) for f in ROW_FIELDS}
     out["sample"] = int(out["sample"])
     out["attack"] = str(out["attack"])
@@ -90,7 +92,56 @@ def _normalise_row(row: Mapping[str, Any]) -> dict[str, Any]:
             out[f] = int(out[f])
     if out["norm"] is not None:
         out["norm"] = float(out["norm"]) if math.isfinite(float(out["norm"])) else None
+    _check_consistent(out)
     return out
+
+
+_BOOLS = ("clean_correct", "adv_correct", "skipped")
+_INTS = ("sample", "label", "clean_pred", "adv_pred")
+_NUMBERS = ("eps", "norm", "time", "margin")
+
+
+def _bad_row(row: Mapping[str, Any], what: str) -> ValueError:
+    key = tuple(row.get(f) for f in _KEY)
+    return ValueError(
+        f"results row (sample, attack, eps) = {key!r}: {what}; the evaluation never writes "
+        "such a row, so the file was edited or written by something else: restore the row "
+        "(or delete it and resume the run to recompute it)")
+
+
+def _check_types(row: Mapping[str, Any]) -> None:
+    """Refuse row values that would be read as another value: a string ``"false"`` is a true
+    ``bool``, 2.7 an ``int`` 2. ``None`` is allowed where a field may be empty."""
+    for f in _BOOLS:
+        v = row.get(f)
+        if v is not None and type(v).__name__ not in ("bool", "bool_"):
+            raise _bad_row(row, f"{f} must be true or false, got {type(v).__name__} {v!r:.40}")
+    for f in (*_INTS, *_NUMBERS):
+        v = row.get(f)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise _bad_row(row, f"{f} must be a number, got {type(v).__name__} {v!r:.40}")
+        if f in _INTS and not float(v).is_integer():
+            raise _bad_row(row, f"{f} must be an integer, got {type(v).__name__} {v!r:.40}")
+
+
+def _check_consistent(row: Mapping[str, Any]) -> None:
+    """Refuse a row whose verdicts contradict its predictions: robust only if correct clean and
+    status ``ok``; ``clean_correct`` is ``clean_pred == label`` and, for an ``ok`` attack row,
+    ``adv_correct`` is ``adv_pred == label``."""
+    label = row["label"]
+    if row["adv_correct"] and not (row["clean_correct"] and row["status"] == "ok"):
+        raise _bad_row(row, f"adv_correct is true but clean_correct is {row['clean_correct']} "
+                            f"and status {row['status']!r}")
+    if label is not None and row["clean_pred"] is not None \
+            and row["clean_correct"] != (row["clean_pred"] == label):
+        raise _bad_row(row, f"clean_correct is {row['clean_correct']} but clean_pred "
+                            f"{row['clean_pred']} and label {label}")
+    if label is not None and row["adv_pred"] is not None and row["status"] == "ok" \
+            and row["adv_correct"] != (row["adv_pred"] == label):
+        raise _bad_row(row, f"adv_correct is {row['adv_correct']} but adv_pred "
+                            f"{row['adv_pred']} and label {label}")
 
 
 _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
