@@ -329,3 +329,18 @@ def test_an_eps_wider_than_the_input_range_is_refused_before_training(method):
         train(model, (x, y), method, eps=8, epochs=1, progress=False, device="cpu")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     train(model, (x * 255, y), "pgd", eps=8, bounds=(0, 255), epochs=1, progress=False, device="cpu")
+
+
+def test_a_model_normalising_on_batch_statistics_in_eval_mode_trains_and_is_scored():
+    """BatchNorm1d(track_running_stats=False) normalises on the batch in eval mode too, so
+    one sample cannot run: the first-batch check tries two instead of refusing the data."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8, track_running_stats=False),
+                        nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 3, (64,))
+    history = train(net, (x, y), epochs=1, batch_size=32)
+    assert len(history.loss) == 1
+    net.eval()
+    with torch.no_grad():
+        expected = float((net(x).argmax(1) == y).float().mean())
+    assert accuracy(net, (x, y), batch_size=64) == pytest.approx(expected)

@@ -216,7 +216,7 @@ def _first_that_runs(model: nn.Module, run: Callable[[nn.Module, tuple], _Run]
             skipped.append(args[0].shape[-1])
             continue
         got = run(model, args)
-        if got.error is not None and "more than 1 value per channel" in str(got.error):
+        if got.error is not None and _needs_two_rows(got.error):
             args = _batch_of_two(args)
             got = run(model, args)
         if got.error is None:
@@ -313,13 +313,25 @@ def bad_example_input(fn: str, model: nn.Module, example_input: Any, error: Base
 
 @torch.no_grad()
 def first_output(fn: str, model: nn.Module, x: Tensor, argument: str) -> Any:
-    """``model(x[:1])``: the first data batch of ``fn`` tried on one sample, so that data of a
-    shape the model cannot take is ``argument``'s error (:func:`bad_example_input`), not a raw
-    torch error from deep inside a layer. The caller sets the model's mode."""
+    """``model(x[:1])``: the first data batch of ``fn`` tried on one sample (two where a batch
+    norm on batch statistics refuses one), so that data of a shape the model cannot take is
+    ``argument``'s error (:func:`bad_example_input`), not a raw torch error from deep inside a
+    layer. The caller sets the model's mode."""
     try:
-        return model(x[:1])
+        try:
+            return model(x[:1])
+        except Exception as exc:
+            if not (_needs_two_rows(exc) and len(x) > 1):
+                raise
+        return model(x[:2])
     except Exception as exc:
         raise bad_example_input(fn, model, x, exc, argument) from exc
+
+
+def _needs_two_rows(error: BaseException) -> bool:
+    """A batch norm on batch statistics (training mode, or ``track_running_stats=False``)
+    refusing a batch of one."""
+    return "more than 1 value per channel" in str(error)
 
 
 def probe(model: nn.Module, args: tuple) -> _Run:
