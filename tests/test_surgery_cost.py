@@ -167,12 +167,7 @@ def test_synthesised_sizes_the_failing_layer_cannot_take_are_skipped(monkeypatch
     assert _sizes_tried(_Shrinks(20, custom_failure=True)) == ([32, 64, 96], 96)
     # no size up to 224 can feed a 200-wide kernel after a stride of 4: one try, no input
     assert _sizes_tried(_Shrinks(200)) == ([32], None)
-    with pytest.warns(UserWarning, match="not self-checked"):
-        _, report = cap_relus(_Shrinks(200), 0.5)
-    assert report.check.startswith(
-        "not run: no example_input, and the synthesised inputs (1, 3, 32, 32) (RuntimeError) "
-        "do not run (sizes 64, 96, 224, 28 skipped: a conv/pooling layer needs an input of "
-        "about 800); pass example_input")
+    _assert_unchecked_after_one_try(32, "64, 96, 224, 28")
 
 
 def test_a_small_conv_model_is_tried_at_64_first_then_at_the_other_sizes():
@@ -191,12 +186,17 @@ def test_a_small_conv_model_is_tried_at_64_first_then_at_the_other_sizes():
     big = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(4, verify.SMALL_MODEL // 4))
     assert _sizes_tried(big) == ([32], 32)
+    _assert_unchecked_after_one_try(64, "32, 96, 224, 28")
+
+
+def _assert_unchecked_after_one_try(size: int, skipped: str) -> None:
+    """cap_relus on _Shrinks(200): one size tried, the others skipped, returned unchecked."""
     with pytest.warns(UserWarning, match="not self-checked"):
         _, report = cap_relus(_Shrinks(200), 0.5)
     assert report.check.startswith(
-        "not run: no example_input, and the synthesised inputs (1, 3, 64, 64) (RuntimeError) "
-        "do not run (sizes 32, 96, 224, 28 skipped: a conv/pooling layer needs an input of "
-        "about 800); pass example_input")
+        f"not run: no example_input, and the synthesised inputs (1, 3, {size}, {size}) "
+        f"(RuntimeError) do not run (sizes {skipped} skipped: a conv/pooling layer needs an "
+        "input of about 800); pass example_input")
 
 
 def test_cap_relus_converts_at_the_size_found_and_checks_it():
