@@ -552,7 +552,8 @@ class _OtherRelus(nn.Module):
 
     def forward(self, x):
         z = self.a(x)
-        h = (self.act(z) + torch.maximum(z, torch.zeros(())) + torch.max(z, torch.zeros_like(z))
+        h = (self.act(z) + torch.maximum(input=z, other=torch.zeros(()))
+             + torch.max(z, torch.zeros_like(z))
              + F.leaky_relu(z, 0.0) + F.hardtanh(z, 0.0, float("inf")) + torch.ops.aten.relu(z)
              + torch.ops.aten.relu.default(z))
         noise = (torch.max(h, 1).values.sum() + torch.maximum(h, torch.ones(())).sum()

@@ -153,7 +153,7 @@ def calibrate_caps(
     for message in converter.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     disc = converter.disc
-    recorders = {i: recipe.built[disc.sites[i].name] for i in converter.used}
+    recorders = {i: recipe.built[disc.sites[i].name] for i in sorted(converter.used)}
     with torch.no_grad():
         for b, x in enumerate(itertools.chain([first], batches)):
             if max_batches is not None and b >= max_batches:

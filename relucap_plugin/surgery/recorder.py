@@ -57,7 +57,7 @@ def _relu_like(func: Any, args: tuple, kwargs: dict) -> bool:
     if func in _THRESHOLDS:
         return zero(arg(1, "threshold")) and zero(arg(2, "value"))
     if func in _MAXIMA:  # the elementwise form only: max(x, 0) with an int is a reduction
-        a, b = args[0], arg(1, "other")
+        a, b = arg(0, "input"), arg(1, "other")
         if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
             return False
         # a scalar zero is written as one; a zero tensor as large as the other operand may be
