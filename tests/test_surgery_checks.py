@@ -673,3 +673,20 @@ def test_calibration_self_checks_its_recorders_like_any_conversion():
         h2 = F.relu(net[2](h1))
     assert caps == {"1": float(h1.max()), "3": float(h2.max())}
     assert_same_snapshot(before, snapshot(net))
+
+
+def test_undo_over_a_module_changed_after_conversion_says_what_it_overwrote():
+    """uncap/report.undo put the original ReLU back; where the user had replaced the capped
+    module since, that edit is lost, and they are told so (not where nothing was changed)."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    converted, report = cap_relus(net, 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.undo()
+    assert type(converted[1]) is nn.ReLU
+    converted, _ = cap_relus(net, 0.1)
+    converted[1] = nn.Identity()
+    with pytest.warns(UserWarning, match=r"Sequential.1 \(Identity\) held a module cap_relus "
+                                         r"did not install, and that change is gone"):
+        uncap(converted)
+    assert type(converted[1]) is nn.ReLU and not is_converted(converted)

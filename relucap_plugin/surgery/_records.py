@@ -8,6 +8,7 @@ import gc
 import math
 import os
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
@@ -99,6 +100,7 @@ class _Record:
     # (module, forward hook) pairs, not RemovableHandles: a handle whose hooks dict is gone
     # (fuse_model replaced the module) breaks copy.deepcopy of the model (torch 2.14)
     hooks: list[tuple[nn.Module, Any]] = field(default_factory=list)
+    installed: list[nn.Module] = field(default_factory=list)  # what took the replaced' places
 
     def undo(self) -> None:
         for module, hook in reversed(self.hooks):
@@ -115,8 +117,19 @@ class _Record:
             parent._modules.pop(name, None)
         for module, name in self.constants:
             module.__dict__.pop(name, None)
+        changed = []
         for parent, name, old in reversed(self.replaced):
+            now = parent._modules.get(name)
+            if now is not old and not any(now is m for m in self.installed):
+                changed.append(f"{type(parent).__name__}.{name} ({type(now).__name__})")
             parent._modules[name] = old
+        if changed:
+            warnings.warn(
+                f"undoing a conversion put the original ReLU modules back where the model had "
+                f"been changed since: {', '.join(changed[:5])}"
+                f"{f' and {len(changed) - 5} more' if len(changed) > 5 else ''} held a module "
+                "cap_relus did not install, and that change is gone. Make such edits after "
+                "uncap, or on the original model", UserWarning, stacklevel=3)
 
 
 #: The hook dicts of an nn.Module that run when it is called (forward and backward).

@@ -153,6 +153,7 @@ class _Converter:
             for parent, name in locations[id(inst)]:
                 parent._modules[name] = new
                 self.record.replaced.append((parent, name, inst))
+                self.record.installed.append(new)
             self._use(chosen, new, self.disc.sites[chosen[0]].module_path, "module")
 
     # -- fx rewriting --------------------------------------------------------------------------

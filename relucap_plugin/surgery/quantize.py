@@ -173,8 +173,9 @@ def cap_quantizable(model: nn.Module, cap: Any, sites: Any, example_input: Any,
         for path, module in functionals:
             parent_path, _, name = path.rpartition(".")
             parent = target.get_submodule(parent_path)
-            parent._modules[name] = CappedFunctional(module, value)
+            parent._modules[name] = capped = CappedFunctional(module, value)
             record.replaced.append((parent, name, module))
+            record.installed.append(capped)
     target.__dict__.setdefault(_RECORDS, []).append(record)
     notes = tuple(float_report.warnings)
     if args is None:
