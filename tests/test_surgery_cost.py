@@ -312,3 +312,39 @@ def test_the_garbage_collector_is_paused_only_inside_surgery_and_left_as_it_was(
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+class _TokenNet(nn.Module):
+    """A model of token ids taking keyword arguments, as text models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.act, self.out = nn.Embedding(10, 8), nn.ReLU(), nn.Linear(8, 2)
+
+    def forward(self, input_ids=None, scale=1.0, mask=None):
+        h = self.act(self.emb(input_ids)) * scale
+        if mask is not None:
+            h = h * mask[..., None]
+        return self.out(h.mean(1))
+
+
+def test_token_models_are_checked_with_synthesised_ids_or_a_dict_of_keyword_arguments():
+    """An Embedding-first model gets token ids synthesised (its conversion used to be returned
+    unchecked: a float input of the first Linear's width cannot run); example_input may be a
+    dict of the forward's keyword arguments; a key the forward does not take is named."""
+    torch.manual_seed(0)
+    net = _TokenNet()
+    _, report = cap_relus(net, 0.5)
+    assert report.check.startswith("passed")
+    ids, mask = torch.randint(0, 10, (3, 5)), torch.ones(3, 5)
+    sites = find_relus(net, example_input={"input_ids": ids, "mask": mask})
+    assert [s.shape for s in sites] == [(3, 5, 8)]
+    converted, report = cap_relus(net, 0.5, example_input={"input_ids": ids, "mask": mask})
+    assert report.check.startswith("passed")
+    h = F.relu(net.emb(ids)).clamp(max=0.5) * mask[..., None]
+    assert torch.equal(converted(input_ids=ids, mask=mask), net.out(h.mean(1)))
+    with pytest.raises(ValueError, match=r"example_input is a dict whose keys \['ids'\] are not "
+                                         r"positional parameters of _TokenNet.forward"):
+        cap_relus(net, 0.5, example_input={"ids": ids})
+    with pytest.raises(ValueError, match=r"torch.randint\(0, 10, \(1, 8\).*Embedding\(10, 8\)"):
+        cap_relus(net, 0.5, example_input=torch.randn(3, 8))

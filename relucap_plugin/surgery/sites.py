@@ -279,7 +279,7 @@ class _ShapeInterpreter(fx.Interpreter):
 
 def _add_shapes(model: nn.Module, disc: _Discovery, example_input: Any, fn: str) -> None:
     """Fill ``shape``/``width`` of the sites from one eval-mode, no-grad forward pass."""
-    args = _as_args(example_input)
+    args = _as_args(example_input, model, fn)
     shapes: dict[int, tuple[int, ...]] = {}
     with caller_state(model), torch.no_grad():
         try:
@@ -357,7 +357,7 @@ def _discover(model: nn.Module, example_input: Any, mode: str, fn: str,
                 if example_input is None:
                     raise
                 if calls is None:
-                    calls = probe(model, _as_args(example_input)).calls
+                    calls = probe(model, _as_args(example_input, model, fn)).calls
                 disc = runtime_discovery(model, calls, str(exc))
     else:
         disc = _discover_modules(model)

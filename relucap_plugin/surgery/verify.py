@@ -12,7 +12,8 @@ the RNG are restored afterwards, so the check leaves no trace on either model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +29,36 @@ from ._records import ConversionCheckError
 from .recorder import RELU_LIKE_FORMS, ReluRecorder, _Application
 from .running import _first_paths, _is_site_call
 
-def _as_args(example_input: Any) -> tuple:
-    """Forward arguments from ``example_input``; tensors cloned (a model may work in place)."""
+def _as_args(example_input: Any, model: nn.Module | None = None, fn: str = "cap_relus") -> tuple:
+    """Forward arguments from ``example_input`` (a tensor, a tuple/list of positional
+    arguments, or a dict of keyword arguments of ``model``'s forward); tensors cloned (a model
+    may work in place)."""
+    if isinstance(example_input, Mapping) and model is not None:
+        example_input = _positional(model, example_input, fn)
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     return tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+
+
+def _positional(model: nn.Module, kwargs: Mapping[str, Any], fn: str) -> tuple:
+    """Keyword arguments of ``model``'s forward as the positional arguments they bind to (the
+    parameters before the last one given take their defaults): every pass of the check and the
+    fx shape pass take positional arguments."""
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params]
+    unknown = [k for k in kwargs if k not in names]
+    if unknown or not kwargs:
+        raise ValueError(
+            f"{fn}: example_input is a dict whose keys {unknown or '(none)'} are not positional "
+            f"parameters of {type(model).__name__}.forward {tuple(names)}; pass a dict of its "
+            "parameters, or a tuple of its positional arguments")
+    last = max(names.index(k) for k in kwargs)
+    missing = [p.name for p in params[:last] if p.name not in kwargs and p.default is p.empty]
+    if missing:
+        raise ValueError(
+            f"{fn}: example_input gives {sorted(kwargs)} but not {missing}, which "
+            f"{type(model).__name__}.forward needs before them; add them to the dict")
+    return tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params[:last + 1])
 
 
 
@@ -155,9 +182,9 @@ def _plain_op(upper: float, inplace: bool, module: nn.Module, site: str
 
 
 def synthesised_inputs(model: nn.Module) -> Iterator[tuple]:
-    """Example forward arguments guessed from the first Linear or Conv1d/2d/3d layer in
-    registration order, on the model's device and dtype, spatial sizes from small to large, then
-    28 (MNIST); the first input the model runs with is used (batch 1, see
+    """Example forward arguments guessed from the first Embedding (8 token ids), Linear or
+    Conv1d/2d/3d layer in registration order, on the model's device and dtype, spatial sizes
+    from small to large, then 28 (MNIST); the first input the model runs with is used (batch 1, see
     :func:`_first_that_runs`). A 2-D conv model with fewer than :data:`SMALL_MODEL` parameters
     is tried at 64 before 32 (our own rule): its forward costs about as much at 64 as at 32 (the
     time goes to Python, not arithmetic), and a size that fails costs a forward pass up to the
@@ -173,6 +200,10 @@ def synthesised_inputs(model: nn.Module) -> Iterator[tuple]:
 
     modules = all_modules(model)
     for m in modules:
+        if isinstance(m, nn.Embedding):  # token ids: a short sequence of valid indices
+            g = torch.Generator().manual_seed(0)
+            yield (torch.randint(0, m.num_embeddings, (1, 8), generator=g).to(device),)
+            return
         if isinstance(m, nn.Linear):
             yield (randn(1, m.in_features),)
             return
@@ -284,10 +315,14 @@ def _describe(value: Any) -> str:
 
 
 def _expected_input(model: nn.Module) -> str:
-    """What the model's first Linear/Conv layer takes, as an example call."""
+    """What the model's first Embedding/Linear/Conv layer takes, as an example call."""
     device, dtype = model_device(model), float_dtype(model, torch.get_default_dtype())
     where = f", {dtype} on {device}"
     for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            return (f"torch.randint(0, {m.num_embeddings}, (1, 8), device={str(model_device(model))!r}) "
+                    f"(its first layer is Embedding({m.num_embeddings}, {m.embedding_dim}), which "
+                    "takes integer indices)")
         if isinstance(m, nn.Linear):
             return f"torch.randn(1, {m.in_features}) (its first layer is Linear({m.in_features}, ...){where})"
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -346,7 +381,7 @@ def reference_run(model: nn.Module, example_input: Any, fn: str = "cap_relus"
     """(arguments, the unconverted model's :func:`probe` pass, or None and why there is none):
     ``example_input`` must run; a synthesised input that does not run means no check."""
     if example_input is not None:
-        args = _as_args(example_input)
+        args = _as_args(example_input, model, fn)
         ref = probe(model, args)
         if ref.error is not None:
             raise bad_example_input(fn, model, example_input, ref.error) from ref.error
