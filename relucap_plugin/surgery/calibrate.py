@@ -143,12 +143,13 @@ def calibrate_caps(
     # first batch (at cap=inf they are the sites' own ReLUs), so no site's statistics come
     # from a conversion that missed or bypassed it
     sample = prepare(first)[:_CHECK_ROWS]
-    ref = probe(work, _as_args(sample))
+    args = _as_args(sample)
+    ref = probe(work, args)
     if ref.error is not None:
         raise bad_example_input("calibrate_caps", model, sample, ref.error,
                                 "data (batch 0)") from ref.error
     recipe = _RecorderRecipe(max_samples)
-    converter, _ = convert_verified(work, sample, (_as_args(sample), ref, ""), mode, "calibrate_caps",
+    converter, _ = convert_verified(work, sample, (args, ref, ""), mode, "calibrate_caps",
                                     lambda disc: {s.index: recipe for s in _select(disc.sites, sites)})
     for message in converter.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
